@@ -1,0 +1,162 @@
+"""Checkpoints: JSON config + safetensors weights, written so that a kill never corrupts them.
+
+A checkpoint is a directory. It is written into a temporary sibling and swapped in with renames:
+at every instant either ``<dir>`` or ``<dir>.old`` holds a complete checkpoint, and the loader
+falls back to ``<dir>.old`` if a kill landed between the two renames.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+CHECKPOINT_DIR = "checkpoint"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, corrupt or does not match the model."""
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write a file via a temporary file and ``os.replace`` (readers see old or new, never half)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_directory(path):
+    """Yield a temporary directory; on success it replaces ``path`` (kept as ``path.old`` meanwhile)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_checkpoint_dir(path) -> Path:
+    """A checkpoint directory, a run directory holding ``checkpoint/``, or the ``.old`` left by a kill."""
+    path = Path(path)
+    for candidate in (path, path / CHECKPOINT_DIR):
+        if (candidate / CONFIG_NAME).is_file():
+            return candidate
+        old = candidate.with_name(candidate.name + ".old")
+        if not candidate.exists() and (old / CONFIG_NAME).is_file():
+            return old
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path} does not exist")
+    raise CheckpointError(f"no checkpoint in {path}: expected {CONFIG_NAME} and {WEIGHTS_NAME} there "
+                          f"or in {path / CHECKPOINT_DIR}")
+
+
+def read_json(path) -> dict:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise CheckpointError(f"missing file: {path}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt JSON in {path}: {e}") from e
+
+
+def write_json(path, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def load_tensors(path, device="cpu") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"missing weights file: {path}")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"corrupt or truncated weights file {path}: {e}") from e
+
+
+def write_model_files(directory, model, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """``config.json`` + ``model.safetensors`` of ``model`` (or of ``state_dict`` under its config)."""
+    directory = Path(directory)
+    config = model.config.to_dict()
+    write_json(directory / CONFIG_NAME, config)
+    state = model.state_dict() if state_dict is None else state_dict
+    save_tensors(directory / WEIGHTS_NAME, state, {"format": "glowflow", "config": json.dumps(config)})
+
+
+def save_model(model, directory) -> None:
+    with atomic_directory(directory) as tmp:
+        write_model_files(tmp, model)
+
+
+def load_state_into(model, state: dict[str, torch.Tensor], source) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise CheckpointError(f"{source}: {k} has shape {list(v.shape)}, the model expects {list(own[k].shape)}")
+    model.load_state_dict(state)
+
+
+def load_model(directory, map_location="cpu", weights_name: str = WEIGHTS_NAME):
+    """Build a :class:`Glow` from ``config.json`` and load ``weights_name`` into it."""
+    from .model import Glow, GlowConfig
+
+    directory = resolve_checkpoint_dir(directory)
+    try:
+        config = GlowConfig.from_dict(read_json(directory / CONFIG_NAME))
+    except TypeError as e:
+        raise CheckpointError(f"bad config in {directory / CONFIG_NAME}: {e}") from e
+    model = Glow(config=config)
+    load_state_into(model, load_tensors(directory / weights_name), directory / weights_name)
+    return model.to(map_location).eval()
