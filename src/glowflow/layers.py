@@ -141,14 +141,18 @@ class InvConv1x1(nn.Module):
         self._cache = None
         return super()._apply(fn, *args, **kwargs)
 
+    # The flow's main path stays in full precision under autocast: only coupling networks run in
+    # bf16/fp16, so inverses and log-determinants keep float32 accuracy.
     def forward(self, x: torch.Tensor, **cond) -> tuple[torch.Tensor, torch.Tensor]:
-        w, logdet, _ = self._weights(need_inverse=False)
-        y = F.conv2d(x, w.view(self.num_channels, self.num_channels, 1, 1))
+        with torch.autocast(x.device.type, enabled=False):
+            w, logdet, _ = self._weights(need_inverse=False)
+            y = F.conv2d(x, w.view(self.num_channels, self.num_channels, 1, 1).to(x.dtype))
         return y, _per_sample(logdet * (x.shape[2] * x.shape[3]), x)
 
     def inverse(self, y: torch.Tensor, **cond) -> torch.Tensor:
-        _, _, inv = self._weights(need_inverse=True)
-        return F.conv2d(y, inv.view(self.num_channels, self.num_channels, 1, 1))
+        with torch.autocast(y.device.type, enabled=False):
+            _, _, inv = self._weights(need_inverse=True)
+            return F.conv2d(y, inv.view(self.num_channels, self.num_channels, 1, 1).to(y.dtype))
 
 
 class Permute(nn.Module):
@@ -239,7 +243,7 @@ class Coupling(nn.Module):
         self.net = CouplingNet(self.num_pass, out, hidden_channels, generator)
 
     def _shift_scale(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h = self.net(x1)
+        h = self.net(x1).to(x1.dtype)  # back to full precision under autocast
         if self.kind == "additive":
             return h, None
         return h[:, 0::2], torch.sigmoid(h[:, 1::2] + 2.0)

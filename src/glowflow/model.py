@@ -215,12 +215,12 @@ class Glow(nn.Module):
 
     # ------------------------------------------------------------------ public API
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> GlowOutput:
-        """The training objective's pieces for 8-bit images x in [0, 1] (quantised to n_bits,
-        then uniformly dequantised with ``generator``)."""
+                generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> GlowOutput:
+        """The training objective's pieces for 8-bit images x in [0, 1]: quantised to n_bits, then
+        uniformly dequantised with ``noise`` in [0, 1) (shape of x) or noise drawn from ``generator``."""
         x = self._check_images(x)
         n_bits = self.config.n_bits
-        x = numerics.dequantize(numerics.quantize(x, n_bits), n_bits, generator)
+        x = numerics.dequantize(numerics.quantize(x, n_bits), n_bits, generator, noise)
         y_onehot = self._onehot(y, x.shape[0])
         eps_list, logdet, z_top = self._encode(x, y_onehot)
         log_prob = numerics.gaussian_log_prob(self._flatten(eps_list)) + logdet

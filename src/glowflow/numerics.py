@@ -28,9 +28,18 @@ def quantize(x: torch.Tensor, n_bits: int) -> torch.Tensor:
     return torch.floor(x8 / 2 ** (8 - int(n_bits)))
 
 
-def dequantize(x_bins: torch.Tensor, n_bits: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Integer bins -> continuous values in [0, 1): (bin + u) / n_bins with u ~ U(0, 1)."""
-    noise = torch.rand(x_bins.shape, generator=generator, device=x_bins.device, dtype=x_bins.dtype)
+def dequantize(x_bins: torch.Tensor, n_bits: int, generator: torch.Generator | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer bins -> continuous values in [0, 1): (bin + u) / n_bins with u ~ U(0, 1).
+
+    ``noise`` (u, shaped like ``x_bins``) may be given, e.g. drawn for a global batch and sliced per rank.
+    """
+    if noise is None:
+        gen_device = generator.device if generator is not None else x_bins.device
+        noise = torch.rand(x_bins.shape, generator=generator, device=gen_device, dtype=x_bins.dtype)
+    elif noise.shape != x_bins.shape:
+        raise ValueError(f"noise must have the shape of x {list(x_bins.shape)}, got {list(noise.shape)}")
+    noise = noise.to(device=x_bins.device, dtype=x_bins.dtype)
     return (x_bins + noise) / n_bins(n_bits)
 
 
