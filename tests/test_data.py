@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -214,3 +215,227 @@ def test_random_translate_is_a_shift():
         seen.add((dy, dx))
         torch.testing.assert_close(img[2:6, 2:6], x[0, 0, 2 + dy:6 + dy, 2 + dx:6 + dx])
     assert len(seen) > 5  # shifts differ between images
+
+
+# ---------------------------------------------------------------------------------------- CIFAR-10
+
+def write_cifar(d: Path, n_per_batch=3, seed=0, protocol=2, legacy=False):
+    import pickle
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for fname in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        x = rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8)
+        y = [int(v) for v in rng.integers(0, 10, n_per_batch)]
+        batch = {b"batch_label": b"fake", b"labels": y, b"data": x,
+                 b"filenames": [b"f%d.png" % i for i in range(n_per_batch)]}
+        blob = pickle.dumps(batch, protocol=protocol)
+        if legacy:  # the real files were written by Python 2 with numpy 1: numpy.core names
+            blob = blob.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+        (d / fname).write_bytes(blob)
+        out[fname] = (x, y)
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
+             b"ship", b"truck"]
+    (d / "batches.meta").write_bytes(pickle.dumps({b"label_names": names, b"num_vis": 3072}, protocol=protocol))
+    return out
+
+
+@pytest.mark.parametrize("protocol,legacy", [(2, False), (2, True), (5, False)])
+@pytest.mark.parametrize("point_at_parent", [False, True])
+def test_cifar10_loader(tmp_path, protocol, legacy, point_at_parent):
+    truth = write_cifar(tmp_path / "cifar-10-batches-py", protocol=protocol, legacy=legacy)
+    if legacy:
+        assert b"numpy.core.multiarray" in (tmp_path / "cifar-10-batches-py" / "test_batch").read_bytes()
+    root = tmp_path if point_at_parent else tmp_path / "cifar-10-batches-py"
+    train = get_dataset("cifar10", root, split="train")
+    assert len(train) == 15 and train.image_shape == (3, 32, 32)
+    x1, y1 = truth["data_batch_1"]
+    # data rows are CHW: first 1024 bytes red plane, then green, then blue
+    np.testing.assert_array_equal(train.images[0].numpy().reshape(-1), x1[0])
+    np.testing.assert_array_equal(train.images[0, 1].numpy().reshape(-1), x1[0, 1024:2048])
+    assert train.labels[:3].tolist() == y1 and train.labels[3:6].tolist() == truth["data_batch_2"][1]
+    assert train.class_names[0] == "airplane" and len(train.class_names) == 10
+    test = get_dataset("cifar10", root, split="test", limit=2)
+    assert len(test) == 2 and test.labels.tolist() == truth["test_batch"][1][:2]
+    gray = get_dataset("cifar10", root, split="test", channels=1, image_size=16)
+    assert gray.image_shape == (1, 16, 16)
+
+
+def test_cifar10_limit_reads_only_needed_batches(tmp_path):
+    write_cifar(tmp_path)
+    (tmp_path / "data_batch_5").write_bytes(b"garbage")  # never opened when limit fits batch 1
+    assert len(get_dataset("cifar10", tmp_path, limit=2)) == 2
+    with pytest.raises(ValueError, match="data_batch_5"):
+        get_dataset("cifar10", tmp_path)
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch PWNED",))
+
+
+def test_cifar10_malicious_pickle_refused(tmp_path, monkeypatch):
+    import os
+    import pickle
+    write_cifar(tmp_path)
+    payload = pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [_Evil()]}, protocol=2)
+    assert b"system" in payload
+    calls = []  # a plain pickle.loads would call this stand-in for os.system (posix.system)
+    monkeypatch.setattr(sys.modules[os.system.__module__], "system", lambda cmd: calls.append(cmd) or 0)
+    (tmp_path / "data_batch_1").write_bytes(payload)
+    with pytest.raises(ValueError, match="refusing to load global (posix|nt|os).system"):
+        get_dataset("cifar10", tmp_path)
+    assert calls == [] and not (tmp_path / "PWNED").exists() and not Path("PWNED").exists()
+    pickle.loads(payload)  # the unrestricted unpickler does run it: the check above can fail
+    assert calls == ["touch PWNED"]
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps({b"data": eval}))
+    with pytest.raises(ValueError, match="builtins.eval"):
+        get_dataset("cifar10", tmp_path)
+
+
+def test_cifar10_bad_contents(tmp_path):
+    import pickle
+    write_cifar(tmp_path)
+    (tmp_path / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((2, 100), np.uint8),
+                                                        b"labels": [0, 1]}))
+    with pytest.raises(ValueError, match=r"expected uint8 data \[N, 3072\]"):
+        get_dataset("cifar10", tmp_path, split="test")
+    (tmp_path / "test_batch").write_bytes(b"\x80\x02}q\x00(X")  # truncated pickle
+    with pytest.raises(ValueError, match="not a readable CIFAR pickle"):
+        get_dataset("cifar10", tmp_path, split="test")
+
+
+def test_cifar10_missing_and_offline(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="data_batch_1"):
+        get_dataset("cifar10", tmp_path)
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Network is unreachable")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(RuntimeError, match="offline.*cifar-10-python.tar.gz"):
+        get_dataset("cifar10", tmp_path, download=True)
+
+
+def test_cifar10_download_unpacks(tmp_path, monkeypatch):
+    import tarfile
+    src = tmp_path / "src"
+    truth = write_cifar(src / "cifar-10-batches-py")
+    with tarfile.open(src / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda url, timeout=None: open(src / url.rsplit("/", 1)[-1], "rb"))
+    ds = get_dataset("cifar10", tmp_path / "dl", split="test", download=True)
+    assert ds.labels.tolist() == truth["test_batch"][1]
+
+
+# ---------------------------------------------------------------------------- downsampled ImageNet
+
+def write_imagenet(d: Path, side: int, sizes=(3, 4), n_val=2, seed=0):
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, n in enumerate(sizes, start=1):
+        x = rng.integers(0, 256, (n, 3 * side * side), dtype=np.uint8)
+        y = rng.integers(1, 1001, n)
+        np.savez(d / f"train_data_batch_{i}.npz", data=x, labels=y, mean=np.zeros(3 * side * side))
+        out.append((x, y))
+    xv, yv = rng.integers(0, 256, (n_val, 3 * side * side), dtype=np.uint8), rng.integers(1, 1001, n_val)
+    np.savez(d / "val_data.npz", data=xv, labels=yv)
+    return out, (xv, yv)
+
+
+@pytest.mark.parametrize("name,side", [("imagenet32", 32), ("imagenet64", 64)])
+def test_imagenet_npz_loader(tmp_path, name, side):
+    train_truth, (xv, yv) = write_imagenet(tmp_path, side, sizes=(3, 4))
+    train = get_dataset(name, tmp_path)
+    assert len(train) == 7 and train.image_shape == (3, side, side)
+    np.testing.assert_array_equal(train.images[3].numpy().reshape(-1), train_truth[1][0][0])
+    np.testing.assert_array_equal(train.labels[:3].numpy(), train_truth[0][1] - 1)  # 1-based -> 0-based
+    test = get_dataset(name, tmp_path, split="test")
+    np.testing.assert_array_equal(test.images[:, 0].numpy().reshape(len(xv), -1), xv[:, : side * side])
+    assert len(get_dataset(name, tmp_path, limit=5)) == 5
+    single = get_dataset(name, tmp_path / "val_data.npz", split="train")  # a file: split ignored
+    assert len(single) == len(xv)
+
+
+def test_imagenet_npz_rejects_bad_files(tmp_path):
+    write_imagenet(tmp_path, 32)
+    with pytest.raises(ValueError, match=r"expected uint8 data \[N, 12288\]"):
+        get_dataset("imagenet64", tmp_path)  # 32x32 files read as 64x64
+    np.savez(tmp_path / "val_data.npz", data=np.zeros((2, 3072), np.uint8))
+    with pytest.raises(ValueError, match="missing \\['labels'\\]"):
+        get_dataset("imagenet32", tmp_path, split="test")
+    np.savez(tmp_path / "val_data.npz", data=np.array([{"x": 1}], dtype=object), labels=np.ones(1))
+    with pytest.raises(ValueError, match="not a readable .npz"):  # object arrays need pickle: refused
+        get_dataset("imagenet32", tmp_path, split="test")
+    (tmp_path / "val_data.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        get_dataset("imagenet32", tmp_path, split="test")
+    with pytest.raises(FileNotFoundError, match="train_data_batch_"):
+        get_dataset("imagenet32", tmp_path / "empty")
+
+
+# ------------------------------------------------------------------------------------ image folder
+
+def write_folder(d: Path, n=30):
+    from PIL import Image
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    kinds = ["RGB", "L", "RGBA", "P"]
+    for i in range(n):
+        w, h = int(rng.integers(20, 60)), int(rng.integers(20, 60))
+        arr = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        img = Image.fromarray(arr).convert(kinds[i % 4])
+        sub = d / ("sub" if i % 3 == 0 else "")
+        sub.mkdir(exist_ok=True)
+        img.save(sub / f"img{i:03d}.{'jpg' if img.mode in ('RGB', 'L') and i % 2 else 'png'}")
+    (d / "list_attr.txt").write_text("not an image\n")
+
+
+def test_folder_loader_split_and_modes(tmp_path):
+    write_folder(tmp_path, n=40)
+    train = get_dataset("folder", tmp_path, split="train", image_size=16)
+    test = get_dataset("folder", tmp_path, split="test", image_size=16)
+    assert train.labels is None and train.class_names is None
+    assert len(train) + len(test) == 40 and 0 < len(test) < 15
+    assert not set(train.filenames) & set(test.filenames)
+    assert train.filenames == sorted(train.filenames) and any(f.startswith("sub/") for f in train.filenames)
+    assert train.image_shape == (3, 16, 16) and train[0][1] == -1
+    again = get_dataset("folder", tmp_path, split="test", image_size=16)
+    assert again.filenames == test.filenames and torch.equal(again.images, test.images)
+    gray = get_dataset("folder", tmp_path, image_size=8, channels=1, limit=5)
+    assert gray.image_shape == (1, 8, 8) and len(gray) == 5
+
+
+def test_folder_resize_is_shorter_side_then_centre_crop(tmp_path):
+    from PIL import Image
+    arr = np.zeros((20, 60, 3), np.uint8)
+    arr[:, 20:40] = 255  # white centre third of a wide image
+    Image.fromarray(arr).save(tmp_path / "wide.png")
+    Image.fromarray(np.zeros((4, 4, 4), np.uint8)).save(tmp_path / "clear.png")  # fully transparent
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    for f in ("wide.png", "clear.png"):
+        (tmp_path / f).rename(tmp_path / "train" / f)
+    ds = get_dataset("folder", tmp_path, split="train", image_size=10)
+    assert ds.filenames == ["clear.png", "wide.png"]
+    assert (ds.images[0] == 255).all()  # transparent composited onto white
+    wide = ds.images[1]
+    assert (wide[:, :, 2:8] >= 250).all()  # the crop is the white centre
+
+
+def test_folder_errors(tmp_path):
+    write_folder(tmp_path, n=4)
+    with pytest.raises(ValueError, match="differ in size.*image_size"):
+        get_dataset("folder", tmp_path, split="train")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    split = "test" if data._in_test_split("broken.png") else "train"
+    with pytest.raises(ValueError, match="broken.png.*cannot be decoded"):
+        get_dataset("folder", tmp_path, split=split, image_size=8)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    with pytest.raises(FileNotFoundError, match="no images"):
+        get_dataset("folder", tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        get_dataset("folder", tmp_path / "missing")

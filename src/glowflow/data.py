@@ -11,8 +11,12 @@ of images. Bad input raises ``ValueError`` / ``FileNotFoundError`` saying what w
 from __future__ import annotations
 
 import gzip
+import hashlib
+import importlib
 import os
+import pickle
 import shutil
+import tarfile
 import tempfile
 import urllib.error
 import urllib.request
@@ -158,6 +162,235 @@ def _load_idx_dataset(name: str, root: Path, split: str, download: bool, limit: 
                         torch.from_numpy(labels.astype(np.int64)), list(classes), name)
 
 
+# ---------------------------------------------------------------------------------------- CIFAR-10
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck"]
+_CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+_CIFAR_DIR = "cifar-10-batches-py"
+_CIFAR_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+def _numpy_attr(modules: tuple[str, ...], attr: str):
+    for m in modules:
+        try:
+            return getattr(importlib.import_module(m), attr)
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+# The only globals a pickled dict of numpy arrays needs; everything else (os.system, builtins.eval,
+# subprocess...) is refused, so a crafted file cannot run code when loaded.
+_PICKLE_ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+    _PICKLE_ALLOWED[(_mod, "_reconstruct")] = _numpy_attr(
+        ("numpy._core.multiarray", "numpy.core.multiarray"), "_reconstruct")
+for _mod in ("numpy.core.numeric", "numpy._core.numeric"):
+    _PICKLE_ALLOWED[(_mod, "_frombuffer")] = _numpy_attr(
+        ("numpy._core.numeric", "numpy.core.numeric"), "_frombuffer")
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    # Python 3 writes bytes in protocol-2 pickles as _codecs.encode(text, "latin1")
+    if encoding not in ("latin1", "latin-1"):
+        raise _RefusedGlobal(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+_PICKLE_ALLOWED[("_codecs", "encode")] = _latin1_encode
+_PICKLE_ALLOWED = {k: v for k, v in _PICKLE_ALLOWED.items() if v is not None}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        try:
+            return _PICKLE_ALLOWED[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(
+                f"refusing to load global {module}.{name}: only numpy arrays are allowed in a "
+                "CIFAR batch file") from None
+
+
+def _unpickle_numpy_only(path: Path):
+    try:
+        with open(path, "rb") as f:
+            return _NumpyOnlyUnpickler(f, encoding="bytes").load()
+    except _RefusedGlobal as e:
+        raise ValueError(f"{path}: {e}") from e
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+        raise ValueError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {e})") from e
+
+
+def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    batch = _unpickle_numpy_only(path)
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path}: expected a pickled dict, got {type(batch).__name__}")
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    if "data" not in batch or "labels" not in batch:
+        raise ValueError(f"{path}: expected keys 'data' and 'labels', got {sorted(map(str, batch))}")
+    x, y = np.asarray(batch["data"]), np.asarray(batch["labels"])
+    if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+        raise ValueError(f"{path}: expected uint8 data [N, 3072], got {x.dtype} {x.shape}")
+    if y.shape != (x.shape[0],) or y.dtype.kind not in "iu":
+        raise ValueError(f"{path}: expected {x.shape[0]} integer labels, got {y.dtype} {y.shape}")
+    return x.reshape(-1, 3, 32, 32), y.astype(np.int64)
+
+
+def _load_cifar10(root: Path, split: str, download: bool, limit: int | None) -> ImageDataset:
+    def locate() -> Path | None:
+        for d in (root, root / _CIFAR_DIR):
+            if all((d / f).is_file() for f in _CIFAR_FILES[split]):
+                return d
+        return None
+
+    batch_dir = locate()
+    if batch_dir is None and download:
+        _download([_CIFAR_URL], root, "cifar10")
+        archive = root / _CIFAR_URL.rsplit("/", 1)[-1]
+        if not hasattr(tarfile, "data_filter"):  # Python < 3.10.12 cannot extract safely
+            raise RuntimeError(f"downloaded {archive}; unpack it with `tar xzf` in {root} (this Python "
+                               "lacks tarfile's safe extraction filter)")
+        with tarfile.open(archive) as tar:
+            tar.extractall(root, filter="data")
+        batch_dir = locate()
+    if batch_dir is None:
+        raise FileNotFoundError(
+            f"cifar10 {split} split: expected {', '.join(_CIFAR_FILES[split])} (the python version, "
+            f"{_CIFAR_URL.rsplit('/', 1)[-1]} unpacked) in {root} or {root / _CIFAR_DIR}, not found. "
+            "Pass download=True to fetch it, or place the files there yourself.")
+    xs, ys, n = [], [], 0
+    for fname in _CIFAR_FILES[split]:
+        if limit is not None and n >= limit and xs:  # one batch even for limit=0: shapes
+            break
+        x, y = _load_cifar_batch(batch_dir / fname)
+        xs.append(x)
+        ys.append(y)
+        n += len(x)
+    x, y = np.concatenate(xs)[:limit], np.concatenate(ys)[:limit]
+    classes = list(CIFAR10_CLASSES)
+    meta_path = batch_dir / "batches.meta"
+    if meta_path.is_file():
+        meta = _unpickle_numpy_only(meta_path)
+        names = meta.get(b"label_names", meta.get("label_names")) if isinstance(meta, dict) else None
+        if names:
+            classes = [c.decode() if isinstance(c, bytes) else str(c) for c in names]
+    return ImageDataset(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y), classes, "cifar10")
+
+
+# --------------------------------------------------------------------------- downsampled ImageNet
+
+def _load_imagenet_npz(name: str, root: Path, split: str, limit: int | None) -> ImageDataset:
+    """Downsampled ImageNet (Chrabaszcz et al. 2017) .npz: 'data' uint8 [N, 3*S*S] in CHW order,
+    'labels' 1-based. ``root`` is the directory of batches or one .npz (then ``split`` is ignored)."""
+    side = int(name.removeprefix("imagenet"))
+    if root.is_file():
+        files = [root]
+    else:
+        pattern = "train_data_batch_*.npz" if split == "train" else "val_data.npz"
+        files = sorted(root.glob(pattern),
+                       key=lambda p: [int(t) if t.isdigit() else t for t in p.stem.split("_")])
+        if not files:
+            raise FileNotFoundError(
+                f"{name} {split} split: expected {pattern} (downsampled ImageNet {side}x{side} "
+                f"from image-net.org) in {root}, or root pointing at one .npz file; not found")
+    xs, ys, n = [], [], 0
+    for path in files:
+        if limit is not None and n >= limit and xs:  # one batch even for limit=0: shapes
+            break
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                missing = {"data", "labels"} - set(z.files)
+                x, y = (None, None) if missing else (z["data"], z["labels"])
+        except (OSError, EOFError, ValueError) as e:  # not a zip, truncated, pickled object arrays
+            raise ValueError(f"{path}: not a readable .npz of arrays ({type(e).__name__}: {e})") from e
+        if missing:
+            raise ValueError(f"{path}: expected arrays 'data' and 'labels', missing {sorted(missing)}")
+        if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * side * side:
+            raise ValueError(f"{path}: expected uint8 data [N, {3 * side * side}] "
+                             f"(3x{side}x{side}, CHW order), got {x.dtype} {x.shape}")
+        y = np.asarray(y).reshape(-1)
+        if y.shape[0] != x.shape[0] or y.dtype.kind not in "iu":
+            raise ValueError(f"{path}: expected {x.shape[0]} integer labels, got {y.dtype} {y.shape}")
+        if y.size and y.min() < 1:
+            raise ValueError(f"{path}: labels are 1-based in this format, got minimum {y.min()}")
+        if limit is not None:
+            x, y = x[: limit - n], y[: limit - n]
+        xs.append(x.reshape(-1, 3, side, side))
+        ys.append(y.astype(np.int64) - 1)
+        n += len(x)
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    return ImageDataset(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y), None, name)
+
+
+# ------------------------------------------------------------------------------------ image folder
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def _in_test_split(relpath: str) -> bool:
+    """The deterministic 10 % of a folder without train/ and test/: by a hash of the file's path."""
+    return int(hashlib.sha1(relpath.encode()).hexdigest()[:8], 16) % 10 == 0
+
+
+def _load_image(path: Path, image_size: int | None, channels: int) -> np.ndarray:
+    """One file -> uint8 ``[channels, S, S]``: shorter side resized to S, centre crop."""
+    from PIL import Image, ImageOps
+    try:
+        with Image.open(path) as img:
+            if img.format == "JPEG" and image_size is not None:
+                img.draft("RGB" if channels == 3 else "L", (image_size, image_size))  # fast decode
+            img = ImageOps.exif_transpose(img)
+            if img.mode.startswith("I;16"):
+                img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8))
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")  # composite onto white: transparent means background
+                img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+            img = img.convert("RGB" if channels == 3 else "L")
+            if image_size is not None:
+                w, h = img.size
+                scale = image_size / min(w, h)
+                nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+                if (nw, nh) != (w, h):
+                    img = img.resize((nw, nh), Image.Resampling.LANCZOS)
+                left, top = (nw - image_size) // 2, (nh - image_size) // 2
+                img = img.crop((left, top, left + image_size, top + image_size))
+            arr = np.asarray(img, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as e:  # what PIL raises on undecodable data
+        raise ValueError(f"{path}: has an image extension but cannot be decoded "
+                         f"({type(e).__name__}: {e}); remove or fix it") from e
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _load_folder(root: Path, split: str, image_size: int | None, channels: int,
+                 limit: int | None) -> ImageDataset:
+    if not root.is_dir():
+        raise FileNotFoundError(f"folder dataset: {root} is not a directory of images")
+    split_dirs = (root / "train").is_dir() and (root / "test").is_dir()
+    base = root / split if split_dirs else root
+    # files without an image extension (attribute lists, READMEs) are skipped, not errors
+    rel = sorted(p.relative_to(base).as_posix() for p in base.rglob("*")
+                 if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not split_dirs:
+        rel = [r for r in rel if _in_test_split(r) == (split == "test")]
+    if not rel:
+        raise FileNotFoundError(f"folder dataset: no images ({', '.join(IMAGE_EXTENSIONS)}) for split "
+                                f"{split!r} under {base}")
+    rel = rel[:limit]
+    arrays = [_load_image(base / r, image_size, channels) for r in rel]
+    odd = next((i for i, a in enumerate(arrays) if a.shape != arrays[0].shape), None)
+    if odd is not None:
+        raise ValueError(f"folder dataset: images differ in size ({rel[0]}: {arrays[0].shape[1:]}, "
+                         f"{rel[odd]}: {arrays[odd].shape[1:]}); pass image_size to resize and crop")
+    images = (torch.from_numpy(np.stack(arrays)) if arrays
+              else torch.zeros((0, channels, image_size or 1, image_size or 1), dtype=torch.uint8))
+    return ImageDataset(images, None, None, "folder", filenames=rel)
+
+
 # ---------------------------------------------------------------------------------------- download
 
 def _download(urls: list[str], root: Path, name: str) -> None:
@@ -291,9 +524,19 @@ def get_dataset(name: str, root=None, split: str = "train", image_size: int | No
                 raise ValueError("the folder dataset needs root: the directory of images")
             root = Path.home() / ".cache" / "glowflow" / name
     root = Path(root).expanduser()
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}")
+    if name == "folder":
+        # resized and cropped per image while decoding: whole folders rarely share one size
+        return _load_folder(root, split, image_size, channels or 3, limit)
     if name in ("mnist", "fashion-mnist"):
         ds = _load_idx_dataset(name, root, split, download, limit)
+    elif name == "cifar10":
+        ds = _load_cifar10(root, split, download, limit)
     else:
-        raise NotImplementedError(f"{name} loader not written yet")
+        if download:
+            raise ValueError(f"{name} has no canonical download (image-net.org needs a login); "
+                             f"place the .npz files in {root} yourself")
+        ds = _load_imagenet_npz(name, root, split, limit)
     ds.images = _adapt(ds.images, image_size, channels)
     return ds
