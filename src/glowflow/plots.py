@@ -1,0 +1,38 @@
+"""Plots written during training and by the ablation runner (matplotlib, no display needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(history: list[dict], path) -> None:
+    """Train bits/dim per logged step and test bits/dim per evaluation, against steps."""
+    plt = _pyplot()
+    train = [(r["step"], r["bits_per_dim"]) for r in history
+             if "bits_per_dim" in r and "event" not in r and r["bits_per_dim"] == r["bits_per_dim"]]
+    test = [(r["step"], r["test_bits_per_dim"]) for r in history if "test_bits_per_dim" in r]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train (batch)", alpha=0.7)
+    if test:
+        ax.plot(*zip(*test), "o-", label="test (EMA weights)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits/dim")
+    if train or test:
+        values = [v for _, v in train + test]
+        lo = min(values)
+        ax.set_ylim(lo - 0.1, min(max(values), lo + 3.0))
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
