@@ -1,0 +1,623 @@
+"""Latent-space editing with a trained Glow: interpolation, attribute directions, manipulation.
+
+Everything works on the model's standardised latents ``eps = model.encode(x)`` ``[B, D]``, which are
+unit Gaussian under the model, so straight lines and great circles in ``eps`` stay in typical regions.
+
+Attribute directions follow the paper (section 5.2): encode labelled images and take
+``direction = mean(eps | attribute) - mean(eps | not attribute)``; manipulating an image decodes
+``encode(x) + alpha * direction``. Labels are a matrix ``[N, A]`` with +1 (has the attribute), -1
+(does not) and 0 (unknown: left out of both means).
+
+Directions are stored beside the checkpoint as ``directions.safetensors`` (the ``[A, D]`` vectors,
+with names and counts in its metadata; the file the loader reads) and ``directions.json`` (a readable
+copy of the same metadata).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import (CHECKPOINT_DIR, WEIGHTS_NAME, CheckpointError, atomic_write_text,
+                         resolve_checkpoint_dir)
+from .images import load_image
+from .layers import ActNorm
+
+DIRECTIONS_WEIGHTS = "directions.safetensors"
+DIRECTIONS_JSON = "directions.json"
+DIRECTIONS_FORMAT = "glowflow-directions/1"
+INTERPOLATIONS = ("linear", "spherical")
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+def _require_initialized(model) -> None:
+    # An uninitialised actnorm would initialise itself from the first image encoded here, silently
+    # changing the model; editing only makes sense with trained (or at least initialised) weights.
+    # (Checked on the actnorms directly rather than through Glow.initialized.)
+    if not all(bool(m.initialized) for m in model.modules() if isinstance(m, ActNorm)):
+        raise ValueError("the model has not been initialised (no data-dependent init has run): load a "
+                         "trained checkpoint, or call model.initialize(x) on a batch first")
+
+
+def _as_batch(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``[C, H, W]`` or ``[B, C, H, W]`` -> float ``[B, C, H, W]`` (uint8 is divided by 255)."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor [B, C, H, W] or [C, H, W], got {type(x).__name__}")
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dtype == torch.uint8:
+        x = x.float() / 255.0
+    return x
+
+
+def _labels(model, y, batch: int) -> torch.Tensor | None:
+    """Integer labels ``[batch]`` for a class-conditional model (an int is repeated), else None."""
+    if y is None or not model.config.num_classes:
+        return y  # the model's own check says what is missing or unexpected
+    y = torch.as_tensor(y, dtype=torch.long).reshape(-1)
+    return y.expand(batch) if y.numel() == 1 else y
+
+
+def _onehot_path(model, y1, y2, t: torch.Tensor) -> torch.Tensor | None:
+    """Linearly blended one-hot labels ``[T, K]`` for decoding along a path from class y1 to y2."""
+    k = model.config.num_classes
+    if not k:
+        if y1 is not None or y2 is not None:
+            raise ValueError("labels were given but this model has no class-conditional prior")
+        return None
+    if y1 is None:
+        raise ValueError(f"this model has a class-conditional prior over {k} classes: pass labels")
+    y2 = y1 if y2 is None else y2
+    a = F.one_hot(torch.as_tensor(int(y1)), k).float()
+    b = F.one_hot(torch.as_tensor(int(y2)), k).float()
+    return (1 - t)[:, None] * a + t[:, None] * b
+
+
+def _decode(model, eps: torch.Tensor, y=None) -> torch.Tensor:
+    return model.decode(eps, y).clamp_(0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------ interpolation
+
+def lerp(z1: torch.Tensor, z2: torch.Tensor, t) -> torch.Tensor:
+    """Straight line ``(1 - t) z1 + t z2``. ``z1, z2 [..., D]``; ``t`` a float or ``[T]`` (-> ``[T, ..., D]``)."""
+    t = torch.as_tensor(t, dtype=z1.dtype, device=z1.device)
+    scalar = t.dim() == 0
+    t = t.reshape(-1, *([1] * z1.dim()))
+    out = (1 - t) * z1 + t * z2
+    return out[0] if scalar else out
+
+
+def slerp(z1: torch.Tensor, z2: torch.Tensor, t) -> torch.Tensor:
+    """Spherical interpolation along the great circle from ``z1`` to ``z2`` (norms blended linearly
+    through the sine weights). Shapes as :func:`lerp`; falls back to :func:`lerp` where the two
+    vectors are (anti)parallel and the circle is undefined."""
+    t = torch.as_tensor(t, dtype=z1.dtype, device=z1.device)
+    scalar = t.dim() == 0
+    t = t.reshape(-1, *([1] * z1.dim()))
+    dot = (z1 * z2).sum(-1, keepdim=True)
+    norms = (z1.norm(dim=-1, keepdim=True) * z2.norm(dim=-1, keepdim=True)).clamp_min(1e-30)
+    omega = torch.arccos((dot / norms).clamp(-1.0, 1.0))
+    sin_omega = torch.sin(omega)
+    degenerate = sin_omega < 1e-6
+    safe = torch.where(degenerate, torch.ones_like(sin_omega), sin_omega)
+    w1 = torch.where(degenerate, 1 - t, torch.sin((1 - t) * omega) / safe)
+    w2 = torch.where(degenerate, t, torch.sin(t * omega) / safe)
+    out = w1 * z1 + w2 * z2
+    return out[0] if scalar else out
+
+
+def _path(z1, z2, t, method: str) -> torch.Tensor:
+    if method not in INTERPOLATIONS:
+        raise ValueError(f"method must be one of {INTERPOLATIONS}, got {method!r}")
+    return (lerp if method == "linear" else slerp)(z1, z2, t)
+
+
+@torch.no_grad()
+def interpolate(model, x1: torch.Tensor, x2: torch.Tensor, steps: int = 8, method: str = "linear",
+                y1=None, y2=None) -> torch.Tensor:
+    """Decode ``steps`` evenly spaced points from ``encode(x1)`` to ``encode(x2)``.
+
+    ``x1, x2``: one image each, ``[C, H, W]`` or ``[1, C, H, W]`` in [0, 1]. Returns ``[steps, C, H, W]``
+    clamped to [0, 1]; the first and last are the reconstructions of ``x1`` and ``x2``. For a
+    class-conditional model pass labels ``y1``, ``y2``; the one-hot label is blended along the path.
+    """
+    if int(steps) != steps or steps < 2:
+        raise ValueError(f"steps must be an integer >= 2, got {steps}")
+    _require_initialized(model)
+    x1, x2 = _as_batch(x1, "x1"), _as_batch(x2, "x2")
+    if x1.shape[0] != 1 or x2.shape[0] != 1:
+        raise ValueError(f"interpolate takes one image per end, got batches of {x1.shape[0]} and {x2.shape[0]}")
+    t = torch.linspace(0.0, 1.0, int(steps))
+    onehots = _onehot_path(model, y1, y2, t)
+    z1 = model.encode(x1, _labels(model, y1, 1))[0]
+    z2 = model.encode(x2, _labels(model, y2 if y2 is not None else y1, 1))[0]
+    return _decode(model, _path(z1, z2, t.to(z1), method), onehots)
+
+
+@torch.no_grad()
+def reconstruct(model, x: torch.Tensor, y=None) -> torch.Tensor:
+    """``decode(encode(x))`` clamped to [0, 1]: ``[B, C, H, W]`` (or ``[C, H, W]``) -> ``[B, C, H, W]``."""
+    _require_initialized(model)
+    x = _as_batch(x, "x")
+    y = _labels(model, y, x.shape[0])
+    return _decode(model, model.encode(x, y), y)
+
+
+# ------------------------------------------------------------------------- attribute directions
+
+@dataclass(frozen=True)
+class Directions:
+    """Named latent directions ``vectors [A, D]`` and the label counts each mean came from."""
+
+    names: tuple[str, ...]
+    vectors: torch.Tensor
+    positive_counts: tuple[int, ...]
+    negative_counts: tuple[int, ...]
+    sources: tuple[str, ...]
+
+    def __post_init__(self):
+        for field in ("names", "positive_counts", "negative_counts", "sources"):
+            object.__setattr__(self, field, tuple(getattr(self, field)))
+        a = len(self.names)
+        if self.vectors.dim() != 2 or self.vectors.shape[0] != a:
+            raise ValueError(f"vectors must be [{a}, D] for {a} names, got {list(self.vectors.shape)}")
+        if len(set(self.names)) != a:
+            raise ValueError(f"direction names must be unique, got {list(self.names)}")
+        if not all(len(f) == a for f in (self.positive_counts, self.negative_counts, self.sources)):
+            raise ValueError("names, positive_counts, negative_counts and sources must have equal lengths")
+
+    @property
+    def num_dims(self) -> int:
+        return self.vectors.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """The direction ``[D]`` called ``name``."""
+        if name not in self.names:
+            raise ValueError(f"no direction named {name!r}; available: {', '.join(self.names) or '(none)'}")
+        return self.vectors[self.names.index(name)]
+
+    def combine(self, alphas: Mapping[str, float]) -> torch.Tensor:
+        """``sum_name alpha * direction[name]`` as ``[D]`` (names not given count as alpha 0)."""
+        out = torch.zeros(self.num_dims, dtype=self.vectors.dtype)
+        for name, alpha in alphas.items():
+            out += float(alpha) * self[name]
+        return out
+
+    def merged(self, other: "Directions") -> "Directions":
+        """These directions plus ``other``'s; a name in both takes ``other``'s vector."""
+        if len(self) and other.num_dims != self.num_dims:
+            raise ValueError(f"cannot merge directions of dimension {other.num_dims} into ones of {self.num_dims}")
+        keep = [i for i, n in enumerate(self.names) if n not in other.names]
+        pick = lambda seq, extra: tuple(seq[i] for i in keep) + tuple(extra)  # noqa: E731
+        return Directions(pick(self.names, other.names),
+                          torch.cat([self.vectors[keep], other.vectors.to(self.vectors.dtype)]),
+                          pick(self.positive_counts, other.positive_counts),
+                          pick(self.negative_counts, other.negative_counts),
+                          pick(self.sources, other.sources))
+
+    def info(self) -> list[dict]:
+        return [{"name": n, "positive_count": p, "negative_count": q, "source": s, "norm": float(v.norm())}
+                for n, p, q, s, v in zip(self.names, self.positive_counts, self.negative_counts,
+                                         self.sources, self.vectors)]
+
+
+class DirectionAccumulator:
+    """Running sums for ``mean(eps | +1) - mean(eps | -1)`` per attribute, in float64, so a dataset
+    can be encoded batch by batch with memory ``O(A * D)`` instead of ``O(N * D)``."""
+
+    def __init__(self, names: Sequence[str], num_dims: int):
+        self.names = tuple(names)
+        a = len(self.names)
+        self.sum_pos = torch.zeros(a, num_dims, dtype=torch.float64)
+        self.sum_neg = torch.zeros(a, num_dims, dtype=torch.float64)
+        self.count_pos = torch.zeros(a, dtype=torch.long)
+        self.count_neg = torch.zeros(a, dtype=torch.long)
+
+    def update(self, latents: torch.Tensor, attributes: torch.Tensor) -> None:
+        """``latents [B, D]``; ``attributes [B, A]`` with values in {+1, -1, 0}."""
+        attributes = torch.as_tensor(attributes)
+        b, a = latents.shape[0], len(self.names)
+        if attributes.shape != (b, a):
+            raise ValueError(f"attributes must be [{b}, {a}] for {b} latents and {a} names, "
+                             f"got {list(attributes.shape)}")
+        if latents.shape[1] != self.sum_pos.shape[1]:
+            raise ValueError(f"latents must be [B, {self.sum_pos.shape[1]}], got {list(latents.shape)}")
+        bad = ~((attributes == 1) | (attributes == -1) | (attributes == 0))
+        if bad.any():
+            raise ValueError(f"attribute values must be +1, -1 or 0, got {sorted(set(attributes[bad].tolist()))}")
+        pos, neg = (attributes > 0).double(), (attributes < 0).double()
+        z = latents.detach().double().cpu()
+        self.sum_pos += pos.T @ z
+        self.sum_neg += neg.T @ z
+        self.count_pos += pos.sum(0).long()
+        self.count_neg += neg.sum(0).long()
+
+    def result(self, source: str = "") -> Directions:
+        empty = [f"{n!r} ({int(p)} with, {int(q)} without)" for n, p, q in
+                 zip(self.names, self.count_pos, self.count_neg) if p == 0 or q == 0]
+        if empty:
+            raise ValueError("each attribute needs at least one example with it and one without; "
+                             f"not so for {', '.join(empty)}")
+        mean_pos = self.sum_pos / self.count_pos[:, None]
+        mean_neg = self.sum_neg / self.count_neg[:, None]
+        return Directions(self.names, (mean_pos - mean_neg).float(), self.count_pos.tolist(),
+                          self.count_neg.tolist(), [source] * len(self.names))
+
+
+def attribute_directions(latents: torch.Tensor, attributes: torch.Tensor, names: Sequence[str],
+                         source: str = "") -> Directions:
+    """``mean(latents | +1) - mean(latents | -1)`` for each column of ``attributes [N, A]``."""
+    acc = DirectionAccumulator(names, latents.shape[1])
+    acc.update(latents, attributes)
+    return acc.result(source)
+
+
+def class_attributes(labels: torch.Tensor, class_names: Sequence[str]) -> torch.Tensor:
+    """One column per class, class vs rest: ``[N, K]`` int8 with +1 where ``label == k``, else -1."""
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    k = len(class_names)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
+        raise ValueError(f"labels must lie in [0, {k}) for {k} class names, got range "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    return (F.one_hot(labels, k) * 2 - 1).to(torch.int8)
+
+
+def resolve_class(name_or_index: str | int, class_names: Sequence[str]) -> int:
+    """A class index from its name (case-insensitive) or its index."""
+    key = str(name_or_index).strip()
+    lowered = [c.lower() for c in class_names]
+    if key.lower() in lowered:
+        return lowered.index(key.lower())
+    if key.isdigit() and int(key) < len(class_names):
+        return int(key)
+    raise ValueError(f"unknown class {name_or_index!r}; expected one of {', '.join(class_names)} "
+                     f"or an index below {len(class_names)}")
+
+
+def pair_attributes(labels: torch.Tensor, class_names: Sequence[str], positive, negative) -> tuple[torch.Tensor, str]:
+    """One column, class ``positive`` (+1) vs class ``negative`` (-1), others 0; and its name
+    ``"<positive>-vs-<negative>"``."""
+    p, n = resolve_class(positive, class_names), resolve_class(negative, class_names)
+    if p == n:
+        raise ValueError(f"positive and negative must be different classes, both are {class_names[p]!r}")
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    column = (labels == p).to(torch.int8) - (labels == n).to(torch.int8)
+    return column[:, None], f"{class_names[p]}-vs-{class_names[n]}"
+
+
+@torch.no_grad()
+def directions_from_images(model, images, attributes: torch.Tensor, names: Sequence[str],
+                           labels: torch.Tensor | None = None, batch_size: int = 64,
+                           source: str = "", progress=None) -> Directions:
+    """Encode ``images`` batch by batch and average their latents per attribute.
+
+    ``images``: a tensor ``[N, C, H, W]`` (uint8, or float in [0, 1]) or a sequence of N image paths
+    (read and resized to the model's ``image_shape``). ``attributes [N, A]`` in {+1, -1, 0}.
+    ``labels [N]`` only for class-conditional models. ``progress(done, total)`` is called per batch.
+    """
+    _require_initialized(model)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    attributes = torch.as_tensor(attributes)
+    n = len(images)
+    if attributes.dim() != 2 or attributes.shape[0] != n:
+        raise ValueError(f"attributes must be [{n}, A] for {n} images, got {list(attributes.shape)}")
+    acc = DirectionAccumulator(names, model.num_dims)
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        if isinstance(images, torch.Tensor):
+            x = _as_batch(images[start:stop], "images")
+        else:
+            x = torch.stack([load_image(p, model.config.image_shape) for p in images[start:stop]])
+        y = None if labels is None else labels[start:stop]
+        acc.update(model.encode(x, y).cpu(), attributes[start:stop])
+        if progress is not None:
+            progress(stop, n)
+    return acc.result(source)
+
+
+# --------------------------------------------------------------------------------- manipulation
+
+@torch.no_grad()
+def manipulate(model, x: torch.Tensor, direction: torch.Tensor, alpha=1.0, y=None) -> torch.Tensor:
+    """Decode ``encode(x) + alpha * direction``, clamped to [0, 1].
+
+    ``x`` ``[B, C, H, W]`` or ``[C, H, W]``; ``direction`` ``[D]``; ``alpha`` a float or a sequence
+    of T floats. With one image and T alphas the result is the strip ``[T, C, H, W]``; with B images
+    and one alpha it is ``[B, C, H, W]``; with B images and B alphas, one alpha per image.
+    ``alpha = 0`` gives the reconstruction ``decode(encode(x))``.
+    """
+    _require_initialized(model)
+    x = _as_batch(x, "x")
+    direction = torch.as_tensor(direction)
+    if direction.dim() != 1 or direction.shape[0] != model.num_dims:
+        raise ValueError(f"direction must be [{model.num_dims}], got {list(direction.shape)}")
+    alphas = torch.as_tensor(alpha, dtype=torch.float32).reshape(-1)
+    if not torch.isfinite(alphas).all():
+        raise ValueError(f"alpha must be finite, got {alphas.tolist()}")
+    b, t = x.shape[0], alphas.numel()
+    if b != 1 and t != 1 and b != t:
+        raise ValueError(f"got {b} images and {t} alphas; pass one image, one alpha, or as many of each")
+    y = _labels(model, y, b)
+    z = model.encode(x, y)
+    z = z + alphas.to(z)[:, None] * direction.to(z)[None, :]
+    if y is not None and z.shape[0] != y.shape[0]:
+        y = y.expand(z.shape[0])
+    return _decode(model, z, y)
+
+
+@torch.no_grad()
+def edit(model, x: torch.Tensor, directions: Directions | None = None,
+         alphas: Mapping[str, float] | None = None, mix: torch.Tensor | None = None, blend: float = 0.0,
+         method: str = "linear", y=None, y_mix=None) -> torch.Tensor:
+    """One image moved along several directions and blended with a second one (the demo's view).
+
+    ``eps = path(encode(x), encode(mix), blend) + sum_name alphas[name] * directions[name]``, decoded
+    and clamped: ``[1, C, H, W]``. ``blend`` 0 is ``x``, 1 is ``mix``; ``method`` "linear" or "spherical".
+    """
+    _require_initialized(model)
+    x = _as_batch(x, "x")
+    if x.shape[0] != 1:
+        raise ValueError(f"edit takes one image, got a batch of {x.shape[0]}")
+    if not 0.0 <= float(blend) <= 1.0:
+        raise ValueError(f"blend must lie in [0, 1], got {blend}")
+    z = model.encode(x, _labels(model, y, 1))[0]
+    t = torch.tensor([float(blend)])
+    onehot = _onehot_path(model, y, y_mix, t)
+    if mix is not None:
+        mix = _as_batch(mix, "mix")
+        z_mix = model.encode(mix, _labels(model, y_mix if y_mix is not None else y, 1))[0]
+        z = _path(z, z_mix, t.to(z), method)[0]
+    if alphas:
+        if directions is None:
+            raise ValueError("alphas were given but no directions")
+        z = z + directions.combine(alphas).to(z)
+    return _decode(model, z[None], onehot)
+
+
+# ------------------------------------------------------------------------- attribute file parsers
+
+@dataclass(frozen=True)
+class AttributeTable:
+    """Per-image binary attributes: ``values [N, A]`` int8 in {+1, -1, 0 (unknown)}."""
+
+    filenames: tuple[str, ...]
+    names: tuple[str, ...]
+    values: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.filenames)
+
+    def select(self, names: Sequence[str] | None) -> "AttributeTable":
+        """Only the columns ``names`` (all when None), in that order."""
+        if not names:
+            return self
+        missing = [n for n in names if n not in self.names]
+        if missing:
+            raise ValueError(f"unknown attributes {missing}; the file has {', '.join(self.names)}")
+        idx = [self.names.index(n) for n in names]
+        return AttributeTable(self.filenames, tuple(names), self.values[:, idx])
+
+    def head(self, limit: int | None) -> "AttributeTable":
+        if limit is None:
+            return self
+        return AttributeTable(self.filenames[:limit], self.names, self.values[:limit])
+
+
+def _check_names(names: list[str], where: str) -> None:
+    if not names:
+        raise ValueError(f"{where}: no attribute names")
+    if any(not n for n in names):
+        raise ValueError(f"{where}: empty attribute name in {names}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{where}: duplicate attribute names {dupes}")
+
+
+def _check_filenames(filenames: list[str], path) -> None:
+    seen = set()
+    for f in filenames:
+        if f in seen:
+            raise ValueError(f"{path}: filename {f!r} appears more than once")
+        seen.add(f)
+
+
+def parse_celeba_attributes(path) -> AttributeTable:
+    """Read CelebA's ``list_attr_celeba.txt``: a line with the image count N, a line of A attribute
+    names, then N lines ``filename v1 ... vA`` with each v in {1, -1}, whitespace separated."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"attribute file not found: {path}")
+    try:
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a text file ({e})") from e
+    lines = [ln for ln in lines if ln.strip()]
+    if len(lines) < 2:
+        raise ValueError(f"{path}: expected a count line and a header line of attribute names, "
+                         f"got {len(lines)} non-empty line(s)")
+    try:
+        declared = int(lines[0].strip())
+    except ValueError:
+        raise ValueError(f"{path}, line 1: expected the number of images (an integer), "
+                         f"got {lines[0].strip()[:60]!r}") from None
+    names = lines[1].split()
+    _check_names(names, f"{path}, line 2")
+    rows = lines[2:]
+    if len(rows) != declared:
+        raise ValueError(f"{path}: line 1 declares {declared} images but {len(rows)} rows follow")
+    filenames, values = [], []
+    for lineno, line in enumerate(rows, start=3):
+        parts = line.split()
+        if len(parts) != len(names) + 1:
+            raise ValueError(f"{path}, line {lineno}: expected a filename and {len(names)} values, "
+                             f"got {len(parts)} fields")
+        try:
+            row = [int(v) for v in parts[1:]]
+        except ValueError:
+            raise ValueError(f"{path}, line {lineno}: values must be 1 or -1, got {parts[1:]}") from None
+        if any(v not in (1, -1) for v in row):
+            raise ValueError(f"{path}, line {lineno}: values must be 1 or -1, got {sorted(set(row))}")
+        filenames.append(parts[0])
+        values.append(row)
+    _check_filenames(filenames, path)
+    return AttributeTable(tuple(filenames), tuple(names),
+                          torch.tensor(values, dtype=torch.int8).reshape(len(filenames), len(names)))
+
+
+_TRUE = {"1", "+1", "true", "yes", "y", "t"}
+_FALSE = {"0", "-1", "false", "no", "n", "f"}
+
+
+def parse_attribute_csv(path) -> AttributeTable:
+    """Read a CSV ``filename,attr1,attr2,...`` (a header row, then one row per image).
+
+    A value is true (1, +1, true, yes), false (0, -1, false, no) or empty (unknown: the image is left
+    out of that attribute's means).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"attribute file not found: {path}")
+    try:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{path}: not a readable CSV file ({e})") from e
+    if not rows:
+        raise ValueError(f"{path}: empty; expected a header row 'filename,attr1,attr2,...'")
+    header = [c.strip() for c in rows[0]]
+    if len(header) < 2:
+        raise ValueError(f"{path}, line 1: expected a header 'filename,attr1,...' with at least one "
+                         f"attribute column, got {rows[0]}")
+    names = header[1:]
+    _check_names(names, f"{path}, line 1")
+    if len(rows) < 2:
+        raise ValueError(f"{path}: a header but no image rows")
+    filenames, values = [], []
+    for lineno, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise ValueError(f"{path}, line {lineno}: expected {len(header)} columns like the header, "
+                             f"got {len(row)}")
+        filename = row[0].strip()
+        if not filename:
+            raise ValueError(f"{path}, line {lineno}: empty filename")
+        parsed = []
+        for name, cell in zip(names, row[1:]):
+            v = cell.strip().lower()
+            if v in _TRUE:
+                parsed.append(1)
+            elif v in _FALSE:
+                parsed.append(-1)
+            elif v == "":
+                parsed.append(0)
+            else:
+                raise ValueError(f"{path}, line {lineno}, column {name!r}: expected 1/0, 1/-1, true/false, "
+                                 f"yes/no or empty, got {cell!r}")
+        filenames.append(filename)
+        values.append(parsed)
+    _check_filenames(filenames, path)
+    return AttributeTable(tuple(filenames), tuple(names), torch.tensor(values, dtype=torch.int8))
+
+
+def parse_attribute_file(path) -> AttributeTable:
+    """:func:`parse_attribute_csv` for ``.csv`` files, :func:`parse_celeba_attributes` otherwise."""
+    return (parse_attribute_csv if Path(path).suffix.lower() == ".csv" else parse_celeba_attributes)(path)
+
+
+def table_image_paths(table: AttributeTable, image_dir) -> list[Path]:
+    """The image path of every row, checked to exist (the first missing ones are named)."""
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"image folder not found: {image_dir}")
+    paths = [image_dir / f for f in table.filenames]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image(s) listed in the attribute file are not in "
+                                f"{image_dir}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return paths
+
+
+# ---------------------------------------------------------------------------------- save / load
+
+def directions_dir(checkpoint) -> Path:
+    """Where a checkpoint's directions live: the run directory for ``RUN`` or ``RUN/checkpoint``
+    (outside the checkpoint folder, which training replaces wholesale), else the checkpoint folder."""
+    ckpt = resolve_checkpoint_dir(checkpoint)
+    return ckpt.parent if ckpt.name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old") else ckpt
+
+
+def weights_sha256(checkpoint) -> str:
+    """SHA-256 of a checkpoint's weights file: ties directions to the weights they were made with."""
+    h = hashlib.sha256()
+    with open(resolve_checkpoint_dir(checkpoint) / WEIGHTS_NAME, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_directions(directions: Directions, directory, weights_sha: str | None = None) -> Path:
+    """Write ``directory/directions.safetensors`` (atomically replaced) and ``directions.json``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    info = {"format": DIRECTIONS_FORMAT, "num_dims": directions.num_dims, "weights_sha256": weights_sha,
+            "directions": directions.info()}
+    target = directory / DIRECTIONS_WEIGHTS
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=directory)
+    os.close(fd)
+    try:
+        save_file({"directions": directions.vectors.detach().float().contiguous().cpu()}, tmp,
+                  metadata={"format": DIRECTIONS_FORMAT, "info": json.dumps(info)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    atomic_write_text(directory / DIRECTIONS_JSON, json.dumps(info, indent=2) + "\n")
+    return target
+
+
+def load_directions(directory, num_dims: int | None = None) -> tuple[Directions, dict]:
+    """Read ``directory/directions.safetensors`` -> (directions, metadata dict). ``num_dims`` checks
+    that they fit the model's latent size."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(directory) / DIRECTIONS_WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"no directions at {path}; compute them with `glowflow directions`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            vectors = f.get_tensor("directions")
+        info = json.loads(meta["info"])
+        entries = info["directions"]
+        if meta.get("format") != DIRECTIONS_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, expected {DIRECTIONS_FORMAT!r}")
+        directions = Directions([e["name"] for e in entries], vectors.float(),
+                                [int(e["positive_count"]) for e in entries],
+                                [int(e["negative_count"]) for e in entries],
+                                [str(e.get("source", "")) for e in entries])
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"corrupt or foreign directions file {path}: {type(e).__name__}: {e}") from e
+    if num_dims is not None and directions.num_dims != num_dims:
+        raise CheckpointError(f"{path} holds directions of dimension {directions.num_dims}, but the model's "
+                              f"latents have {num_dims}: they were computed for a different model")
+    return directions, info

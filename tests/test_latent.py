@@ -1,0 +1,405 @@
+"""Latent editing: interpolation paths, attribute-direction arithmetic, manipulation, attribute-file
+parsers, direction files and the CLI commands, on tiny models."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from glowflow import Glow, cli_edit, latent
+from glowflow.checkpoint import CheckpointError
+from glowflow.images import ImageError, load_image, make_grid, png_bytes, save_grid
+
+SHAPE = (1, 8, 8)
+
+
+def tiny_model(perturb, num_classes=None, dtype=torch.float64, seed=0) -> Glow:
+    """A 2-level, 2-step Glow on 1x8x8 with every zero-initialised branch perturbed, initialised
+    from images in [0.25, 0.75] so that small latent moves decode inside [0, 1] (no clamping)."""
+    model = Glow(image_shape=SHAPE, levels=2, steps=2, hidden_channels=8, num_classes=num_classes, seed=seed)
+    perturb(model)
+    model = model.to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    x = 0.25 + 0.5 * torch.rand(32, *SHAPE, generator=g, dtype=dtype)
+    y = torch.arange(32) % num_classes if num_classes else None
+    model.initialize(x, y)
+    return model.eval()
+
+
+def images(n, seed=1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return 0.3 + 0.4 * torch.rand(n, *SHAPE, generator=g, dtype=dtype)
+
+
+@pytest.fixture
+def model(perturb_zero_init):
+    return tiny_model(perturb_zero_init)
+
+
+# ----------------------------------------------------------------------------- paths
+
+def test_lerp_and_slerp_ends_and_midpoints():
+    a, b = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 2.0, 0.0], dtype=torch.float64)
+    t = torch.tensor([0.0, 0.5, 1.0])
+    for f in (latent.lerp, latent.slerp):
+        path = f(a, b, t)
+        assert path.shape == (3, 3)
+        torch.testing.assert_close(path[0], a)
+        torch.testing.assert_close(path[-1], b)
+    torch.testing.assert_close(latent.lerp(a, b, 0.5), torch.tensor([0.5, 1.0, 0.0], dtype=torch.float64))
+    # Orthogonal vectors: the great-circle midpoint weights both by sin(pi/4)/sin(pi/2) = 1/sqrt(2).
+    torch.testing.assert_close(latent.slerp(a, b, 0.5), (a + b) / math.sqrt(2))
+
+
+def test_slerp_keeps_the_norm_of_equal_norm_vectors_and_falls_back_when_parallel():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 64, generator=g, dtype=torch.float64)
+    b = b * a.norm() / b.norm()
+    path = latent.slerp(a, b, torch.linspace(0, 1, 7))
+    torch.testing.assert_close(path.norm(dim=1), a.norm().expand(7))
+    assert (latent.lerp(a, b, torch.linspace(0, 1, 7))[3].norm() < a.norm() * 0.99)  # the chord dips inside
+    torch.testing.assert_close(latent.slerp(a, 3 * a, 0.5), 2 * a)  # parallel: no circle, straight line
+
+
+def test_interpolate_ends_are_reconstructions_and_linear_midpoint_is_mean_latent(model):
+    x = images(2)
+    path = latent.interpolate(model, x[0], x[1], steps=5)
+    assert path.shape == (5, *SHAPE)
+    torch.testing.assert_close(path[0], x[0], atol=1e-9, rtol=0)
+    torch.testing.assert_close(path[-1], x[1], atol=1e-9, rtol=0)
+    z = model.encode(x)
+    torch.testing.assert_close(path[2], model.decode(z.mean(0, keepdim=True))[0].clamp(0, 1))
+    assert not torch.allclose(path[1], path[3])
+    spherical = latent.interpolate(model, x[0], x[1], steps=5, method="spherical")
+    torch.testing.assert_close(spherical[0], x[0], atol=1e-9, rtol=0)
+    assert not torch.allclose(spherical[2], path[2])
+    with pytest.raises(ValueError, match="steps"):
+        latent.interpolate(model, x[0], x[1], steps=1)
+    with pytest.raises(ValueError, match="method"):
+        latent.interpolate(model, x[0], x[1], steps=3, method="cubic")
+
+
+def test_editing_refuses_an_uninitialised_model():
+    fresh = Glow(image_shape=SHAPE, levels=2, steps=1, hidden_channels=4)
+    with pytest.raises(ValueError, match="not been initialised"):
+        latent.reconstruct(fresh, images(1))
+
+
+# ---------------------------------------------------------------------- direction arithmetic
+
+def test_direction_is_difference_of_means_with_counts_and_ignores_unknown():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(10, 6, generator=g, dtype=torch.float64)
+    attrs = torch.tensor([[1, -1], [1, 1], [-1, 0], [-1, 0], [1, -1], [-1, 1], [-1, -1], [1, 0], [-1, 1], [-1, -1]])
+    d = latent.attribute_directions(z, attrs, ["a", "b"])
+    for k, name in enumerate(["a", "b"]):
+        pos, neg = attrs[:, k] == 1, attrs[:, k] == -1
+        torch.testing.assert_close(d[name].double(), z[pos].mean(0) - z[neg].mean(0), rtol=1e-6, atol=1e-6)
+        assert (d.positive_counts[k], d.negative_counts[k]) == (int(pos.sum()), int(neg.sum()))
+    assert (d.positive_counts, d.negative_counts) == ((4, 3), (6, 4))  # zeros in "b" are in neither
+
+
+def test_accumulating_in_batches_equals_one_shot():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(13, 5, generator=g)
+    attrs = torch.randint(0, 2, (13, 3), generator=g) * 2 - 1
+    attrs[0], attrs[1] = 1, -1  # every column has both signs
+    acc = latent.DirectionAccumulator(["a", "b", "c"], 5)
+    for s in range(0, 13, 4):
+        acc.update(z[s:s + 4], attrs[s:s + 4])
+    torch.testing.assert_close(acc.result().vectors, latent.attribute_directions(z, attrs, "abc").vectors)
+
+
+def test_direction_needs_both_signs_and_valid_values():
+    z = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match="'b' \\(3 with, 0 without\\)"):
+        latent.attribute_directions(z, torch.tensor([[1, 1], [-1, 1], [1, 1]]), ["a", "b"])
+    with pytest.raises(ValueError, match="\\+1, -1 or 0"):
+        latent.attribute_directions(z, torch.tensor([[1], [2], [-1]]), ["a"])
+    with pytest.raises(ValueError, match="attributes must be"):
+        latent.attribute_directions(z, torch.ones(2, 1), ["a"])
+
+
+def test_directions_from_images_recover_a_planted_latent_shift(model):
+    """Positives are decode(eps + v) of the negatives: the direction must come out as exactly v."""
+    neg = images(6)
+    z = model.encode(neg)
+    v = 0.05 * torch.randn(model.num_dims, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    pos = model.decode(z + v)
+    assert pos.min() > 0 and pos.max() < 1  # no clamping, so encode(pos) == z + v
+    x = torch.cat([pos, neg])
+    attrs = torch.tensor([1] * 6 + [-1] * 6)[:, None]
+    d = latent.directions_from_images(model, x, attrs, ["planted"], batch_size=5)
+    torch.testing.assert_close(d["planted"].double(), v, atol=1e-5, rtol=0)
+    assert (d.positive_counts, d.negative_counts) == ((6,), (6,))
+
+
+def test_class_and_pair_attributes():
+    labels = torch.tensor([0, 2, 1, 2])
+    names = ["Sneaker", "Bag", "Ankle boot"]
+    a = latent.class_attributes(labels, names)
+    assert a.tolist() == [[1, -1, -1], [-1, -1, 1], [-1, 1, -1], [-1, -1, 1]]
+    col, name = latent.pair_attributes(labels, names, "sneaker", "Ankle boot")
+    assert name == "Sneaker-vs-Ankle boot"
+    assert col[:, 0].tolist() == [1, -1, 0, -1]
+    with pytest.raises(ValueError, match="unknown class 'Hat'"):
+        latent.pair_attributes(labels, names, "Hat", "Bag")
+    with pytest.raises(ValueError, match="different classes"):
+        latent.pair_attributes(labels, names, "Bag", "1")
+    with pytest.raises(ValueError, match="labels must lie"):
+        latent.class_attributes(torch.tensor([3]), names)
+
+
+def test_combine_and_merge():
+    d = latent.Directions(["a", "b"], torch.eye(2, 3), [1, 2], [3, 4], ["s", "s"])
+    torch.testing.assert_close(d.combine({"a": 2.0, "b": -1.0}), torch.tensor([2.0, -1.0, 0.0]))
+    with pytest.raises(ValueError, match="no direction named 'c'"):
+        d.combine({"c": 1.0})
+    other = latent.Directions(["b", "c"], torch.ones(2, 3), [5, 6], [7, 8], ["t", "t"])
+    m = d.merged(other)
+    assert m.names == ("a", "b", "c") and m.positive_counts == (1, 5, 6)
+    torch.testing.assert_close(m["b"], torch.ones(3))
+    with pytest.raises(ValueError, match="unique"):
+        latent.Directions(["a", "a"], torch.zeros(2, 3), [1, 1], [1, 1], ["", ""])
+
+
+# ------------------------------------------------------------------------------ manipulation
+
+def test_manipulate_alpha_zero_is_the_reconstruction(model):
+    x = images(3)
+    d = torch.randn(model.num_dims, dtype=torch.float64)
+    recon = latent.reconstruct(model, x)
+    torch.testing.assert_close(latent.manipulate(model, x, d, 0.0), recon)
+    strip = latent.manipulate(model, x[0], d, [-1.0, 0.0, 1.0])
+    assert strip.shape == (3, *SHAPE)
+    torch.testing.assert_close(strip[1], recon[0])
+    torch.testing.assert_close(recon, x, atol=1e-9, rtol=0)  # and the reconstruction is the input
+    assert (strip[0] - strip[2]).abs().max() > 1e-3
+
+
+def test_manipulate_moves_the_latent_by_alpha_times_direction(model):
+    x = images(1)
+    d = 0.05 * torch.randn(model.num_dims, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out = latent.manipulate(model, x, d, [-0.5, 1.0, 2.0])
+    assert out.min() > 0 and out.max() < 1
+    torch.testing.assert_close(model.encode(out) - model.encode(x), torch.tensor([-0.5, 1.0, 2.0])[:, None].double() * d,
+                               atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="direction must be"):
+        latent.manipulate(model, x, d[:-1], 1.0)
+    with pytest.raises(ValueError, match="2 images and 3 alphas"):
+        latent.manipulate(model, images(2), d, [0.0, 1.0, 2.0])
+
+
+def test_edit_combines_directions_and_blend(model):
+    x = images(2)
+    d = latent.Directions(["a", "b"], 0.05 * torch.randn(2, model.num_dims, dtype=torch.float64), [1, 1], [1, 1], ["", ""])
+    z = model.encode(x)
+    out = latent.edit(model, x[0], d, {"a": 1.0, "b": -2.0}, mix=x[1], blend=0.25)
+    expected = model.decode((0.75 * z[0] + 0.25 * z[1] + d["a"] - 2 * d["b"])[None]).clamp(0, 1)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(latent.edit(model, x[0], d, {}, mix=x[1], blend=1.0), x[1:], atol=1e-9, rtol=0)
+    with pytest.raises(ValueError, match="blend"):
+        latent.edit(model, x[0], mix=x[1], blend=1.5)
+
+
+def test_class_conditional_model_needs_and_uses_labels(perturb_zero_init):
+    model = tiny_model(perturb_zero_init, num_classes=3)
+    x = images(1)
+    d = torch.randn(model.num_dims, dtype=torch.float64)
+    with pytest.raises(ValueError, match="class-conditional"):
+        latent.manipulate(model, x, d, 0.0)
+    strip = latent.manipulate(model, x, d, [0.0, 1.0], y=2)
+    torch.testing.assert_close(strip[0], x[0], atol=1e-9, rtol=0)
+    path = latent.interpolate(model, x[0], images(1, seed=9)[0], steps=3, y1=0, y2=2)
+    torch.testing.assert_close(path[0], x[0], atol=1e-9, rtol=0)
+
+
+# ------------------------------------------------------------------------------ file parsers
+
+CELEBA = "3\nSmiling Male\n000001.jpg  1 -1\n000002.jpg -1 -1\n000003.jpg  1  1\n"
+
+
+def test_parse_celeba_attributes(tmp_path):
+    f = tmp_path / "list_attr_celeba.txt"
+    f.write_text(CELEBA)
+    t = latent.parse_celeba_attributes(f)
+    assert t.filenames == ("000001.jpg", "000002.jpg", "000003.jpg")
+    assert t.names == ("Smiling", "Male")
+    assert t.values.tolist() == [[1, -1], [-1, -1], [1, 1]]
+    assert t.select(["Male"]).values[:, 0].tolist() == [-1, -1, 1]
+    assert len(t.head(2)) == 2
+
+
+@pytest.mark.parametrize("text, message", [
+    ("three\nSmiling\na.jpg 1\n", "line 1: expected the number of images"),
+    ("2\nSmiling Male\na.jpg 1 -1\n", "declares 2 images but 1 rows follow"),
+    ("1\nSmiling Male\na.jpg 1\n", "line 3: expected a filename and 2 values, got 2 fields"),
+    ("1\nSmiling\na.jpg 0\n", "line 3: values must be 1 or -1"),
+    ("1\nSmiling\na.jpg yes\n", "line 3: values must be 1 or -1"),
+    ("1\nSmiling Smiling\na.jpg 1 1\n", "duplicate attribute names \\['Smiling'\\]"),
+    ("2\nSmiling\na.jpg 1\na.jpg -1\n", "'a.jpg' appears more than once"),
+    ("1\n", "expected a count line and a header line"),
+])
+def test_parse_celeba_rejects_malformed_files(tmp_path, text, message):
+    f = tmp_path / "list_attr_celeba.txt"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        latent.parse_celeba_attributes(f)
+
+
+def test_parse_attribute_csv(tmp_path):
+    f = tmp_path / "attrs.csv"
+    f.write_text("filename,smiling,hat\na.png,1,0\nb.png,-1,true\nc.png, no ,\n")
+    t = latent.parse_attribute_csv(f)
+    assert t.names == ("smiling", "hat")
+    assert t.values.tolist() == [[1, -1], [-1, 1], [-1, 0]]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "empty; expected a header row"),
+    ("filename\na.png\n", "at least one attribute column"),
+    ("filename,smiling\n", "a header but no image rows"),
+    ("filename,smiling\na.png,1,0\n", "line 2: expected 2 columns like the header, got 3"),
+    ("filename,smiling\na.png,maybe\n", "line 2, column 'smiling': expected 1/0"),
+    ("filename,smiling\n,1\n", "line 2: empty filename"),
+    ("filename,smiling,smiling\na.png,1,1\n", "duplicate attribute names"),
+    ("filename,smiling\na.png,1\na.png,0\n", "'a.png' appears more than once"),
+])
+def test_parse_attribute_csv_rejects_malformed_files(tmp_path, text, message):
+    f = tmp_path / "attrs.csv"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        latent.parse_attribute_csv(f)
+
+
+def test_parsers_reject_binary_and_missing_files(tmp_path):
+    f = tmp_path / "attrs.csv"
+    f.write_bytes(b"\xff\xfe\x00\x81binary")
+    with pytest.raises(ValueError, match="not a readable CSV"):
+        latent.parse_attribute_csv(f)
+    with pytest.raises(FileNotFoundError):
+        latent.parse_celeba_attributes(tmp_path / "nope.txt")
+
+
+# ------------------------------------------------------------------------- saving directions
+
+def test_save_load_directions_round_trip_and_checks(tmp_path, model):
+    d = latent.Directions(["a", "b c/d"], torch.randn(2, model.num_dims), [3, 4], [5, 6], ["x", "y"])
+    latent.save_directions(d, tmp_path, weights_sha="abc")
+    loaded, info = latent.load_directions(tmp_path, model.num_dims)
+    assert loaded.names == d.names and loaded.positive_counts == (3, 4) and loaded.sources == ("x", "y")
+    torch.testing.assert_close(loaded.vectors, d.vectors)
+    readable = json.loads((tmp_path / latent.DIRECTIONS_JSON).read_text())
+    assert [e["name"] for e in readable["directions"]] == ["a", "b c/d"] and info["weights_sha256"] == "abc"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+    with pytest.raises(CheckpointError, match="different model"):
+        latent.load_directions(tmp_path, model.num_dims + 1)
+    (tmp_path / latent.DIRECTIONS_WEIGHTS).write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        latent.load_directions(tmp_path)
+    with pytest.raises(CheckpointError, match="glowflow directions"):
+        latent.load_directions(tmp_path / "empty")
+
+
+def test_directions_live_in_the_run_directory(tmp_path, model):
+    model.save_pretrained(tmp_path / "run" / "checkpoint")
+    assert latent.directions_dir(tmp_path / "run") == tmp_path / "run"
+    assert latent.directions_dir(tmp_path / "run" / "checkpoint") == tmp_path / "run"
+    model.save_pretrained(tmp_path / "bare")
+    assert latent.directions_dir(tmp_path / "bare") == tmp_path / "bare"
+
+
+# ------------------------------------------------------------------------------------ images
+
+def test_save_grid_layout_and_load_image(tmp_path):
+    x = torch.stack([torch.full((1, 4, 4), v) for v in (0.0, 0.5, 1.0)])
+    grid = make_grid(x, nrow=2, padding=1, pad_value=7)
+    assert grid.shape == (1, 1 + 2 * 5, 1 + 2 * 5)
+    assert grid[0, 1, 1] == 0 and grid[0, 1, 6] == 128 and grid[0, 6, 1] == 255 and grid[0, 6, 6] == 7
+    path = save_grid(x, tmp_path / "g.png", nrow=3, padding=0)
+    back = load_image(path, (1, 4, 12))
+    torch.testing.assert_close(back[:, :, 4:8], torch.full((1, 4, 4), 128 / 255))
+    rgb = load_image(png_bytes(torch.rand(3, 6, 6)), (3, 4, 4))  # resized
+    assert rgb.shape == (3, 4, 4)
+    with pytest.raises(ImageError, match="not a readable image"):
+        load_image(b"%PDF-1.4 not an image", SHAPE)
+    with pytest.raises(ImageError, match="limit is 10"):
+        load_image(png_bytes(x[0]), SHAPE, max_pixels=10)
+    with pytest.raises(ValueError, match=".png"):
+        save_grid(x, tmp_path / "g.jpg")
+
+
+# -------------------------------------------------------------------------------------- CLI
+
+def run_cli(argv) -> int:
+    parser = argparse.ArgumentParser(prog="glowflow")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cli_edit.register(sub)
+    args = parser.parse_args([str(a) for a in argv])
+    return args.func(args)
+
+
+@pytest.fixture
+def run_dir(tmp_path, perturb_zero_init):
+    model = tiny_model(perturb_zero_init, dtype=torch.float32)
+    run = tmp_path / "run"
+    model.save_pretrained(run / "checkpoint")
+    x = images(6, dtype=torch.float32)
+    folder = tmp_path / "imgs"
+    rows = ["filename,bright,odd"]
+    for i in range(6):
+        save_grid(x[i:i + 1], folder / f"{i}.png", padding=0)
+        rows.append(f"{i}.png,{int(x[i].mean() > x.mean())},{i % 2}")
+    (folder / "attrs.csv").write_text("\n".join(rows) + "\n")
+    return run, folder
+
+
+def test_cli_directions_manipulate_interpolate(run_dir, capsys):
+    run, folder = run_dir
+    assert run_cli(["directions", run, "--attributes", folder / "attrs.csv", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["directions"]) == {"bright", "odd"} and result["directions"]["odd"] == [3, 3]
+    assert (run / "directions.safetensors").is_file() and (run / "directions.json").is_file()
+    # merging: a second run with --only keeps the other direction
+    assert run_cli(["directions", run, "--attributes", folder / "attrs.csv", "--only", "odd"]) == 0
+    assert latent.load_directions(run)[0].names == ("bright", "odd")
+
+    out = run.parent / "strip.png"
+    assert run_cli(["manipulate", folder / "0.png", "--checkpoint", run, "--attribute", "odd",
+                    "--alphas", "-1,-0.5,0,0.5,1", "--out", out]) == 0
+    strip = load_image(out, (1, 8 + 4, 5 * 10 + 2))
+    assert strip.shape == (1, 12, 52)
+    out = run.parent / "interp.png"
+    assert run_cli(["interpolate", folder / "0.png", folder / "1.png", "-c", run / "checkpoint",
+                    "--steps", "4", "--method", "spherical", "--out", out]) == 0
+    from PIL import Image
+    assert Image.open(out).size == (2 + 4 * 10, 12)
+    with pytest.raises(ValueError, match="no direction named 'smiling'"):
+        run_cli(["manipulate", folder / "0.png", "-c", run, "--attribute", "smiling", "--out", out])
+
+
+def test_cli_directions_reports_missing_images(run_dir):
+    run, folder = run_dir
+    (folder / "3.png").unlink()
+    with pytest.raises(FileNotFoundError, match="3.png"):
+        run_cli(["directions", run, "--attributes", folder / "attrs.csv"])
+
+
+def test_cli_directions_from_fashion_mnist_classes(tmp_path, perturb_zero_init):
+    data = pytest.importorskip("glowflow.data")
+    root = data.default_root("fashion-mnist")
+    if root is None:
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+    model = Glow(image_shape=(1, 28, 28), levels=2, steps=1, hidden_channels=4)
+    ds = data.get_dataset("fashion-mnist", root, split="test", limit=64)
+    model.initialize(ds.images.float() / 255)
+    model.save_pretrained(tmp_path / "run" / "checkpoint")
+    assert run_cli(["directions", tmp_path / "run", "--dataset", "fashion-mnist", "--data", root,
+                    "--split", "test", "--limit", "200", "--positive", "Sneaker", "--negative", "Ankle boot"]) == 0
+    d, _ = latent.load_directions(tmp_path / "run")
+    labels = data.get_dataset("fashion-mnist", root, split="test", limit=200).labels
+    assert d.names == ("Sneaker-vs-Ankle boot",)
+    assert (d.positive_counts[0], d.negative_counts[0]) == (int((labels == 7).sum()), int((labels == 9).sum()))
