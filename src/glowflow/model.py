@@ -18,6 +18,24 @@ COUPLINGS = ("affine", "additive")
 PERMUTATIONS = ("invconv", "invconv_lu", "shuffle", "reverse")
 
 
+def config_from_dict(cls, d: dict, what: str):
+    """Build the frozen dataclass ``cls`` from plain data, refusing unknown keys and converting
+    numbers written as strings (YAML reads ``1e-4`` as a string)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown {what} keys: {sorted(unknown)}; known: {sorted(fields)}")
+    out = dict(d)
+    for k, v in d.items():
+        kind = str(fields[k].type)
+        if isinstance(v, str) and kind.startswith(("float", "int")):
+            try:
+                out[k] = float(v) if kind.startswith("float") else int(v)
+            except ValueError as e:
+                raise ValueError(f"{what} {k} must be a number, got {v!r}") from e
+    return cls(**out)
+
+
 @dataclass(frozen=True)
 class GlowConfig:
     """Everything that defines a Glow model's architecture; saved as ``config.json``."""
@@ -68,11 +86,7 @@ class GlowConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "GlowConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown Glow config keys: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "Glow config")
 
 
 class GlowOutput(NamedTuple):
@@ -273,8 +287,9 @@ class Glow(nn.Module):
     @property
     def initialized(self) -> bool:
         """True once data-dependent init (the first forward pass) has run."""
-        flags = [m.initialized for m in self.modules() if hasattr(m, "initialized") and isinstance(
-            getattr(m, "initialized"), torch.Tensor)]
+        # self is skipped: hasattr(self, "initialized") would call this property again, forever.
+        flags = [m.initialized for m in self.modules()
+                 if m is not self and isinstance(getattr(m, "initialized", None), torch.Tensor)]
         return all(bool(f) for f in flags)
 
     @torch.no_grad()

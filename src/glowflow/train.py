@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from . import numerics
-from .model import Glow, GlowConfig
+from .model import Glow, GlowConfig, config_from_dict
 
 TRAINER_STATE = "trainer.pt"
 RAW_WEIGHTS = "raw.safetensors"
@@ -76,11 +76,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
-        return cls(**d)
+        return config_from_dict(cls, d, "training config")
 
 
 def step_generator(seed: int, step: int, stream: int) -> torch.Generator:

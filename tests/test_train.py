@@ -1,0 +1,272 @@
+"""Training: the loss goes down, resume is exact, checkpoints survive kills and corruption, NaNs recover."""
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from glowflow import Glow, checkpoint as ckpt
+from glowflow.cli import main as cli_main
+from glowflow.data import ImageDataset
+from glowflow.train import RAW_WEIGHTS, TrainConfig, Trainer
+
+TINY_MODEL = dict(image_shape=(1, 8, 8), levels=2, steps=2, hidden_channels=8, permutation="invconv_lu")
+
+
+def blobs(n: int, seed: int) -> ImageDataset:
+    """Structured 8x8 images (a bright square on a dark background): learnable in a few steps."""
+    g = np.random.default_rng(seed)
+    x = np.zeros((n, 1, 8, 8), np.uint8)
+    for i in range(n):
+        r, c = g.integers(0, 5, 2)
+        x[i, 0, r:r + 3, c:c + 3] = 200 + g.integers(0, 55)
+    x += g.integers(0, 8, x.shape, dtype=np.uint8)
+    return ImageDataset(torch.from_numpy(x), torch.from_numpy(g.integers(0, 3, n)), name="blobs")
+
+
+def tiny_cfg(**kw) -> TrainConfig:
+    base = dict(model=TINY_MODEL, batch_size=16, init_batch_size=64, lr=5e-3, warmup_steps=2, max_steps=10,
+                log_every=1, eval_every=1000, sample_every=1000, checkpoint_every=5, progress=False, device="cpu")
+    base.update(kw)
+    return TrainConfig.from_dict(base)
+
+
+def run(cfg, out, resume=False, train=None, test=None):
+    t = Trainer(cfg, out, train or blobs(256, 0), test or blobs(64, 1), resume=resume, log=lambda *a: None)
+    return t, t.run()
+
+
+def raw_params(out: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load_tensors(out / ckpt.CHECKPOINT_DIR / RAW_WEIGHTS)
+
+
+def test_a_few_steps_lower_the_loss(tmp_path):
+    t, summary = run(tiny_cfg(max_steps=40), tmp_path)
+    losses = [r["bits_per_dim"] for r in t.history if "bits_per_dim" in r]
+    assert len(losses) == 40
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
+    ev = t.evaluate()
+    assert ev["test_bits_per_dim"] < losses[0]
+    assert (tmp_path / "samples.png").is_file() and (tmp_path / "curve.png").is_file()
+    assert summary["steps"] == 40
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full, half = tmp_path / "full", tmp_path / "half"
+    t_full, _ = run(tiny_cfg(max_steps=10), full)
+    run(tiny_cfg(max_steps=5), half)
+    t_resumed, summary = run(tiny_cfg(max_steps=10), half, resume=True)
+    assert summary["steps_this_run"] == 5
+    a, b = raw_params(full), raw_params(half)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    loss = lambda t: [r["loss"] for r in t.history if "loss" in r]  # noqa: E731
+    assert loss(t_full) == loss(t_resumed)
+    # the metrics log of the resumed directory is one continuous history, no duplicate steps
+    steps = [json.loads(l)["step"] for l in (half / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(l)]
+    assert steps == list(range(1, 11))
+
+
+def test_checkpoint_round_trip_gives_identical_log_prob(tmp_path):
+    t, _ = run(tiny_cfg(max_steps=6), tmp_path)
+    loaded = Glow.from_pretrained(tmp_path)
+    x = blobs(8, 3).images.float() / 255
+    with torch.no_grad():
+        assert torch.equal(loaded.log_prob(x), t.ema.model.log_prob(x))
+    assert bool(loaded.levels[0].steps[0].actnorm.initialized)
+
+
+def test_resume_with_a_different_model_is_refused(tmp_path):
+    run(tiny_cfg(max_steps=5), tmp_path)
+    other = tiny_cfg(max_steps=10, model={**TINY_MODEL, "hidden_channels": 16})
+    with pytest.raises(ValueError, match="different model"):
+        run(other, tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("victim", [ckpt.WEIGHTS_NAME, RAW_WEIGHTS, "trainer.pt", ckpt.CONFIG_NAME])
+def test_truncated_checkpoint_gives_a_clear_error(tmp_path, victim):
+    run(tiny_cfg(max_steps=5), tmp_path)
+    path = tmp_path / ckpt.CHECKPOINT_DIR / victim
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match="corrupt|truncated"):
+        run(tiny_cfg(max_steps=10), tmp_path, resume=True)
+
+
+def test_missing_checkpoint_gives_a_clear_error(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        Glow.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint"):
+        Glow.from_pretrained(tmp_path)
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_train import tiny_cfg, blobs
+    from glowflow import checkpoint as ckpt
+    from glowflow.train import Trainer
+    t = Trainer(tiny_cfg(max_steps=8), {out!r}, blobs(256, 0), None, resume=True, log=lambda *a: None)
+    for _ in range(3):
+        t.train_step()
+    real = ckpt.save_tensors
+    calls = []
+    def dying(path, tensors, metadata=None):
+        real(path, tensors, metadata)
+        calls.append(path)
+        if len(calls) == 2:  # mid-checkpoint: some files written, others not
+            os.kill(os.getpid(), signal.SIGKILL)
+    ckpt.save_tensors = dying
+    t.save_checkpoint()
+""")
+
+
+def test_killing_training_mid_checkpoint_loses_nothing(tmp_path):
+    out = tmp_path / "run"
+    run(tiny_cfg(max_steps=5), out)
+    before = raw_params(out)
+    script = KILLER.format(tests=str(Path(__file__).parent), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    after = raw_params(out)  # the last good checkpoint is intact and still the one found
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    t, summary = run(tiny_cfg(max_steps=8), out, resume=True)
+    assert summary["steps_this_run"] == 3
+
+
+def test_kill_between_the_two_renames_falls_back_to_old(tmp_path):
+    out = tmp_path / "run"
+    run(tiny_cfg(max_steps=5), out)
+    live = out / ckpt.CHECKPOINT_DIR
+    live.rename(out / (ckpt.CHECKPOINT_DIR + ".old"))  # the state a kill there leaves
+    model = Glow.from_pretrained(out)
+    assert model.config.hidden_channels == TINY_MODEL["hidden_channels"]
+    _, summary = run(tiny_cfg(max_steps=8), out, resume=True)
+    assert summary["steps_this_run"] == 3
+
+
+def test_a_non_finite_step_is_skipped_and_reported(tmp_path):
+    cfg = tiny_cfg(max_steps=6)
+    t = Trainer(cfg, tmp_path, blobs(256, 0), None, log=lambda *a: None)
+    real = t.train_model
+    calls = {"n": 0}
+
+    def flaky(x, y=None, noise=None):
+        out = real(x, y, noise=noise)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            return out._replace(bits_per_dim=out.bits_per_dim * float("nan"))
+        return out
+
+    t.train_model = flaky
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    t.run()
+    skipped = [r for r in t.history if r.get("event") == "skipped"]
+    assert len(skipped) == 1 and skipped[0]["step"] == 3
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+    assert any(not torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+
+
+def test_repeated_nan_restores_last_good_checkpoint_with_lower_lr(tmp_path):
+    messages = []
+    cfg = tiny_cfg(max_steps=12, checkpoint_every=4, max_bad_steps=3)
+    t = Trainer(cfg, tmp_path, blobs(256, 0), None, log=messages.append)
+    for _ in range(4):
+        t.train_step()
+    t.save_checkpoint()
+    good = {k: v.clone() for k, v in t.model.state_dict().items()}
+    with torch.no_grad():  # the weights blow up
+        t.model.levels[0].steps[0].coupling.net.net[2].conv.weight.fill_(float("nan"))
+    t.run()
+    events = [r for r in t.history if r.get("event") == "recovered"]
+    assert len(events) == 1 and events[0]["step"] == 4 and events[0]["lr_scale"] == 0.5
+    assert any("non-finite" in m and "restored" in m for m in messages)
+    assert t.step == 12 and all(torch.isfinite(p).all() for p in t.model.parameters())
+    assert not torch.equal(good["levels.0.steps.0.actnorm.bias"], t.model.state_dict()["levels.0.steps.0.actnorm.bias"])
+
+
+# ------------------------------------------------------------------------------- the CLI, end to end
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    path.write_bytes(gzip.compress(header + arr.astype(np.uint8).tobytes()))
+
+
+@pytest.fixture
+def fake_fashion(tmp_path):
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    g = np.random.default_rng(0)
+    for prefix, n in (("train", 96), ("t10k", 32)):
+        x = np.zeros((n, 28, 28), np.uint8)
+        x[:, 6:22, 8:20] = g.integers(100, 255, (n, 1, 1))
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", x)
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", g.integers(0, 10, n))
+    return root
+
+
+def test_cli_train_eval_sample_encode_decode(tmp_path, fake_fashion, capsys):
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text("dataset: fashion-mnist\nmodel: {image_shape: [1, 28, 28], levels: 2, steps: 1, "
+                      "hidden_channels: 8}\nbatch_size: 16\ninit_batch_size: 32\nmax_steps: 4\nlog_every: 1\n"
+                      "eval_every: 4\ncheckpoint_every: 4\nsample_every: 4\ndevice: cpu\n")
+    run_dir = tmp_path / "run"
+    assert cli_main(["train", "--preset", str(preset), "--data", str(fake_fashion), "--out", str(run_dir),
+                     "--no-progress", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 4 and "test_bits_per_dim" in summary
+
+    assert cli_main(["eval", str(run_dir), "--json", "--no-progress"]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["num_images"] == 32 and ev["bits_per_dim"] > 0 and ev["bits_per_dim_se"] > 0
+
+    grid = tmp_path / "t.png"
+    assert cli_main(["sample", str(run_dir), "--n", "4", "--temperature", "0,0.7", "--out", str(grid)]) == 0
+    from PIL import Image
+    w, h = Image.open(grid).size
+    assert h < w and h > 28 * 2  # two rows (one per temperature) of four
+
+    from glowflow.images import save_grid
+    imgs = torch.rand(2, 1, 28, 28)
+    for i in range(2):
+        save_grid(imgs[i:i + 1], tmp_path / f"im{i}.png", nrow=1, padding=0)
+    lat = tmp_path / "z.npy"
+    assert cli_main(["encode", str(run_dir), str(tmp_path / "im0.png"), str(tmp_path / "im1.png"),
+                     "--out", str(lat)]) == 0
+    assert np.load(lat).shape == (2, 784)
+    assert cli_main(["decode", str(run_dir), str(lat), "--out", str(tmp_path / "d.png"), "--nrow", "2"]) == 0
+    capsys.readouterr()
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    assert cli_main(["eval", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+    assert cli_main(["train", "--preset", "no-such-preset", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert cli_main(["train", "--out", str(tmp_path / "r"), "--set", "model.steps"]) == 2
+    assert "key=value" in capsys.readouterr().err
+
+
+def test_presets_are_valid_configs():
+    from glowflow.config import build_train_config, list_presets
+
+    presets = list_presets()
+    assert "fashion-mnist-cpu" in presets and "cifar10-paper" in presets
+    for name in presets:
+        cfg = build_train_config(name)
+        assert cfg.model.image_shape[1] % 2 ** cfg.model.levels == 0
+    paper = build_train_config("cifar10-paper")
+    assert (paper.model.levels, paper.model.steps, paper.model.hidden_channels) == (3, 32, 512)
+    celeba = build_train_config("celeba-hq-256-paper")
+    assert (celeba.model.n_bits, celeba.model.coupling, celeba.model.levels) == (5, "additive", 6)
+    over = build_train_config("fashion-mnist-cpu", ["model.steps=3", "lr=1e-4"])
+    assert over.model.steps == 3 and over.lr == 1e-4
