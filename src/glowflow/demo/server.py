@@ -1,0 +1,305 @@
+"""The web demo: one page (``index.html``) over a small JSON API around a trained Glow.
+
+Wire formats are JSON and PNG only (images travel as ``data:image/png;base64,...`` strings; uploads
+as the raw file bytes), nothing that executes code when decoded. Every request body is read with a
+byte limit, every image is validated (:func:`glowflow.images.open_image`), and a bad request gets a
+JSON ``{"error": message}`` with a 4xx status while the server keeps serving.
+
+Inference runs in worker threads, one at a time under a lock, in eval mode without autograd: the
+model holds caches (e.g. the inverse 1x1 conv weights) that concurrent calls must not race on.
+
+API (all responses JSON):
+  GET  /                 the page
+  GET  /api/info         image shape, directions with their counts, limits
+  GET  /api/test-images  [{name, image}] preset images to start from
+  POST /api/upload       body: image file bytes -> {image (as the model sees it), reconstruction}
+  POST /api/edit         {image, alphas: {name: a}, mix, blend, method, label, mix_label} -> {image}
+  POST /api/sample       {n, temperature, seed, label} -> {images, seed}
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import math
+import secrets
+import threading
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from .. import latent
+from ..images import DEFAULT_MAX_PIXELS, ImageError, load_image, png_bytes
+from ..layers import ActNorm
+
+log = logging.getLogger("glowflow.demo")
+
+DEFAULT_MAX_UPLOAD_BYTES = 4 * 1024 * 1024
+MAX_SAMPLES = 32
+MAX_ALPHA = 10.0  # far past any useful edit; bounds what a request can ask the decoder for
+PAGE = Path(__file__).with_name("index.html")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; img-src 'self' data: blob:; connect-src 'self' data:; "
+                               "script-src 'unsafe-inline'; style-src 'unsafe-inline'; base-uri 'none'; "
+                               "form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+Alpha = Annotated[float, Field(ge=-MAX_ALPHA, le=MAX_ALPHA, allow_inf_nan=False)]
+
+
+class EditRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: str
+    alphas: dict[str, Alpha] = {}
+    mix: str | None = None
+    blend: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)
+    method: Literal["linear", "spherical"] = "linear"
+    label: int | None = None
+    mix_label: int | None = None
+
+
+class SampleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n: int = Field(8, ge=1, le=MAX_SAMPLES)
+    temperature: float = Field(0.7, ge=0.0, le=2.0, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    label: int | None = None
+
+
+class DemoError(Exception):
+    """A request the demo refuses: ``status`` and a message for the page."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def data_url(image: torch.Tensor) -> str:
+    """One image ``[C, H, W]`` -> ``data:image/png;base64,...``."""
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
+
+
+def _decode_data_url(value: str, field: str, max_bytes: int) -> bytes:
+    """``data:image/png;base64,...`` (or bare base64) -> bytes, refusing more than ``max_bytes``."""
+    payload = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+    if len(payload) > 4 * math.ceil(max_bytes / 3) + 4:
+        raise DemoError(413, f"{field}: image is larger than the {_mb(max_bytes)} limit")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise DemoError(400, f"{field}: expected an image as a base64 data URL "
+                             "(data:image/png;base64,...)") from None
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 1024:.0f} KB"
+
+
+class DemoState:
+    """The model and what the page needs; every model call goes through :meth:`run`."""
+
+    def __init__(self, model, directions: latent.Directions | None, test_images, test_names,
+                 class_names, max_upload_bytes: int, max_pixels: int, alpha_max: float):
+        self.model = model
+        self.directions = directions
+        self.test_images = test_images
+        self.test_names = test_names
+        self.class_names = class_names
+        self.max_upload_bytes = max_upload_bytes
+        self.max_pixels = max_pixels
+        self.alpha_max = alpha_max
+        self.lock = threading.Lock()
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.model.config.image_shape)
+
+    def run(self, fn, *args, **kwargs):
+        with self.lock, torch.no_grad():
+            return fn(*args, **kwargs)
+
+    def read_image(self, data: bytes, field: str = "image") -> torch.Tensor:
+        if len(data) > self.max_upload_bytes:
+            raise DemoError(413, f"{field}: file is {_mb(len(data))}, larger than the "
+                                 f"{_mb(self.max_upload_bytes)} limit")
+        try:
+            return load_image(data, self.image_shape, self.max_pixels)
+        except ImageError as e:
+            raise DemoError(415, str(e).replace("uploaded data", field)) from None
+
+    def label(self, label: int | None) -> int | None:
+        k = self.model.config.num_classes
+        if not k:
+            if label is not None:
+                raise DemoError(400, "this model is not class-conditional: leave the label out")
+            return None
+        if label is None:
+            return 0
+        if not 0 <= label < k:
+            raise DemoError(400, f"label must lie in [0, {k}), got {label}")
+        return label
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise DemoError(413, f"upload is {_mb(int(declared))}, larger than the {_mb(limit)} limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise DemoError(413, f"upload is larger than the {_mb(limit)} limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse(model_cls, body: bytes):
+    try:
+        return model_cls.model_validate_json(body or b"{}")
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
+                             for err in e.errors()[:5])
+        raise DemoError(422, f"bad request: {problems}") from None
+
+
+def create_app(model, directions: latent.Directions | None = None, test_images: torch.Tensor | None = None,
+               test_names: list[str] | None = None, class_names: list[str] | None = None,
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+               alpha_max: float = 1.0) -> FastAPI:
+    """The demo app for ``model`` (a trained, initialised Glow).
+
+    ``directions``: the sliders. ``test_images`` ``[N, C, H, W]`` (uint8 or float in [0, 1]) with
+    ``test_names``: images to pick instead of uploading. ``class_names``: labels of a
+    class-conditional model. ``alpha_max``: the sliders' range is ``[-alpha_max, alpha_max]``.
+    """
+    if not all(bool(m.initialized) for m in model.modules() if isinstance(m, ActNorm)):
+        raise ValueError("the model has not been initialised: serve a trained checkpoint")
+    if directions is not None and directions.num_dims != model.num_dims:
+        raise ValueError(f"directions have dimension {directions.num_dims}, the model's latents "
+                         f"{model.num_dims}")
+    if not 0 < alpha_max <= MAX_ALPHA:
+        raise ValueError(f"alpha_max must lie in (0, {MAX_ALPHA}], got {alpha_max}")
+    if max_upload_bytes < 1:
+        raise ValueError(f"max_upload_bytes must be >= 1, got {max_upload_bytes}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if test_images is not None:
+        test_images = test_images.detach().cpu()
+        if tuple(test_images.shape[1:]) != tuple(model.config.image_shape):
+            raise ValueError(f"test images must be [N, {', '.join(map(str, model.config.image_shape))}], "
+                             f"got {list(test_images.shape)}")
+        test_names = list(test_names or [f"test {i}" for i in range(len(test_images))])
+    state = DemoState(model, directions, test_images, test_names, class_names, max_upload_bytes,
+                      max_pixels, alpha_max)
+    # The JSON of /api/edit carries two base64 images (4/3 larger) plus small fields.
+    json_limit = 2 * (4 * math.ceil(max_upload_bytes / 3) + 64) + 64 * 1024
+
+    app = FastAPI(title="glowflow demo", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.demo = state
+
+    @app.exception_handler(DemoError)
+    async def _demo_error(request: Request, exc: DemoError):
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("demo request %s failed", request.url.path)
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}: {exc})"}, status_code=500)
+
+    @app.middleware("http")
+    async def _headers(request: Request, call_next):
+        response = await call_next(request)
+        for k, v in SECURITY_HEADERS.items():
+            response.headers.setdefault(k, v)
+        return response
+
+    @app.get("/", response_class=HTMLResponse)
+    def page():
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+    @app.get("/api/info")
+    def info():
+        cfg = model.config
+        return {
+            "image_shape": list(cfg.image_shape),
+            "num_dims": model.num_dims,
+            "num_classes": cfg.num_classes,
+            "class_names": class_names,
+            "directions": directions.info() if directions is not None else [],
+            "alpha_max": alpha_max,
+            "max_upload_bytes": max_upload_bytes,
+            "max_pixels": max_pixels,
+            "max_samples": MAX_SAMPLES,
+            "num_test_images": 0 if test_images is None else len(test_images),
+        }
+
+    @app.get("/api/test-images")
+    def test_image_list():
+        if state.test_images is None:
+            return {"images": []}
+        return {"images": [{"name": name, "image": data_url(img)}
+                           for name, img in zip(state.test_names, state.test_images)]}
+
+    @app.post("/api/upload")
+    async def upload(request: Request):
+        data = await _read_body(request, max_upload_bytes)
+        x = state.read_image(data, "upload")
+        label = state.label(_int_or_none(request.query_params.get("label")))
+        recon = await run_in_threadpool(state.run, latent.reconstruct, model, x, label)
+        return {"image": data_url(x), "reconstruction": data_url(recon[0])}
+
+    @app.post("/api/edit")
+    async def edit(request: Request):
+        req = _parse(EditRequest, await _read_body(request, json_limit))
+        x = state.read_image(_decode_data_url(req.image, "image", max_upload_bytes), "image")
+        mix = None
+        if req.mix is not None:
+            mix = state.read_image(_decode_data_url(req.mix, "mix", max_upload_bytes), "mix")
+        alphas = {k: v for k, v in req.alphas.items() if v != 0.0}
+        unknown = [k for k in alphas if directions is None or k not in directions]
+        if unknown:
+            raise DemoError(400, f"unknown attribute(s) {unknown}; this model has "
+                                 f"{', '.join(directions.names) if directions else 'no directions'}")
+        label = state.label(req.label)
+        mix_label = state.label(req.mix_label) if mix is not None else None
+        out = await run_in_threadpool(state.run, latent.edit, model, x, directions, alphas, mix,
+                                      req.blend, req.method, label, mix_label)
+        return {"image": data_url(out[0])}
+
+    @app.post("/api/sample")
+    async def sample(request: Request):
+        req = _parse(SampleRequest, await _read_body(request, 64 * 1024))
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+        label = state.label(req.label)
+        y = None if label is None else torch.full((req.n,), label, dtype=torch.long)
+        generator = torch.Generator().manual_seed(seed)
+        images = await run_in_threadpool(state.run, model.sample, req.n, req.temperature, y, generator)
+        return {"images": [data_url(img) for img in images], "seed": seed, "temperature": req.temperature}
+
+    return app
+
+
+def _int_or_none(value: str | None) -> int | None:
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise DemoError(400, f"label must be an integer, got {value!r}") from None
+
+
+def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run ``app`` with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,0 +1,325 @@
+"""The web demo: its JSON API against a live server (uvicorn in a thread on a free 127.0.0.1 port)
+and, marked ``browser``, the page itself in headless Debian Chromium driven by Playwright."""
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+from PIL import Image  # noqa: E402
+
+from glowflow import Glow, latent  # noqa: E402
+from glowflow.demo.server import create_app  # noqa: E402
+from glowflow.images import png_bytes  # noqa: E402
+
+SHAPE = (1, 8, 8)
+MAX_UPLOAD = 16 * 1024
+MAX_PIXELS = 200 * 200
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _tiny_model() -> Glow:
+    model = Glow(image_shape=SHAPE, levels=2, steps=2, hidden_channels=8)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # wake the zero-initialised branches so every part of the flow acts
+        for p in model.parameters():
+            if bool((p == 0).all()):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    model.initialize(0.25 + 0.5 * torch.rand(32, *SHAPE, generator=torch.Generator().manual_seed(0)))
+    return model.eval()
+
+
+@contextmanager
+def running(app):
+    """Serve ``app`` with uvicorn in a thread on a socket bound here (so no port race)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the demo server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """(base url, model, directions, a test image) for one live server per module."""
+    model = _tiny_model()
+    g = torch.Generator().manual_seed(1)
+    x = 0.3 + 0.4 * torch.rand(16, *SHAPE, generator=g)
+    attrs = torch.stack([torch.arange(16) % 2, (torch.arange(16) // 8)], 1) * 2 - 1
+    directions = latent.attribute_directions(model.encode(x).detach(), attrs, ["Smiling", "Bangs"])
+    app = create_app(model, directions, test_images=x[:3], test_names=["t0", "t1", "t2"],
+                     max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS)
+    with running(app) as url:
+        yield url, model, directions, x
+
+
+def _png(array_or_tensor) -> bytes:
+    return png_bytes(array_or_tensor)
+
+
+def _image(data_url: str) -> torch.Tensor:
+    assert data_url.startswith("data:image/png;base64,")
+    img = Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(1, *img.size[::-1]).float() / 255
+
+
+def _quantised(x: torch.Tensor) -> torch.Tensor:
+    return (x * 255).round() / 255
+
+
+# --------------------------------------------------------------------------------------- API
+
+def test_upload_returns_input_and_its_reconstruction(demo):
+    url, model, _, x = demo
+    r = httpx.post(url + "/api/upload", content=_png(x[0]))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    seen = _image(body["image"])
+    torch.testing.assert_close(seen, _quantised(x[0]))
+    expected = latent.reconstruct(model, seen)[0]
+    torch.testing.assert_close(_image(body["reconstruction"]), _quantised(expected), atol=1 / 255, rtol=0)
+
+
+def test_edit_with_zero_alphas_is_the_reconstruction_and_sliders_change_it(demo):
+    url, model, directions, x = demo
+    image = httpx.post(url + "/api/upload", content=_png(x[1])).json()["image"]
+    zero = httpx.post(url + "/api/edit", json={"image": image, "alphas": {"Smiling": 0.0}}).json()["image"]
+    torch.testing.assert_close(_image(zero), _quantised(latent.reconstruct(model, _image(image))[0]),
+                               atol=1 / 255, rtol=0)
+    moved = httpx.post(url + "/api/edit", json={"image": image, "alphas": {"Smiling": 1.0}}).json()["image"]
+    expected = latent.manipulate(model, _image(image), directions["Smiling"], 1.0)[0]
+    torch.testing.assert_close(_image(moved), _quantised(expected), atol=1 / 255, rtol=0)
+    assert not torch.equal(_image(moved), _image(zero))
+    other = httpx.post(url + "/api/upload", content=_png(x[2])).json()["image"]
+    blended = httpx.post(url + "/api/edit", json={"image": image, "mix": other, "blend": 1.0}).json()["image"]
+    torch.testing.assert_close(_image(blended), _image(other), atol=1 / 255, rtol=0)
+
+
+@pytest.mark.parametrize("payload, status, message", [
+    ({"image": "data:image/png;base64,!!!"}, 400, "base64 data URL"),
+    ({"image": "IMAGE", "alphas": {"Moustache": 1}}, 400, "unknown attribute"),
+    ({"image": "IMAGE", "alphas": {"Smiling": 1e6}}, 422, "alphas.Smiling"),
+    ({"image": "IMAGE", "blend": 2}, 422, "blend"),
+    ({"image": "IMAGE", "extra": 1}, 422, "extra"),
+    ({"image": base64.b64encode(b"GIF89a-nope").decode()}, 415, "not a readable image"),
+])
+def test_edit_rejects_bad_requests_clearly(demo, payload, status, message):
+    url, _, _, x = demo
+    if payload.get("image") == "IMAGE":
+        payload = {**payload, "image": "data:image/png;base64," + base64.b64encode(_png(x[0])).decode()}
+    r = httpx.post(url + "/api/edit", json=payload)
+    assert r.status_code == status and message in r.json()["error"], r.text
+
+
+def _cmyk_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("CMYK", (8, 8), (10, 20, 30, 40)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _huge_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (300, 300)).save(buf, "PNG")  # 90000 pixels in a few hundred bytes
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("make, status, message", [
+    (lambda: b"this is a text file, not a picture", 415, "not a readable image"),
+    (lambda: b"", 415, "the file is empty"),
+    (lambda: b"\x89PNG\r\n\x1a\n" + b"\0" * 40, 415, "upload"),
+    (_cmyk_jpeg, 415, "unsupported image mode 'CMYK'"),
+    (_huge_png, 415, "pixels; the limit is 40000"),
+    (lambda: b"\0" * (MAX_UPLOAD + 1), 413, "larger than the 16 KB limit"),
+])
+def test_upload_validation_gives_a_clear_error_and_the_server_keeps_serving(demo, make, status, message):
+    url, _, _, x = demo
+    r = httpx.post(url + "/api/upload", content=make())
+    assert r.status_code == status, r.text
+    assert message in r.json()["error"]
+    assert httpx.get(url + "/api/info").status_code == 200
+    assert httpx.post(url + "/api/upload", content=_png(x[0])).status_code == 200
+
+
+def test_chunked_upload_is_cut_off_at_the_limit(demo):
+    url, _, _, x = demo
+
+    def chunks():  # no Content-Length: the server must count the bytes itself
+        for _ in range(8):
+            yield b"\0" * 4096
+
+    r = httpx.post(url + "/api/upload", content=chunks())
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+    assert httpx.post(url + "/api/upload", content=_png(x[0])).status_code == 200
+
+
+def test_samples_follow_the_seed_and_temperature(demo):
+    url, model, _, _ = demo
+    a = httpx.post(url + "/api/sample", json={"n": 3, "temperature": 0.5, "seed": 7}).json()
+    b = httpx.post(url + "/api/sample", json={"n": 3, "temperature": 0.5, "seed": 7}).json()
+    assert len(a["images"]) == 3 and a["images"] == b["images"] and a["seed"] == 7
+    expected = model.sample(3, 0.5, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(_image(a["images"][2]), _quantised(expected[2]), atol=1 / 255, rtol=0)
+    cold = httpx.post(url + "/api/sample", json={"n": 1, "temperature": 0.0, "seed": 7}).json()
+    torch.testing.assert_close(_image(cold["images"][0]), _quantised(model.sample(1, 0.0)[0]), atol=1 / 255, rtol=0)
+    r = httpx.post(url + "/api/sample", json={"n": 1000})
+    assert r.status_code == 422 and "n:" in r.json()["error"]
+
+
+def test_concurrent_requests_give_the_sequential_answer_and_leave_the_model_unchanged(demo):
+    url, model, _, x = demo
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    image = httpx.post(url + "/api/upload", content=_png(x[3])).json()["image"]
+    bodies = [{"image": image, "alphas": {"Smiling": a, "Bangs": -a}} for a in (-1.0, -0.5, 0.5, 1.0)] * 4
+    sequential = [httpx.post(url + "/api/edit", json=b).json()["image"] for b in bodies[:4]] * 4
+    # Spy on the model: count calls inside encode/decode at once, and whether autograd was on.
+    inside, seen = [0], {"max_inside": 0, "grad": False, "training": False}
+    guard = threading.Lock()
+
+    def spy(method):
+        def wrapped(*args, **kwargs):
+            with guard:
+                inside[0] += 1
+                seen["max_inside"] = max(seen["max_inside"], inside[0])
+                seen["grad"] |= torch.is_grad_enabled()
+                seen["training"] |= model.training
+            time.sleep(0.01)  # widen the window in which an unlocked second call would overlap
+            try:
+                return method(*args, **kwargs)
+            finally:
+                with guard:
+                    inside[0] -= 1
+        return wrapped
+
+    model.encode, model.decode = spy(model.encode), spy(model.decode)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            parallel = list(pool.map(lambda b: httpx.post(url + "/api/edit", json=b, timeout=30).json()["image"],
+                                     bodies))
+    finally:
+        del model.encode, model.decode  # back to the class's methods
+    assert parallel == sequential
+    assert seen == {"max_inside": 1, "grad": False, "training": False}
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_page_and_info_and_test_images(demo):
+    url, _, _, _ = demo
+    page = httpx.get(url + "/")
+    assert page.status_code == 200 and 'id="file-a"' in page.text
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    info = httpx.get(url + "/api/info").json()
+    assert [d["name"] for d in info["directions"]] == ["Smiling", "Bangs"]
+    assert info["directions"][0]["positive_count"] == 8 and info["max_upload_bytes"] == MAX_UPLOAD
+    names = [t["name"] for t in httpx.get(url + "/api/test-images").json()["images"]]
+    assert names == ["t0", "t1", "t2"]
+
+
+def test_create_app_refuses_an_uninitialised_model():
+    with pytest.raises(ValueError, match="not been initialised"):
+        create_app(Glow(image_shape=SHAPE, levels=2, steps=1, hidden_channels=4))
+
+
+# ------------------------------------------------------------------------------------ browser
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright python package is not installed")
+    if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
+        pytest.skip(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+    with sync_api.sync_playwright() as p:
+        try:
+            b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        except Exception as e:  # noqa: BLE001 (a broken or missing browser install)
+            pytest.skip(f"Chromium at {CHROMIUM} could not be started by Playwright: {e}")
+        yield b
+        b.close()
+
+
+def _src(page, selector: str) -> str:
+    return page.eval_on_selector(selector, "el => el.getAttribute('src') || ''")
+
+
+def _wait_src_change(page, selector: str, old: str) -> str:
+    page.wait_for_function("([sel, old]) => (document.querySelector(sel).getAttribute('src') || '') !== old",
+                           arg=[selector, old])
+    return _src(page, selector)
+
+
+@pytest.mark.browser
+def test_browser_upload_slider_blend_samples_and_errors(demo, browser, tmp_path):
+    url, _, _, x = demo
+    image_a, image_b, not_image = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "notes.png"
+    image_a.write_bytes(_png(x[4]))
+    image_b.write_bytes(_png(x[5]))
+    not_image.write_text("this is not a picture")
+    page = browser.new_page()
+    page.set_default_timeout(20_000)
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.wait_for_selector("body[data-ready=true]")
+    assert page.locator(".attr-slider").count() == 2
+
+    page.set_input_files("#file-a", str(image_a))
+    reconstruction = _wait_src_change(page, "#reconstruction", "")
+    page.wait_for_function("() => document.querySelector('#edited').getAttribute('src')")
+    edited = _src(page, "#edited")
+    # "edited" may first show the reconstruction, then the server's alpha-0 edit: both are the same picture
+    torch.testing.assert_close(_image(edited), _image(reconstruction), atol=1 / 255, rtol=0)
+
+    page.locator(".attr-slider[data-name=Smiling]").fill("1")
+    moved = _wait_src_change(page, "#edited", edited)
+    assert not torch.equal(_image(moved), _image(reconstruction))
+    assert page.locator(".attr-slider[data-name=Smiling] + output").inner_text() == "1.00"
+
+    page.set_input_files("#file-b", str(image_b))
+    _wait_src_change(page, "#mix-preview", "")
+    edited = _src(page, "#edited")
+    page.locator("#blend").fill("0.5")
+    _wait_src_change(page, "#edited", edited)
+
+    original = _src(page, "#original")
+    page.set_input_files("#file-a", str(not_image))
+    page.wait_for_selector("#error.shown")
+    assert "not a readable image" in page.inner_text("#error")
+    assert _src(page, "#original") == original  # the failed upload changed nothing
+    page.set_input_files("#file-a", str(image_b))  # the server is still there, and the message goes
+    original = _wait_src_change(page, "#original", original)
+    page.wait_for_selector("#error:not(.shown)", state="attached")
+
+    page.click("#gallery img[title=t1]")  # a test image instead of an upload
+    _wait_src_change(page, "#original", original)
+    page.fill("#num-samples", "3")
+    page.click("#sample-button")
+    page.wait_for_function("() => document.querySelectorAll('#samples img').length === 3")
+    assert not errors, errors
+    page.close()
