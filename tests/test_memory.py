@@ -1,0 +1,182 @@
+"""Memory modes: "checkpoint" and "invertible" give the plain path's gradients, and "invertible" keeps
+no per-step activations (counted exactly with saved-tensor hooks, the CPU version of the memory claim).
+
+The gradient tests use a tiny float64 model after data-dependent init, every zero-initialised
+parameter perturbed and the 1x1 convolutions moved off rotations, so no step is the identity.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glowflow import Glow
+from glowflow.memory import MEMORY_MODES, run_steps
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SHAPE = (2, 8, 8)
+TINY = dict(image_shape=SHAPE, levels=2, steps=3, hidden_channels=8)
+COUPLINGS = ("affine", "additive")
+PERMUTATIONS = ("invconv", "invconv_lu", "shuffle", "reverse")
+
+
+def _images(batch: int, seed: int, dtype=torch.float64) -> torch.Tensor:
+    """8-bit-valued images in [0, 1], ``[batch, *SHAPE]``."""
+    k = torch.randint(0, 256, (batch, *SHAPE), generator=torch.Generator().manual_seed(seed))
+    return (k / 255.0).to(dtype)
+
+
+def _models(perturb_zero_init, perturb_all, dtype=torch.float64, **overrides) -> dict[str, Glow]:
+    """One initialised, perturbed model per memory mode, all with the same weights."""
+    cfg = {**TINY, **overrides}
+    reference = Glow(**cfg, memory="none").to(dtype)
+    reference.initialize(_images(16, seed=100, dtype=dtype), generator=torch.Generator().manual_seed(0))
+    perturb_all(perturb_zero_init(reference, std=0.1), std=0.02)
+    models = {"none": reference}
+    for mode in MEMORY_MODES[1:]:
+        m = Glow(**cfg, memory=mode).to(dtype)
+        m.load_state_dict(reference.state_dict())
+        models[mode] = m
+    return models
+
+
+def _bpd_gradients(model: Glow, x: torch.Tensor, noise: torch.Tensor):
+    """Mean bits/dim and its gradients w.r.t. every parameter and the continuous input.
+
+    Quantisation cuts the gradient to ``x``; the dequantisation noise enters linearly, so its gradient
+    is (1 / n_bins times) the gradient w.r.t. the continuous input of the flow.
+    """
+    model.zero_grad(set_to_none=True)
+    noise = noise.clone().requires_grad_(True)
+    bpd = model(x, noise=noise).bits_per_dim.mean()
+    bpd.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return bpd.detach(), noise.grad.clone(), grads
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("permutation", PERMUTATIONS)
+@pytest.mark.parametrize("coupling", COUPLINGS)
+def test_checkpoint_and_invertible_gradients_equal_plain_autograd(coupling, permutation, perturb_zero_init,
+                                                                  perturb_all):
+    models = _models(perturb_zero_init, perturb_all, coupling=coupling, permutation=permutation)
+    x = _images(4, seed=1)
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    bpd_ref, gin_ref, g_ref = _bpd_gradients(models["none"], x, noise)
+
+    # the reference is not trivial: every parameter of every step gets a gradient
+    step_grads = [g for name, g in g_ref.items() if ".steps." in name]
+    assert len(step_grads) == len([n for n, _ in models["none"].named_parameters() if ".steps." in n])
+    assert all(g.abs().max() > 0 for g in step_grads)
+    assert gin_ref.abs().max() > 0
+
+    for mode in ("checkpoint", "invertible"):
+        bpd, gin, g = _bpd_gradients(models[mode], x, noise)
+        assert _max_rel(bpd, bpd_ref) <= 1e-12, mode
+        assert _max_rel(gin, gin_ref) <= 1e-4, mode
+        assert set(g) == set(g_ref), mode
+        worst = max(_max_rel(g[n], g_ref[n]) for n in g_ref)
+        assert worst <= 1e-4, (mode, worst)
+        assert worst <= 1e-8, (mode, worst)  # float64: equal up to rounding, not just within 1e-4
+
+
+def test_invertible_gradients_through_a_deep_sequence(perturb_zero_init, perturb_all):
+    """K=12 steps: the chained inverses still give the plain gradients within the required 1e-4.
+
+    Not to rounding level: each inverse amplifies the error it is handed by its step's Lipschitz
+    constant (here up to ~1e3: the coupling nets' hidden actnorms start with gains ~20), so float64
+    ends near 1e-6 after 12 steps. The plain path needs no inverse and has no such error."""
+    models = _models(perturb_zero_init, perturb_all, steps=12, coupling="affine", permutation="invconv")
+    x = _images(3, seed=3)
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    _, gin_ref, g_ref = _bpd_gradients(models["none"], x, noise)
+    _, gin, g = _bpd_gradients(models["invertible"], x, noise)
+    assert _max_rel(gin, gin_ref) <= 1e-4
+    assert max(_max_rel(g[n], g_ref[n]) for n in g_ref) <= 1e-4
+
+
+def test_invertible_gradient_of_the_logdet_alone_and_of_a_frozen_input(perturb_zero_init, perturb_all):
+    """Backward with only some outputs used, and an input that needs no gradient, on run_steps itself."""
+    models = _models(perturb_zero_init, perturb_all)
+    level_ref, level_inv = models["none"].levels[0], models["invertible"].levels[0]
+    z = torch.randn(2, 8, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    for use in ("logdet", "y"):
+        grads = []
+        for level, mode in ((level_ref, "none"), (level_inv, "invertible")):
+            level.zero_grad(set_to_none=True)
+            y, logdet = run_steps(level.steps, z, mode)
+            (logdet.sum() if use == "logdet" else y.square().sum()).backward()
+            grads.append([p.grad for p in level.steps.parameters()])
+        for a, b in zip(*grads):
+            assert (a is None) == (b is None)
+            if b is not None:
+                assert _max_rel(a, b) <= 1e-10, use
+
+
+def test_invertible_under_autocast_recomputes_with_the_forward_precision(perturb_zero_init, perturb_all):
+    """Under bf16 autocast the coupling nets run in bf16; backward must recompute them in bf16 too,
+    or its graph (and its inverse) would not be the one the forward pass used."""
+    models = _models(perturb_zero_init, perturb_all, dtype=torch.float32, coupling="affine")
+    x = _images(4, seed=6, dtype=torch.float32)
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(7))
+    results = {}
+    for mode in ("none", "invertible"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[mode] = _bpd_gradients(models[mode], x, noise)
+    with torch.no_grad():
+        full = models["none"](x, noise=noise).bits_per_dim.mean()
+    bpd_ref, gin_ref, g_ref = results["none"]
+    bpd, gin, g = results["invertible"]
+    assert bpd.dtype == torch.float32
+    assert abs(bpd_ref - full) > 1e-6  # autocast really changed the computation
+    assert _max_rel(bpd, bpd_ref) <= 1e-6
+    assert _max_rel(gin, gin_ref) <= 1e-3
+    assert max(_max_rel(g[n], g_ref[n]) for n in g_ref) <= 1e-3
+
+
+# ---------------------------------------------------------------------------- what is stored
+def _saved_bytes(model: Glow, x: torch.Tensor, noise: torch.Tensor) -> int:
+    """Bytes of distinct storages that autograd keeps for backward after one forward pass."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        bpd = model(x, noise=noise).bits_per_dim.mean()
+    bpd.backward()  # and the stored graph really suffices for backward
+    return sum(storages.values())
+
+
+def test_invertible_stores_nothing_per_step_while_plain_grows_with_depth():
+    x = _images(4, seed=8, dtype=torch.float32)
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(9))
+    saved = {}
+    for mode in ("none", "invertible"):
+        for steps in (2, 8):
+            model = Glow(**{**TINY, "steps": steps, "hidden_channels": 16}, memory=mode)
+            model.initialize(x)
+            saved[mode, steps] = _saved_bytes(model, x, noise)
+    # plain autograd keeps every step's activations: 4x the steps, about 4x the bytes
+    assert saved["none", 8] > 3 * saved["none", 2]
+    # invertible keeps the output of each level's step sequence and nothing that depends on K
+    assert saved["invertible", 8] == saved["invertible", 2]
+    assert saved["invertible", 2] < saved["none", 2] / 2
+
+
+def test_no_grad_and_eval_paths_are_the_plain_loop(perturb_zero_init, perturb_all):
+    models = _models(perturb_zero_init, perturb_all)
+    x = _images(2, seed=10)
+    with torch.no_grad():
+        outs = {mode: m.eval().log_prob(x) for mode, m in models.items()}
+    assert torch.equal(outs["invertible"], outs["none"]) and torch.equal(outs["checkpoint"], outs["none"])
+
+
+def test_unknown_memory_mode_is_refused():
+    with pytest.raises(ValueError, match="memory must be one of"):
+        run_steps(torch.nn.ModuleList(), torch.zeros(1, 4, 2, 2), "bogus")
