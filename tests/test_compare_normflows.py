@@ -1,0 +1,119 @@
+"""Smoke test of benchmarks/compare_normflows.py on a tiny Glow: both libraries build the same
+architecture, score the same inputs, and the script prints the JSON it promises."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("normflows")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_normflows.py"
+# Parameter counts of the two builds may differ only by glowflow's output log-scales and the split
+# priors (conditional conv vs per-element Gaussian); on the tiny config that stays within this factor.
+PARAM_FACTOR = 1.5
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("compare_normflows", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture
+def tiny(bench):
+    return bench.BenchConfig(image_shape=(1, 8, 8), levels=2, steps=2, hidden_channels=8, batch_size=4,
+                             warmup=1, iters=2, sample_batch=3, sample_repeats=2)
+
+
+def _batch(bench, cfg, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (cfg.batch_size, *cfg.image_shape), generator=gen, dtype=torch.uint8)
+    return bench.batch_with_noise(x, gen)
+
+
+def test_both_build_the_same_flow_and_give_finite_log_prob(bench, tiny):
+    glow, nflow = bench.build_glowflow(tiny), bench.build_normflows(tiny)
+    x01, x_deq, noise = _batch(bench, tiny)
+    lp_g = bench.log_prob_glowflow(glow, x_deq)
+    lp_n = bench.log_prob_normflows(nflow, x_deq)
+    assert lp_g.shape == lp_n.shape == (tiny.batch_size,)
+    assert torch.isfinite(lp_g).all() and torch.isfinite(lp_n).all()
+
+    # normflows' latents cover every dimension exactly once, as glowflow's do.
+    assert sum(math.prod(q.shape) for q in nflow.q0) == tiny.num_dims == sum(
+        math.prod(s) for s in glow.latent_shapes)
+
+    g, n = bench.param_breakdown(glow), bench.param_breakdown(nflow)
+    for parts in (g, n):  # the breakdown accounts for every parameter
+        assert parts["total"] == parts["actnorm"] + parts["invconv"] + parts["coupling"] + parts["priors"]
+    assert g["actnorm"] == n["actnorm"] and g["invconv"] == n["invconv"]
+    # Couplings differ only by glowflow's per-output-channel log-scale on the zero-initialised conv.
+    extra, c = 0, tiny.image_shape[0]
+    for i in range(tiny.levels):
+        c *= 4
+        extra += tiny.steps * 2 * (c // 2)
+        c -= c // 2
+    assert g["coupling"] - n["coupling"] == extra
+    ratio = g["total"] / n["total"]
+    assert 1 / PARAM_FACTOR < ratio < PARAM_FACTOR
+
+
+def test_bits_per_dim_helper_matches_glowflow_forward_on_the_same_noise(bench, tiny):
+    glow = bench.build_glowflow(tiny)
+    x01, x_deq, noise = _batch(bench, tiny, seed=1)
+    with torch.no_grad():
+        via_forward = glow(x01, noise=noise).bits_per_dim
+        via_helper = bench.bits_per_dim(bench.log_prob_glowflow(glow, x_deq), tiny.num_dims)
+    torch.testing.assert_close(via_helper, via_forward, rtol=1e-5, atol=1e-5)
+    # -(log p - D log 256) / (D ln 2), written out once more.
+    lp = bench.log_prob_glowflow(glow, x_deq).detach()
+    expected = -(lp - tiny.num_dims * math.log(256)) / (tiny.num_dims * math.log(2))
+    torch.testing.assert_close(via_helper, expected)
+
+
+def test_main_prints_the_promised_json(bench, capsys):
+    threads = torch.get_num_threads()  # main() sets the thread count; keep it from leaking
+    try:
+        result = bench.main(["--image-shape", "1,8,8", "--levels", "2", "--steps", "1",
+                             "--hidden-channels", "4",
+                             "--batch-size", "2", "--warmup", "1", "--iters", "2", "--sample-batch", "2",
+                             "--sample-repeats", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(json.dumps(result))
+    for key in ("config", "versions", "machine", "params", "train", "sample", "notes"):
+        assert key in printed
+    assert printed["machine"]["torch_threads"] >= 1 and printed["versions"]["normflows"]
+    for name in ("glowflow", "normflows"):
+        assert printed["train"][name]["steps_per_s"] > 0
+        assert math.isfinite(printed["train"][name]["last_loss_bpd"])
+        assert printed["sample"][name]["finite"]
+    assert printed["train"]["ratio_steps_per_s_glowflow_over_normflows"] > 0
+
+
+def test_rejects_shapes_the_levels_cannot_squeeze(bench):
+    with pytest.raises(ValueError, match="divisible by 2\\*\\*levels"):
+        bench.BenchConfig(image_shape=(1, 28, 28), levels=3)
+
+
+def test_budget_training_and_test_bpd_on_synthetic_images(bench, tiny):
+    models = {"glowflow": bench.build_glowflow(tiny), "normflows": bench.build_normflows(tiny)}
+    images = torch.randint(0, 256, (40, *tiny.image_shape), generator=torch.Generator().manual_seed(2),
+                           dtype=torch.uint8)
+    out = bench.train_for_budget(models, images, tiny, budget_s=0.3, slice_s=0.1)
+    for name, model in models.items():
+        assert out[name]["steps"] >= 1 and out[name]["nonfinite_losses"] == 0
+        assert out[name]["wall_s"] >= 0.3
+        bpd = bench.evaluate_bpd(name, model, images[:10], tiny, batch=4)
+        assert math.isfinite(bpd) and bpd > 0
