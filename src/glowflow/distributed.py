@@ -55,7 +55,10 @@ def setup(device: str = "auto") -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+            # binding the group to this rank's GPU lets NCCL collectives (barrier included) know it
+            dist.init_process_group(backend="nccl", device_id=dev)
+        else:
+            dist.init_process_group(backend="gloo")
     return DistInfo(rank, world_size, local_rank, dev)
 
 

@@ -1,0 +1,206 @@
+"""Distributed training on CPU with Gloo: N processes under torchrun train exactly what one process
+trains on the same global batch, only rank 0 writes, and a run resumes under another world size.
+
+The 2-process runs go through the real entry point (``python -m torch.distributed.run -m glowflow
+train``) on a tiny Fashion-MNIST-shaped IDX set written here; the 1-process reference is the
+:class:`Trainer` in this process. Every run uses ``memory="invertible"``, so DDP is also checked with
+the invertible-recomputation backward (a custom autograd Function that returns parameter gradients).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from glowflow import checkpoint as ckpt
+from glowflow.config import build_train_config
+from glowflow.data import get_dataset
+from glowflow.distributed import DistInfo
+from glowflow.train import RAW_WEIGHTS, Trainer
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                       reason="torch.distributed with Gloo is not available"),
+]
+
+STEPS = 4  # the full run; the interrupted runs stop at STEPS // 2
+HALF = STEPS // 2
+TOLERANCE = 1e-5
+RUN_TIMEOUT_S = 240  # one torchrun launch; it is killed (with its workers) after this
+
+PRESET = {
+    "dataset": "fashion-mnist",
+    "model": {"image_shape": [1, 28, 28], "levels": 2, "steps": 2, "hidden_channels": 8,
+              "permutation": "invconv_lu", "memory": "invertible"},
+    "batch_size": 8, "init_batch_size": 16, "lr": 1e-3, "warmup_steps": 2, "max_steps": STEPS,
+    "log_every": 1, "eval_every": 1000, "sample_every": 1000, "checkpoint_every": 1000,
+    "test_limit": 4, "ema_decay": 0.9, "progress": False, "device": "cpu",
+}
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    path.write_bytes(gzip.compress(header + arr.tobytes()))
+
+
+def _fake_fashion_mnist(root: Path, n_train: int = 64, n_test: int = 8) -> Path:
+    """Random uint8 images in the Fashion-MNIST IDX layout (28x28, labels 0..9)."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8))
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if "GLOO_SOCKET_IFNAME" not in env and Path("/sys/class/net/lo").exists():
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # every rank is on this machine
+    return env
+
+
+def _torchrun(nproc: int, preset: Path, data: Path, out: Path, *extra: str) -> str:
+    """``torchrun --nproc_per_node=nproc -m glowflow train ...``; its stdout, or a failure with its log."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+           "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
+           "-m", "glowflow", "train", "--preset", str(preset), "--data", str(data), "--out", str(out), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and every worker it started
+        output, _ = proc.communicate()
+        pytest.fail(f"torchrun did not finish in {RUN_TIMEOUT_S} s:\n{output[-4000:]}")
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{output[-4000:]}"
+    return output
+
+
+def _preset_file(directory: Path) -> str:
+    path = directory / "tiny.json"
+    path.write_text(json.dumps(PRESET))
+    return str(path)
+
+
+def _max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
+
+
+def _raw(out: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load_tensors(out / ckpt.CHECKPOINT_DIR / RAW_WEIGHTS)
+
+
+def _ema(out: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load_tensors(out / ckpt.CHECKPOINT_DIR / ckpt.WEIGHTS_NAME)
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _train_rows(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "bits_per_dim" in r and "event" not in r]
+
+
+# ------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Data, preset, the uninterrupted 1-process reference, and a 2-process run from scratch to HALF."""
+    root = tmp_path_factory.mktemp("dist")
+    data = _fake_fashion_mnist(root / "data")
+    preset = _preset_file(root)
+    cfg = build_train_config(preset, [f"data={data}"])
+    train_data = get_dataset("fashion-mnist", data, "train")
+    test_data = get_dataset("fashion-mnist", data, "test", limit=PRESET["test_limit"])
+
+    reference = Trainer(cfg, root / "one_process", train_data, test_data, log=lambda *a: None)
+    while reference.step < HALF:
+        reference.train_step()
+    half = {"raw": _snapshot(reference.model), "ema": _snapshot(reference.ema.model)}
+    reference.save_checkpoint()  # a 1-process checkpoint at HALF, for the 1 -> 2 resume
+    one_process_half = root / "one_process_half"
+    shutil.copytree(root / "one_process", one_process_half)
+    while reference.step < STEPS:  # the same Trainer goes on: uninterrupted
+        reference.train_step()
+    full = {"raw": _snapshot(reference.model)}
+
+    two_process = root / "two_process"
+    log = _torchrun(2, preset, data, two_process, "--max-steps", str(HALF))
+    return dict(root=root, data=data, preset=preset, cfg=cfg, train_data=train_data, test_data=test_data,
+                half=half, full=full, one_process_half=one_process_half, two_process=two_process, log=log)
+
+
+# ------------------------------------------------------------------------------------ tests
+def test_two_processes_train_the_same_parameters_as_one(setup):
+    out = setup["two_process"]
+    # data-dependent init on the global batch, DDP's averaged gradients, the same EMA
+    assert _max_abs_diff(_raw(out), setup["half"]["raw"]) <= TOLERANCE
+    assert _max_abs_diff(_ema(out), setup["half"]["ema"]) <= TOLERANCE
+    # and the run really moved the weights (the comparison is not of two initial states)
+    init = Trainer(setup["cfg"], setup["root"] / "init_only", setup["train_data"], log=lambda *a: None)
+    assert _max_abs_diff(_raw(out), _snapshot(init.model)) > 100 * TOLERANCE
+
+
+def test_only_rank_zero_logs_and_writes(setup):
+    out = setup["two_process"]
+    rows = _train_rows(out)
+    assert [r["step"] for r in rows] == list(range(1, HALF + 1))  # one row per step, not one per rank
+    assert setup["log"].count("test bits/dim") == 1
+    assert (out / "samples.png").is_file()
+
+
+def test_a_rank_other_than_zero_writes_nothing(tmp_path):
+    """Rank 1's view of a 2-process run, in a 1-member Gloo group: it trains, and leaves no file."""
+    data = _fake_fashion_mnist(tmp_path / "data")
+    cfg = build_train_config(_preset_file(tmp_path), [f"data={data}", "max_steps=2", "checkpoint_every=1"])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        trainer = Trainer(cfg, tmp_path / "out", get_dataset("fashion-mnist", data, "train"),
+                          get_dataset("fashion-mnist", data, "test", limit=4),
+                          dist=DistInfo(rank=1, world_size=2), log=lambda *a: pytest.fail(f"rank 1 logged {a}"))
+        summary = trainer.run()
+    finally:
+        dist.destroy_process_group()
+    assert summary["steps"] == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_two_process_run_resumes_in_one_process(setup, tmp_path):
+    out = tmp_path / "resumed"
+    shutil.copytree(setup["two_process"], out)
+    trainer = Trainer(setup["cfg"], out, setup["train_data"], setup["test_data"], resume=True, log=lambda *a: None)
+    assert trainer.step == HALF
+    trainer.run()
+    assert _max_abs_diff(_raw(out), setup["full"]["raw"]) <= TOLERANCE
+    assert [r["step"] for r in _train_rows(out)] == list(range(1, STEPS + 1))
+
+
+def test_a_one_process_run_resumes_in_two_processes(setup, tmp_path):
+    out = tmp_path / "resumed"
+    shutil.copytree(setup["one_process_half"], out)
+    log = _torchrun(2, setup["preset"], setup["data"], out, "--resume")
+    assert f"at step {HALF}" in log
+    assert _max_abs_diff(_raw(out), setup["full"]["raw"]) <= TOLERANCE
