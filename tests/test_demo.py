@@ -81,10 +81,6 @@ def demo():
         yield url, model, directions, x
 
 
-def _png(array_or_tensor) -> bytes:
-    return png_bytes(array_or_tensor)
-
-
 def _image(data_url: str) -> torch.Tensor:
     assert data_url.startswith("data:image/png;base64,")
     img = Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
@@ -99,7 +95,7 @@ def _quantised(x: torch.Tensor) -> torch.Tensor:
 
 def test_upload_returns_input_and_its_reconstruction(demo):
     url, model, _, x = demo
-    r = httpx.post(url + "/api/upload", content=_png(x[0]))
+    r = httpx.post(url + "/api/upload", content=png_bytes(x[0]))
     assert r.status_code == 200, r.text
     body = r.json()
     seen = _image(body["image"])
@@ -110,7 +106,7 @@ def test_upload_returns_input_and_its_reconstruction(demo):
 
 def test_edit_with_zero_alphas_is_the_reconstruction_and_sliders_change_it(demo):
     url, model, directions, x = demo
-    image = httpx.post(url + "/api/upload", content=_png(x[1])).json()["image"]
+    image = httpx.post(url + "/api/upload", content=png_bytes(x[1])).json()["image"]
     zero = httpx.post(url + "/api/edit", json={"image": image, "alphas": {"Smiling": 0.0}}).json()["image"]
     torch.testing.assert_close(_image(zero), _quantised(latent.reconstruct(model, _image(image))[0]),
                                atol=1 / 255, rtol=0)
@@ -118,7 +114,7 @@ def test_edit_with_zero_alphas_is_the_reconstruction_and_sliders_change_it(demo)
     expected = latent.manipulate(model, _image(image), directions["Smiling"], 1.0)[0]
     torch.testing.assert_close(_image(moved), _quantised(expected), atol=1 / 255, rtol=0)
     assert not torch.equal(_image(moved), _image(zero))
-    other = httpx.post(url + "/api/upload", content=_png(x[2])).json()["image"]
+    other = httpx.post(url + "/api/upload", content=png_bytes(x[2])).json()["image"]
     blended = httpx.post(url + "/api/edit", json={"image": image, "mix": other, "blend": 1.0}).json()["image"]
     torch.testing.assert_close(_image(blended), _image(other), atol=1 / 255, rtol=0)
 
@@ -134,7 +130,7 @@ def test_edit_with_zero_alphas_is_the_reconstruction_and_sliders_change_it(demo)
 def test_edit_rejects_bad_requests_clearly(demo, payload, status, message):
     url, _, _, x = demo
     if payload.get("image") == "IMAGE":
-        payload = {**payload, "image": "data:image/png;base64," + base64.b64encode(_png(x[0])).decode()}
+        payload = {**payload, "image": "data:image/png;base64," + base64.b64encode(png_bytes(x[0])).decode()}
     r = httpx.post(url + "/api/edit", json=payload)
     assert r.status_code == status and message in r.json()["error"], r.text
 
@@ -165,7 +161,7 @@ def test_upload_validation_gives_a_clear_error_and_the_server_keeps_serving(demo
     assert r.status_code == status, r.text
     assert message in r.json()["error"]
     assert httpx.get(url + "/api/info").status_code == 200
-    assert httpx.post(url + "/api/upload", content=_png(x[0])).status_code == 200
+    assert httpx.post(url + "/api/upload", content=png_bytes(x[0])).status_code == 200
 
 
 def test_chunked_upload_is_cut_off_at_the_limit(demo):
@@ -177,7 +173,7 @@ def test_chunked_upload_is_cut_off_at_the_limit(demo):
 
     r = httpx.post(url + "/api/upload", content=chunks())
     assert r.status_code == 413 and "limit" in r.json()["error"]
-    assert httpx.post(url + "/api/upload", content=_png(x[0])).status_code == 200
+    assert httpx.post(url + "/api/upload", content=png_bytes(x[0])).status_code == 200
 
 
 def test_samples_follow_the_seed_and_temperature(demo):
@@ -196,7 +192,7 @@ def test_samples_follow_the_seed_and_temperature(demo):
 def test_concurrent_requests_give_the_sequential_answer_and_leave_the_model_unchanged(demo):
     url, model, _, x = demo
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    image = httpx.post(url + "/api/upload", content=_png(x[3])).json()["image"]
+    image = httpx.post(url + "/api/upload", content=png_bytes(x[3])).json()["image"]
     bodies = [{"image": image, "alphas": {"Smiling": a, "Bangs": -a}} for a in (-1.0, -0.5, 0.5, 1.0)] * 4
     sequential = [httpx.post(url + "/api/edit", json=b).json()["image"] for b in bodies[:4]] * 4
     # Spy on the model: count calls inside encode/decode at once, and whether autograd was on.
@@ -253,13 +249,14 @@ def test_create_app_refuses_an_uninitialised_model():
 @pytest.fixture(scope="module")
 def browser():
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright python package is not installed")
-    if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
-        pytest.skip(f"Chromium is not installed at {CHROMIUM} (apt-get install chromium)")
+    executable = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
+    if executable is None:
+        pytest.skip(f"Chromium is not installed (no {CHROMIUM}; on Debian: apt-get install chromium)")
     with sync_api.sync_playwright() as p:
         try:
-            b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        except Exception as e:  # noqa: BLE001 (a broken or missing browser install)
-            pytest.skip(f"Chromium at {CHROMIUM} could not be started by Playwright: {e}")
+            b = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        except Exception as e:  # noqa: BLE001 (a broken browser install)
+            pytest.skip(f"Chromium at {executable} could not be started by Playwright: {e}")
         yield b
         b.close()
 
@@ -278,8 +275,8 @@ def _wait_src_change(page, selector: str, old: str) -> str:
 def test_browser_upload_slider_blend_samples_and_errors(demo, browser, tmp_path):
     url, _, _, x = demo
     image_a, image_b, not_image = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "notes.png"
-    image_a.write_bytes(_png(x[4]))
-    image_b.write_bytes(_png(x[5]))
+    image_a.write_bytes(png_bytes(x[4]))
+    image_b.write_bytes(png_bytes(x[5]))
     not_image.write_text("this is not a picture")
     page = browser.new_page()
     page.set_default_timeout(20_000)

@@ -174,8 +174,9 @@ def cmd_directions(args) -> int:
     if not args.replace:
         try:
             directions = latent.load_directions(out, model.num_dims)[0].merged(directions)
-        except CheckpointError:
-            pass  # nothing saved yet (or unreadable: replaced by the new file)
+        except CheckpointError as e:
+            if (Path(out) / latent.DIRECTIONS_WEIGHTS).exists():
+                print(f"warning: {e}; replacing it with the new directions only", file=sys.stderr)
     latent.save_directions(directions, out, latent.weights_sha256(args.checkpoint))
     emit(args, {"saved": str(Path(out) / latent.DIRECTIONS_WEIGHTS), "num_images": len(images),
                 "directions": {d["name"]: [d["positive_count"], d["negative_count"]] for d in directions.info()}})
