@@ -95,19 +95,28 @@ class InvConv1x1(nn.Module):
         super().__init__()
         self.num_channels = num_channels
         self.lu = lu
-        w = random_rotation(num_channels, generator) if weight is None else weight.detach().float()
+        if weight is None:
+            w = random_rotation(num_channels, generator)
+        else:
+            w = weight.detach()
+            if w.shape != (num_channels, num_channels) or not w.is_floating_point():
+                raise ValueError(f"weight must be a float [{num_channels}, {num_channels}] matrix, "
+                                 f"got {w.dtype} {list(w.shape)}")
+            if torch.linalg.matrix_rank(w.double()) < num_channels:
+                raise ValueError("weight must be invertible; the given matrix is singular")
+        dtype = w.dtype
         if not lu:
             self.weight = nn.Parameter(w.clone())
         else:
             p, l, u = torch.linalg.lu(w.double())
             s = torch.diagonal(u)
-            self.register_buffer("p", p.float())
-            self.register_buffer("sign_s", torch.sign(s).float())
-            self.register_buffer("lower_mask", torch.tril(torch.ones(num_channels, num_channels), -1))
-            self.register_buffer("eye", torch.eye(num_channels))
-            self.lower = nn.Parameter(torch.tril(l, -1).float())
-            self.upper = nn.Parameter(torch.triu(u, 1).float())
-            self.log_s = nn.Parameter(torch.log(torch.abs(s)).float())
+            self.register_buffer("p", p.to(dtype))
+            self.register_buffer("sign_s", torch.sign(s).to(dtype))
+            self.register_buffer("lower_mask", torch.tril(torch.ones(num_channels, num_channels, dtype=dtype), -1))
+            self.register_buffer("eye", torch.eye(num_channels, dtype=dtype))
+            self.lower = nn.Parameter(torch.tril(l, -1).to(dtype))
+            self.upper = nn.Parameter(torch.triu(u, 1).to(dtype))
+            self.log_s = nn.Parameter(torch.log(torch.abs(s)).to(dtype))
         self._cache: tuple | None = None
 
     def _weight_and_logdet(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -164,7 +164,7 @@ class Glow(nn.Module):
                              "divide uint8 images by 255")
         if not torch.isfinite(x).all():
             raise ValueError(f"{name} contains NaN or inf")
-        lo, hi = float(x.min()), float(x.max())
+        lo, hi = float(x.detach().min()), float(x.detach().max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"{name} must have values in [0, 1], got min {lo:.4g}, max {hi:.4g}")
         dtype, device = self._dtype_device()
