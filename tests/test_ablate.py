@@ -20,6 +20,15 @@ def _tiny_data(n: int, seed: int) -> ImageDataset:
     return ImageDataset((x * 255).round().to(torch.uint8), torch.zeros(n, dtype=torch.int64), name="tiny")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine threads wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     cfg = TrainConfig(model=GlowConfig(image_shape=(1, 8, 8), levels=1, steps=2, hidden_channels=8),
@@ -37,12 +46,12 @@ def _run(cfg, train, test, out, **kw):
 
 def test_tiny_ablation_writes_every_curve_figure_and_table(tiny, tmp_path):
     cfg, train, test = tiny
-    res, logs = _run(cfg, train, test, tmp_path, seeds=[0, 1])
+    res, logs = _run(cfg, train, test, tmp_path)
     on_disk = json.loads((tmp_path / ablate.RESULTS).read_text())
     assert on_disk["summary"] == json.loads(json.dumps(res["summary"]))
-    assert len(on_disk["runs"]) == 8 and len(logs) == 8
+    assert len(on_disk["runs"]) == 4 and len(logs) == 4
     cells = {(r["coupling"], r["permutation"], r["seed"]) for r in on_disk["runs"]}
-    assert cells == {(c, p, s) for c in ("additive", "affine") for p in ("reverse", "invconv") for s in (0, 1)}
+    assert cells == {(c, p, 0) for c in ("additive", "affine") for p in ("reverse", "invconv")}
     for r in on_disk["runs"]:
         assert r["steps"] == 4 and r["stop_reason"] == "max_steps"
         assert [p["step"] for p in r["test_curve"]] == [2, 4]  # every eval_every, the same for all
@@ -56,7 +65,7 @@ def test_tiny_ablation_writes_every_curve_figure_and_table(tiny, tmp_path):
         assert (tmp_path / f"{r['coupling']}-{r['permutation']}-seed{r['seed']}" / ablate.RUN_RESULT).is_file()
     assert on_disk["meta"]["test_images"] == 12 and on_disk["meta"]["evaluated_weights"] == "ema"
     assert len(on_disk["summary"]["table"]) == 4
-    assert all(row["seeds"] == [0, 1] for row in on_disk["summary"]["table"])
+    assert all(row["seeds"] == [0] for row in on_disk["summary"]["table"])
     assert set(on_disk["summary"]["permutation_ordering"]) == {"additive", "affine"}
     png = (tmp_path / ablate.FIGURE).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
@@ -67,12 +76,16 @@ def test_tiny_ablation_writes_every_curve_figure_and_table(tiny, tmp_path):
 
 def test_same_seed_same_run_and_different_seeds_differ(tiny, tmp_path):
     cfg, train, test = tiny
-    a, _ = _run(cfg, train, test, tmp_path / "a", permutations=("shuffle",), couplings=("affine",), seeds=[3])
+    a, _ = _run(cfg, train, test, tmp_path / "a", permutations=("shuffle",), couplings=("affine",), seeds=[3, 4])
     b, _ = _run(cfg, train, test, tmp_path / "b", permutations=("shuffle",), couplings=("affine",), seeds=[3])
-    c, _ = _run(cfg, train, test, tmp_path / "c", permutations=("shuffle",), couplings=("affine",), seeds=[4])
-    bpd = lambda res: [p["test_bits_per_dim"] for p in res["runs"][0]["test_curve"]]  # noqa: E731
-    assert bpd(a) == bpd(b)
-    assert bpd(a) != bpd(c)
+    bpd = lambda run: [p["test_bits_per_dim"] for p in run["test_curve"]]  # noqa: E731
+    assert bpd(a["runs"][0]) == bpd(b["runs"][0])
+    assert bpd(a["runs"][0]) != bpd(a["runs"][1])
+    (row,) = a["summary"]["table"]
+    finals = [r["final_test_bits_per_dim"] for r in a["runs"]]
+    assert row["seeds"] == [3, 4]
+    assert row["final_test_bits_per_dim_mean"] == pytest.approx(sum(finals) / 2)
+    assert row["final_test_bits_per_dim_std"] == pytest.approx(abs(finals[0] - finals[1]) / 2 ** 0.5)
 
 
 def test_finished_runs_are_skipped_and_other_settings_refused(tiny, tmp_path):

@@ -214,7 +214,8 @@ def _fmt_order(check: dict) -> str:
         return f"{' < '.join(names)}: not checkable (missing {', '.join(check['missing'])})"
     verdict = "holds" if check["holds"] else "does NOT hold"
     gaps = "; ".join(f"{LABELS.get(p['worse'], p['worse'])} − {LABELS.get(p['better'], p['better'])} = "
-                     f"{p['gap']:+.4f} (lower in {p['seeds_agreeing']}/{p['seeds']} seeds)" for p in check["pairs"])
+                     f"{p['gap']:+.4f} ± {p['gap_std']:.4f}, {LABELS.get(p['better'], p['better'])} lower in "
+                     f"{p['seeds_agreeing']}/{p['seeds']} seeds" for p in check["pairs"])
     observed = " < ".join(LABELS.get(n, n) for n in check["observed"])
     return f"{' < '.join(names)} {verdict} (observed: {observed}; {gaps})"
 
@@ -231,7 +232,8 @@ def format_table(summary: dict, meta: dict) -> str:
         lines.append(f"| {row['coupling']} | {LABELS.get(row['permutation'], row['permutation'])} | "
                      f"{row['final_test_bits_per_dim_mean']:.4f} ± {row['final_test_bits_per_dim_std']:.4f} | "
                      f"{len(row['seeds'])} | {steps} | {row['seconds_mean']:.0f} |")
-    lines.append("")
+    lines += ["", "Gaps are mean ± std over seeds of the paired per-seed differences (same seed: same "
+              "initialisation seed and data order).", ""]
     for coupling, check in summary["permutation_ordering"].items():
         lines.append(f"- {coupling}: {_fmt_order(check)}")
     for permutation, check in summary["coupling_ordering"].items():
@@ -362,9 +364,10 @@ def run_ablation(base: TrainConfig, out_dir, seeds: int | Sequence[int] = 3,
         _write_json(out / RESULTS, results)
         (out / TABLE).write_text(format_table(summary, meta))
         plot_ablation(runs, out / FIGURE, title=f"{meta['dataset']}: {meta['budget']}; "
-                                               f"mean ± std over {len(seed_list)} seed(s)")
+                                               f"mean ± std over {len(seed_list)} seed{'s' * (len(seed_list) > 1)}")
         return results
 
+    last_write = time.perf_counter()
     bar = tqdm(specs, desc="ablation", unit="run", disable=not progress, dynamic_ncols=True)
     for i, spec in enumerate(bar, 1):
         cfg = run_config(base, spec, budget_steps, budget_minutes, eval_every)
@@ -381,8 +384,9 @@ def run_ablation(base: TrainConfig, out_dir, seeds: int | Sequence[int] = 3,
         runs.append(result)
         write(f"[{i}/{len(specs)}] {spec.name}: {result['steps']} steps in {result['seconds']:.0f} s "
               f"({result['stop_reason']}), test bits/dim {result['final_test_bits_per_dim']:.4f}")
-        if i < len(specs):
+        if i < len(specs) and time.perf_counter() - last_write > 30:
             write_outputs()  # partial results to look at while the rest trains
+            last_write = time.perf_counter()
     bar.close()
     results = write_outputs()
     results["skipped"] = skipped
