@@ -59,3 +59,9 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_configure(config):
+    # Every test uses tiny tensors, where a second intra-op thread only adds synchronisation (and
+    # stalls badly when other processes share the cores). Subprocesses the tests start set their own.
+    torch.set_num_threads(1)
