@@ -15,6 +15,9 @@ x = (x_bins + u) / 256 on [0, 1)^D. Measured:
     .venv/bin/python benchmarks/compare_normflows.py --budget-seconds 240 \
         --data /usr/share/datasets/fashion-mnist
 
+Times are taken with as many torch threads as CPUs are available (``--threads`` overrides); on a
+machine shared with other jobs the JSON says so, and ``--threads 1`` gives steadier numbers.
+
 Needs ``pip install normflows`` (the ``bench`` extra); the building functions are importable so the
 tests can run them on a tiny configuration.
 """
@@ -447,6 +450,20 @@ def architecture_notes(cfg: BenchConfig, params: dict) -> list[str]:
     ]
 
 
+def contention_notes(result: dict) -> list[str]:
+    """Say so when other processes shared the CPUs: absolute times are then inflated, most with more
+    than one thread (OpenMP threads wait at barriers for peers the OS has descheduled), while the
+    interleaved, paired ratios stay usable."""
+    cpus = result["machine"]["cpus_available"]
+    load = max(result["machine"]["loadavg_1_5_15"][0], result["machine_at_end"]["loadavg_1_5_15"][0])
+    if load <= 0.5 * cpus:
+        return []
+    return [f"The machine was shared: 1-minute load average up to {load} on {cpus} CPUs during this run. "
+            "Absolute step and sample times are inflated and noisy; the two models were interleaved, so "
+            "prefer train.ratio_paired_median over ratios of medians. --threads 1 is far less sensitive "
+            "to such load."]
+
+
 def machine_info() -> dict:
     try:
         affinity = len(os.sched_getaffinity(0))
@@ -527,8 +544,8 @@ def main(argv=None) -> dict:
     if args.budget_seconds is not None:
         fresh = {"glowflow": build_glowflow(cfg), "normflows": build_normflows(cfg)}  # untrained
         result["budget"] = run_budget(fresh, cfg, args.data, args.budget_seconds, args.eval_images)
-    result["notes"] = architecture_notes(cfg, params)
     result["machine_at_end"] = {"loadavg_1_5_15": [round(v, 2) for v in os.getloadavg()]}
+    result["notes"] = architecture_notes(cfg, params) + contention_notes(result)
     result["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     text = json.dumps(result, indent=2)
     print(text)
