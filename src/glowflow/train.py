@@ -236,11 +236,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         finite = bool(torch.isfinite(loss))
         grad_norm = float("nan")
-        if finite:
+        if finite or self.dist.enabled:  # under DDP every rank joins backward's all-reduce, even to discard it
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
-            finite = math.isfinite(grad_norm) or self.scaler.is_enabled()
+            finite = finite and (math.isfinite(grad_norm) or self.scaler.is_enabled())
         if self.dist.enabled:  # every rank must agree to skip
             flag = dist_utils.all_reduce_mean(torch.tensor(float(finite), device=self.device))
             finite = bool(flag >= 1.0)
