@@ -134,11 +134,16 @@ def bench_precision(args, arch: dict, precision: str, device: torch.device) -> d
 def run(args) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     arch = TINY if args.tiny else CELEBA_HQ
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32
-        torch.backends.cudnn.allow_tf32 = args.tf32
-        torch.backends.cudnn.benchmark = True
-    results = [bench_precision(args, arch, p, device) for p in args.precisions]
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = args.tf32
+            torch.backends.cudnn.allow_tf32 = args.tf32
+            torch.backends.cudnn.benchmark = True
+        results = [bench_precision(args, arch, p, device) for p in args.precisions]
+    finally:  # leave the process as it was (the tests import this script)
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = flags
     out = {
         "benchmark": "gpu",
         "command": "python benchmarks/gpu.py " + " ".join(sys.argv[1:]),

@@ -48,6 +48,16 @@ def _trainer(tmp_path, **kw) -> Trainer:
     return Trainer(_cfg(**kw), tmp_path, _images(128), log=lambda *a: None)
 
 
+@pytest.fixture
+def no_tf32():
+    """Full float32 convolutions and matmuls: CUDA runs float32 convs in TF32 by default (10-bit
+    mantissa), which would blur comparisons of two float32 computations. Restored afterwards."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _logdet_dtypes(model: Glow) -> tuple[list, list]:
     """Hooks recording the dtype of every flow layer's log-determinant, and of every coupling-net conv."""
     logdets, convs = [], []
@@ -121,7 +131,7 @@ def test_invertible_gradients_on_gpu_equal_plain_autograd_under_autocast():
 # ------------------------------------------------------------------------------------ exactness on the GPU
 @needs_cuda
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
-def test_encode_decode_round_trip_on_gpu(autocast, perturb_zero_init):
+def test_encode_decode_round_trip_on_gpu(autocast, perturb_zero_init, no_tf32):
     if autocast and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     model = Glow(**TINY, coupling="affine").to(DEVICE)
@@ -137,15 +147,16 @@ def test_encode_decode_round_trip_on_gpu(autocast, perturb_zero_init):
     # float32 bit, and the cast to bf16 can round that to a different value, so the round trip is
     # exact to about bf16 precision (a wrong inverse is off by ~0.1 or more)
     assert float((back - x).abs().max()) < (2e-2 if autocast else 1e-4)
-    cpu = model.float().cpu()
-    with torch.no_grad():
-        assert float((cpu.encode(x.cpu()) - eps.cpu()).abs().max()) < (5e-2 if autocast else 1e-3)
+    if not autocast:  # and float32 on the GPU computes what it computes on the CPU
+        cpu = model.cpu()
+        with torch.no_grad():
+            assert float((cpu.encode(x.cpu()) - eps.cpu()).abs().max()) < 1e-3
 
 
 # ------------------------------------------------------------------------------------ compile, channels-last
 @needs_cuda
 @pytest.mark.slow
-def test_compile_option_trains_like_eager(tmp_path):
+def test_compile_option_trains_like_eager(tmp_path, no_tf32):
     eager = _trainer(tmp_path / "eager")
     compiled = _trainer(tmp_path / "compiled", compile=True)
     assert compiled.train_model is not compiled.model
@@ -156,7 +167,7 @@ def test_compile_option_trains_like_eager(tmp_path):
 
 
 @needs_cuda
-def test_channels_last_trains_like_contiguous(tmp_path):
+def test_channels_last_trains_like_contiguous(tmp_path, no_tf32):
     plain = _trainer(tmp_path / "plain")
     cl = _trainer(tmp_path / "cl", channels_last=True)
     assert any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
