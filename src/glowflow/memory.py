@@ -9,7 +9,7 @@ points to), so activation memory does not grow with the number of steps.
 Cost of ``"invertible"``: the forward pass runs without a graph, and backward adds each step's
 inverse, whose coupling-net evaluation is shared with the recomputation: about one extra forward
 pass. ``benchmarks/memory.py`` measures 1.4-1.6x the plain training step on CPU at batch 8 (per-op
-overhead weighs more there) and about 1.35x at batch 32, with peak activation memory flat in K.
+overhead weighs more there) and 1.3-1.4x at batch 32, with peak activation memory flat in K.
 """
 from __future__ import annotations
 
