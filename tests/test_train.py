@@ -76,6 +76,15 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert steps == list(range(1, 11))
 
 
+def test_resume_under_another_memory_mode(tmp_path):
+    full, half = tmp_path / "full", tmp_path / "half"
+    run(tiny_cfg(max_steps=8), full)
+    run(tiny_cfg(max_steps=4), half)
+    run(tiny_cfg(max_steps=8, model={**TINY_MODEL, "memory": "invertible"}), half, resume=True)
+    a, b = raw_params(full), raw_params(half)
+    assert max(float((a[k].double() - b[k].double()).abs().max()) for k in a) < 1e-5
+
+
 def test_checkpoint_round_trip_gives_identical_log_prob(tmp_path):
     t, _ = run(tiny_cfg(max_steps=6), tmp_path)
     loaded = Glow.from_pretrained(tmp_path)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -53,7 +54,8 @@ def cmd_train(args) -> int:
         overrides.append("progress=false")
     cfg = build_train_config(args.preset, overrides)
     summary = train(cfg, args.out, resume=args.resume)
-    emit(args, summary)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
+        emit(args, summary)
     return 0
 
 

@@ -286,6 +286,8 @@ class Trainer:
     def _load_state(self) -> None:
         directory = ckpt.resolve_checkpoint_dir(self.out)
         saved = GlowConfig.from_dict(ckpt.read_json(directory / ckpt.CONFIG_NAME))
+        # the memory mode changes how gradients are computed, not the model: any mode may resume
+        saved = dataclasses.replace(saved, memory=self.cfg.model.memory)
         if saved != self.cfg.model:
             raise ValueError(f"the checkpoint in {directory} is for a different model: {saved} vs {self.cfg.model}")
         ckpt.load_state_into(self.model, ckpt.load_tensors(directory / RAW_WEIGHTS, self.device),
