@@ -54,7 +54,8 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     dict(coupling="affine"),
     dict(coupling="additive"),
     dict(coupling="affine", num_classes=NUM_CLASSES),
-], ids=["affine", "additive", "class_conditional"])
+    dict(coupling="affine", split_prior="conv+position"),
+], ids=["affine", "additive", "class_conditional", "position_split_prior"])
 def test_log_prob_is_gaussian_of_encoding_plus_log_det_jacobian(variant, perturb_zero_init):
     model = _tiny_model(perturb_zero_init, **variant)
     batch = 2

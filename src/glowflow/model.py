@@ -16,6 +16,7 @@ from .memory import MEMORY_MODES, run_steps
 
 COUPLINGS = ("affine", "additive")
 PERMUTATIONS = ("invconv", "invconv_lu", "shuffle", "reverse")
+SPLIT_PRIORS = ("conv", "conv+position")
 
 
 def config_from_dict(cls, d: dict, what: str):
@@ -47,6 +48,7 @@ class GlowConfig:
     coupling: str = "affine"
     permutation: str = "invconv"
     learn_top: bool = True
+    split_prior: str = "conv"  # "conv" (the paper) or "conv+position" (adds a learned per-position term)
     num_classes: int | None = None
     n_bits: int = 8
     memory: str = "none"
@@ -69,6 +71,8 @@ class GlowConfig:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {self.coupling!r}")
         if self.permutation not in PERMUTATIONS:
             raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {self.permutation!r}")
+        if self.split_prior not in SPLIT_PRIORS:
+            raise ValueError(f"split_prior must be one of {SPLIT_PRIORS}, got {self.split_prior!r}")
         if self.memory not in MEMORY_MODES:
             raise ValueError(f"memory must be one of {MEMORY_MODES}, got {self.memory!r}")
         if self.num_classes is not None and self.num_classes < 1:
@@ -98,7 +102,8 @@ class GlowOutput(NamedTuple):
 class Level(nn.Module):
     """Squeeze, K flow steps, then (except on the last level) a split with a learned prior."""
 
-    def __init__(self, in_channels: int, cfg: GlowConfig, last: bool, generator: torch.Generator):
+    def __init__(self, in_channels: int, cfg: GlowConfig, last: bool, generator: torch.Generator,
+                 spatial: tuple[int, int]):
         super().__init__()
         channels = 4 * in_channels
         self.squeeze = Squeeze()
@@ -106,7 +111,7 @@ class Level(nn.Module):
             FlowStep(channels, cfg.hidden_channels, cfg.coupling, cfg.permutation, generator)
             for _ in range(cfg.steps)
         )
-        self.split = None if last else SplitPrior(channels)
+        self.split = None if last else SplitPrior(channels, spatial if cfg.split_prior == "conv+position" else None)
         self.out_channels = channels if last else self.split.num_keep
 
 
@@ -129,8 +134,8 @@ class Glow(nn.Module):
         self.latent_shapes: list[tuple[int, int, int]] = []
         for i in range(cfg.levels):
             last = i == cfg.levels - 1
-            level = Level(c, cfg, last, generator)
             h, w = h // 2, w // 2
+            level = Level(c, cfg, last, generator, (h, w))
             if not last:
                 self.latent_shapes.append((level.split.num_out, h, w))
             self.levels.append(level)
