@@ -9,7 +9,7 @@ RUN_DIR ?= runs/fashion-mnist
 PRESET ?= fashion-mnist-cpu
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup run test test-fast bench data browser clean
+.PHONY: setup run test test-fast bench figures data browser clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,25 @@ test-fast: setup
 bench: setup
 	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"
 	$(PY) benchmarks/speed.py
+	$(PY) benchmarks/memory.py
+	$(PY) benchmarks/compare_normflows.py
+
+# Pictures for the README from the model `make run` trained: temperatures, interpolation, a class direction.
+FIG := docs/images
+figures: setup data
+	mkdir -p $(FIG)
+	$(PY) -c "from glowflow.data import get_dataset; from glowflow.images import save_grid; \
+	  d = get_dataset('fashion-mnist', '$(FMNIST)', 'test'); \
+	  [save_grid(d.images[i:i + 1], '$(FIG)/test-%d.png' % i, nrow=1, padding=0) for i in (0, 1)]"
+	$(VENV)/bin/glowflow sample $(RUN_DIR) --n 8 --temperature 0,0.5,0.7,1.0 --out $(FIG)/temperatures.png
+	$(VENV)/bin/glowflow interpolate $(FIG)/test-0.png $(FIG)/test-1.png --checkpoint $(RUN_DIR) --steps 8 \
+	  --out $(FIG)/interpolation.png
+	$(VENV)/bin/glowflow directions $(RUN_DIR) --dataset fashion-mnist --data $(FMNIST) \
+	  --positive Sneaker --negative "Ankle boot"
+	$(VENV)/bin/glowflow manipulate $(FIG)/test-0.png --checkpoint $(RUN_DIR) --attribute "Sneaker-vs-Ankle boot" \
+	  --alphas -1.5,-1,-0.5,0,0.5,1,1.5 --out $(FIG)/sneaker-vs-ankle-boot.png
+	cp $(RUN_DIR)/samples.png $(FIG)/samples.png
+	cp $(RUN_DIR)/curve.png $(FIG)/curve.png
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
