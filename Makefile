@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -c constraints.txt -e ".[demo,test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[demo,test,bench]"
 	touch $(STAMP)
 
 # Installs Debian's Fashion-MNIST when it is missing and apt-get is there.
@@ -45,7 +45,6 @@ test-fast: setup
 	$(VENV)/bin/python -m pytest -q -m "not slow and not browser"
 
 bench: setup
-	$(PY) -m pip install -q -c constraints.txt -e ".[bench]"
 	$(PY) benchmarks/speed.py
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/compare_normflows.py
