@@ -147,10 +147,6 @@ class EMA:
             e.copy_(b)
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
 class Trainer:
     """Holds the model, EMA, optimizer and data of one run; ``run()`` trains until done."""
 
@@ -175,8 +171,7 @@ class Trainer:
         self.bad_steps = 0
         self.history: list[dict] = []
         self._tb = None
-        if resume and (self.out / ckpt.CHECKPOINT_DIR).exists() or resume and (
-                self.out / (ckpt.CHECKPOINT_DIR + ".old")).exists():
+        if resume and self._has_checkpoint():
             self._load_state()
             self.log(f"resumed from {self.out / ckpt.CHECKPOINT_DIR} at step {self.step}")
         else:
@@ -260,7 +255,7 @@ class Trainer:
     def _recover(self) -> None:
         """After repeated non-finite steps: back to the last good checkpoint with a lower learning rate."""
         target = self.lr_scale * self.cfg.lr_backoff
-        if (self.out / ckpt.CHECKPOINT_DIR).exists():
+        if self._has_checkpoint():
             self._load_state()
             where = f"restored the checkpoint of step {self.step}"
         else:
@@ -283,6 +278,14 @@ class Trainer:
             torch.save(state, tmp / TRAINER_STATE)
             ckpt.write_json(tmp / TRAIN_CONFIG, self.cfg.to_dict())
 
+    def _has_checkpoint(self) -> bool:
+        """Whether this run has a checkpoint: the live one, or the ``.old`` a kill mid-swap leaves."""
+        try:
+            ckpt.resolve_checkpoint_dir(self.out)
+        except ckpt.CheckpointError:
+            return False
+        return True
+
     def _load_state(self) -> None:
         directory = ckpt.resolve_checkpoint_dir(self.out)
         saved = GlowConfig.from_dict(ckpt.read_json(directory / ckpt.CONFIG_NAME))
@@ -292,11 +295,9 @@ class Trainer:
             raise ValueError(f"the checkpoint in {directory} is for a different model: {saved} vs {self.cfg.model}")
         ckpt.load_state_into(self.model, ckpt.load_tensors(directory / RAW_WEIGHTS, self.device),
                              directory / RAW_WEIGHTS)
-        ema_model = copy.deepcopy(self.model)
-        ckpt.load_state_into(ema_model, ckpt.load_tensors(directory / ckpt.WEIGHTS_NAME, self.device),
+        self.ema = EMA(self.model, self.cfg.ema_decay)
+        ckpt.load_state_into(self.ema.model, ckpt.load_tensors(directory / ckpt.WEIGHTS_NAME, self.device),
                              directory / ckpt.WEIGHTS_NAME)
-        self.ema = EMA.__new__(EMA)
-        self.ema.decay, self.ema.model = self.cfg.ema_decay, ema_model.eval().requires_grad_(False)
         try:
             state = torch.load(directory / TRAINER_STATE, map_location=self.device, weights_only=True)
         except Exception as e:  # truncated or corrupt file: say which
@@ -400,6 +401,10 @@ class Trainer:
         evals = [r for r in self.history if "test_bits_per_dim" in r]
         if evals:
             summary["test_bits_per_dim"] = evals[-1]["test_bits_per_dim"]
+            summary["test_bits_per_dim_se"] = evals[-1]["test_bits_per_dim_se"]
+            summary["test_images"] = evals[-1]["test_images"]
+        if self.dist.is_main and (self.out / "samples.png").exists():
+            summary["samples"] = str(self.out / "samples.png")
         return summary
 
 
