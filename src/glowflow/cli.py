@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 
@@ -14,6 +15,17 @@ def emit(args, result: dict) -> None:
             print(f"{k}: {v}")
     if getattr(args, "json", False):
         print(json.dumps(result, sort_keys=True))
+
+
+def float_list(text: str) -> list[float]:
+    """An argparse type: ``"-1,-0.5,0,0.5,1"`` -> ``[-1.0, -0.5, 0.0, 0.5, 1.0]`` (finite, non-empty)."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like -1,-0.5,0,0.5,1, got {text!r}")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:

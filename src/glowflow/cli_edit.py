@@ -10,12 +10,12 @@
 """
 from __future__ import annotations
 
-import argparse
 import ipaddress
-import math
 import re
 import sys
 from pathlib import Path
+
+from .cli import float_list
 
 # argparse takes "-1,-0.5,0" for an option flag; this lets such number lists through as values.
 _NUMBER_LIST = re.compile(r"^-\.?\d")
@@ -59,7 +59,7 @@ def register(sub) -> None:
     p.add_argument("image", type=Path)
     _checkpoint_option(p)
     p.add_argument("--attribute", required=True, help="name of a saved direction")
-    p.add_argument("--alphas", default="-1,-0.5,0,0.5,1", type=_float_list,
+    p.add_argument("--alphas", default="-1,-0.5,0,0.5,1", type=float_list,
                    help="comma-separated steps along the direction (default -1,-0.5,0,0.5,1)")
     p.add_argument("--directions", type=Path, help="folder with directions.safetensors "
                                                    "(default: next to the checkpoint)")
@@ -87,16 +87,6 @@ def register(sub) -> None:
 def _checkpoint_option(p) -> None:
     p.add_argument("--checkpoint", "-c", type=Path, required=True,
                    help="run directory or checkpoint directory (config.json + model.safetensors)")
-
-
-def _float_list(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or not all(math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like -1,-0.5,0,0.5,1, got {text!r}")
-    return values
 
 
 def _load_model(path: Path):

@@ -1,20 +1,11 @@
 """CLI commands for training and using a model: train, eval, sample, encode, decode, presets."""
 from __future__ import annotations
 
-import argparse
 import os
-from pathlib import Path
 
 import torch
 
-from .cli import emit
-
-
-def _parse_floats(text: str) -> list[float]:
-    try:
-        return [float(t) for t in text.split(",") if t.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
+from .cli import emit, float_list
 
 
 def _load(args):
@@ -61,8 +52,7 @@ def cmd_train(args) -> int:
 
 # ---------------------------------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
-    from .data import get_dataset
-    from .train import evaluate
+    from .train import evaluate, load_split
 
     model = _load(args)
     saved = _train_settings(args.checkpoint)
@@ -70,9 +60,7 @@ def cmd_eval(args) -> int:
     if name is None:
         raise ValueError("which dataset? pass --dataset (the checkpoint has no training config)")
     root = args.data or (saved.get("data") if name == saved.get("dataset") else None)
-    c, h, w = model.config.image_shape
-    data = get_dataset(name, root, args.split, limit=args.limit,
-                       image_size=h if name == "folder" else None, channels=c if name == "folder" else None)
+    data = load_split(name, root, args.split, model.config.image_shape, args.limit)
     if tuple(data.image_shape) != tuple(model.config.image_shape):
         raise ValueError(f"{name} images are {tuple(data.image_shape)}, the model expects "
                          f"{tuple(model.config.image_shape)}")
@@ -188,7 +176,7 @@ def register(sub) -> None:
     p = sub.add_parser("sample", help="write a grid of samples (one row per temperature if several)")
     _common(p)
     p.add_argument("--n", type=int, default=64, help="samples (per temperature)")
-    p.add_argument("--temperature", type=_parse_floats, default=[0.7], help="e.g. 0.7 or 0,0.5,0.7,1.0")
+    p.add_argument("--temperature", type=float_list, default=[0.7], help="e.g. 0.7 or 0,0.5,0.7,1.0")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", type=int, help="class for a class-conditional model")
     p.add_argument("--nrow", type=int, default=8)

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from . import numerics
 from .model import Glow, GlowConfig, config_from_dict
 
 TRAINER_STATE = "trainer.pt"
@@ -432,17 +431,24 @@ def _read_history(path: Path, upto: int) -> list[dict]:
     return rows
 
 
-def train(cfg: TrainConfig, out_dir, resume: bool = False, log=print) -> dict:
-    """Train ``cfg`` into ``out_dir`` (one process, or one rank under torchrun); returns a summary."""
+def load_split(name: str, root, split: str, image_shape, limit: int | None = None):
+    """A dataset split for a model of ``image_shape`` = (C, H, W): image folders are resized and
+    converted to it; fixed-size datasets load as they are (the caller checks the shape)."""
     from .data import get_dataset
 
+    c, h, _ = image_shape
+    folder = name == "folder"
+    return get_dataset(name, root, split, limit=limit, image_size=h if folder else None,
+                       channels=c if folder else None)
+
+
+def train(cfg: TrainConfig, out_dir, resume: bool = False, log=print) -> dict:
+    """Train ``cfg`` into ``out_dir`` (one process, or one rank under torchrun); returns a summary."""
     dist = dist_utils.setup(cfg.device)
     try:
-        c, h, w = cfg.model.image_shape
-        kw = dict(image_size=h if cfg.dataset == "folder" else None,
-                  channels=c if cfg.dataset == "folder" else None)
-        train_data = get_dataset(cfg.dataset, cfg.data, "train", limit=cfg.train_limit, **kw)
-        test_data = get_dataset(cfg.dataset, cfg.data, "test", limit=cfg.test_limit, **kw)
+        shape = cfg.model.image_shape
+        train_data = load_split(cfg.dataset, cfg.data, "train", shape, cfg.train_limit)
+        test_data = load_split(cfg.dataset, cfg.data, "test", shape, cfg.test_limit)
         trainer = Trainer(cfg, out_dir, train_data, test_data, resume=resume, dist=dist, log=log)
         return trainer.run()
     finally:
