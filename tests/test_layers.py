@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.functional import jacobian
 
-from glowflow.layers import (ActNorm, Coupling, FlowStep, InvConv1x1, Permute, SplitPrior, Squeeze,
-                             TopPrior)
+from glowflow.layers import (ActNorm, Coupling, CouplingNet, FlowStep, InvConv1x1, Permute, SplitPrior,
+                             Squeeze, TopPrior)
 
 B, C, H, W = 2, 4, 4, 4
 HIDDEN = 8
@@ -280,6 +280,24 @@ def test_actnorm_initialises_from_first_batch_only():
     for k, v in layer.state_dict().items():
         assert torch.equal(v, params[k]), f"second batch re-initialised {k}"
     assert y2.mean((0, 2, 3)).abs().max().item() > 0.5  # not standardised: no re-init
+
+
+def test_coupling_net_folded_actnorm_equals_conv_then_actnorm():
+    """The hidden layers fold actnorm into the convolution after init and ZeroConv2d scales its
+    weights; both must equal the literal conv -> actnorm -> ReLU -> ... -> conv * exp(3 logs)."""
+    net = CouplingNet(2, 6, HIDDEN).double()
+    x = _images(seed=3)[:, :2]
+    net(x)  # data-dependent init
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(p.numel())))
+    h = x
+    for layer in net.net[:2]:
+        h = F.conv2d(h, layer.conv.weight, padding=layer.conv.padding)
+        h = F.relu((h + layer.norm.bias) * torch.exp(layer.norm.logs))
+    zero = net.net[2]
+    expected = zero.conv(h) * torch.exp(3.0 * zero.logs)
+    torch.testing.assert_close(net(x), expected, atol=1e-12, rtol=1e-12)
 
 
 def test_actnorm_loaded_from_state_dict_does_not_reinit():
