@@ -16,7 +16,7 @@ import torch
 from glowflow import Glow, checkpoint as ckpt
 from glowflow.cli import main as cli_main
 from glowflow.data import ImageDataset
-from glowflow.train import RAW_WEIGHTS, TrainConfig, Trainer
+from glowflow.train import RAW_WEIGHTS, TrainConfig, Trainer, learning_rate, run_progress
 
 TINY_MODEL = dict(image_shape=(1, 8, 8), levels=2, steps=2, hidden_channels=8, permutation="invconv_lu")
 
@@ -74,6 +74,58 @@ def test_resume_equals_uninterrupted(tmp_path):
     steps = [json.loads(l)["step"] for l in (half / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(l)]
     assert steps == list(range(1, 11))
+
+
+def test_learning_rate_schedules():
+    lr = lambda decay, step, **kw: learning_rate(  # noqa: E731
+        TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, lr_decay=decay, **kw), step)
+    assert [lr("none", s) for s in (0, 4, 9, 50, 109)] == [0.1, 0.5, 1.0, 1.0, 1.0]
+    assert lr("linear", 4) == lr("none", 4)  # warm-up first
+    # decay runs from the end of warm-up (step 10) to the end of the run (step 110)
+    assert lr("linear", 10) == pytest.approx(1.0) and lr("linear", 60) == pytest.approx(0.5)
+    assert lr("linear", 110) == pytest.approx(0.0) and lr("linear", 110, lr_final=0.1) == pytest.approx(0.1)
+    assert lr("cosine", 60) == pytest.approx(0.5) and lr("cosine", 35) == pytest.approx(0.5 + 0.5 ** 1.5)
+    assert lr("cosine", 110, lr_final=0.2) == pytest.approx(0.2)
+    # under a time budget the clock sets the progress, whichever of steps and time is further along
+    timed = TrainConfig(lr=1.0, warmup_steps=0, max_steps=10**9, max_minutes=10.0, lr_decay="linear")
+    assert run_progress(timed, 5, seconds=150.0) == pytest.approx(0.25)
+    assert learning_rate(timed, 5, progress=run_progress(timed, 5, 450.0)) == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="lr_decay"):
+        TrainConfig(lr_decay="step")
+    with pytest.raises(ValueError, match="lr_final"):
+        TrainConfig(lr_final=2.0)
+
+
+def test_resume_with_lr_decay_equals_uninterrupted(tmp_path, monkeypatch):
+    cfg = tiny_cfg(max_steps=10, lr_decay="cosine", lr_final=0.1)
+    full, half = tmp_path / "full", tmp_path / "half"
+    t_full, _ = run(cfg, full)
+    original = Trainer.train_step
+
+    def crash_after_step_7(self):
+        if self.step == 7:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", crash_after_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, half)  # checkpoint at step 5, killed at step 7
+    monkeypatch.setattr(Trainer, "train_step", original)
+    t_resumed, summary = run(cfg, half, resume=True)
+    assert summary["steps_this_run"] == 5
+    a, b = raw_params(full), raw_params(half)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lrs = [r["lr"] for r in t_full.history if "lr" in r]
+    assert lrs[1] == 5e-3 and all(a > b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] > 0.1 * 5e-3
+
+
+def test_time_budget_counts_over_resumes(tmp_path):
+    cfg = tiny_cfg(max_steps=1000, max_minutes=1e-6)
+    t, summary = run(cfg, tmp_path)
+    assert summary["stop_reason"] == "max_minutes" and summary["steps"] == 1 and t.seconds > 0
+    t2, summary2 = run(cfg, tmp_path, resume=True)  # the budget is spent: nothing more to do
+    assert summary2["steps_this_run"] == 0 and summary2["stop_reason"] == "max_minutes"
+    assert t2.seconds == pytest.approx(t.seconds)
 
 
 def test_resume_under_another_memory_mode(tmp_path):

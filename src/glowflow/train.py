@@ -41,8 +41,10 @@ class TrainConfig:
     optimizer: str = "adam"  # "adam" or "adamax"
     lr: float = 1e-3
     warmup_steps: int = 200
+    lr_decay: str = "none"  # after warm-up: "none" (constant, as the official code), "linear" or "cosine"
+    lr_final: float = 0.0  # with lr_decay: the learning rate at the end of the run, as a fraction of lr
     max_steps: int = 1000
-    max_minutes: float | None = None  # stop (and checkpoint) after this much training time
+    max_minutes: float | None = None  # stop (and checkpoint) after this much training time, over all resumes
     grad_clip: float = 50.0
     ema_decay: float = 0.999
     seed: int = 0
@@ -63,6 +65,10 @@ class TrainConfig:
             object.__setattr__(self, "model", GlowConfig.from_dict(self.model))
         if self.optimizer not in ("adam", "adamax"):
             raise ValueError(f"optimizer must be 'adam' or 'adamax', got {self.optimizer!r}")
+        if self.lr_decay not in ("none", "linear", "cosine"):
+            raise ValueError(f"lr_decay must be 'none', 'linear' or 'cosine', got {self.lr_decay!r}")
+        if not 0.0 <= self.lr_final <= 1.0:
+            raise ValueError(f"lr_final must be in [0, 1] (a fraction of lr), got {self.lr_final}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
         if self.batch_size < 1 or self.init_batch_size < 1 or self.max_steps < 0:
@@ -93,9 +99,27 @@ def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> t
     return perm[i * batch_size:(i + 1) * batch_size]
 
 
-def learning_rate(cfg: TrainConfig, step: int, scale: float = 1.0) -> float:
-    """Linear warm-up to ``lr``, then constant (as the official code)."""
-    return cfg.lr * scale * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+def run_progress(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
+    """How far a run is through its budget, in [0, 1]: the larger of the step and the time fractions."""
+    p = step / cfg.max_steps if cfg.max_steps else 1.0
+    if cfg.max_minutes:
+        p = max(p, seconds / (60.0 * cfg.max_minutes))
+    return min(1.0, p)
+
+
+def learning_rate(cfg: TrainConfig, step: int, scale: float = 1.0, progress: float | None = None) -> float:
+    """Linear warm-up to ``lr``; then constant (as the official code), or decayed to ``lr * lr_final``
+    at the end of the budget, linearly or on a half cosine. ``progress`` is :func:`run_progress`
+    (default: from ``step`` alone). Under a time budget the decay follows the clock, so it fits
+    whatever number of steps the machine manages."""
+    lr = cfg.lr * scale * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    if cfg.lr_decay == "none" or step < cfg.warmup_steps:
+        return lr
+    p = run_progress(cfg, step) if progress is None else progress
+    w = cfg.warmup_steps / cfg.max_steps if cfg.max_steps and not cfg.max_minutes else 0.0
+    t = min(1.0, max(0.0, (p - w) / max(1e-12, 1.0 - w)))  # 0 at the end of warm-up, 1 at the end
+    frac = 1.0 - t if cfg.lr_decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
+    return lr * (cfg.lr_final + (1.0 - cfg.lr_final) * frac)
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -168,6 +192,7 @@ class Trainer:
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.step = 0
+        self.seconds = 0.0  # training time so far, over all resumes (the max_minutes budget)
         self.lr_scale = 1.0
         self.bad_steps = 0
         self.history: list[dict] = []
@@ -217,7 +242,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
         cfg, step = self.cfg, self.step
-        lr = learning_rate(cfg, step, self.lr_scale)
+        lr = learning_rate(cfg, step, self.lr_scale, run_progress(cfg, step, self.seconds))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
@@ -272,7 +297,8 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if not self.dist.is_main:
             return
-        state = {"step": self.step, "lr_scale": self.lr_scale, "optimizer": self.optimizer.state_dict()}
+        state = {"step": self.step, "seconds": self.seconds, "lr_scale": self.lr_scale,
+                 "optimizer": self.optimizer.state_dict()}
         with ckpt.atomic_directory(self.out / ckpt.CHECKPOINT_DIR) as tmp:
             ckpt.write_model_files(tmp, self.ema.model)  # the EMA weights are the model users load
             ckpt.save_tensors(tmp / RAW_WEIGHTS, self.model.state_dict())
@@ -306,6 +332,7 @@ class Trainer:
         self.optimizer = make_optimizer(self.cfg, self.model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.lr_scale = int(state["step"]), float(state["lr_scale"])
+        self.seconds = float(state.get("seconds", 0.0))
 
     # ------------------------------------------------------------------ logging and pictures
     def _record(self, row: dict) -> None:
@@ -341,6 +368,18 @@ class Trainer:
         plot_curves(self.history, self.out / "curve.png")
 
     # ------------------------------------------------------------------ the loop
+    def _tick(self, seconds: float) -> None:
+        """Advance the training clock; under DDP every rank takes rank 0's, so all agree on the
+        learning rate and on when the time budget ends."""
+        if self.dist.enabled:
+            t = torch.tensor([seconds], dtype=torch.float64, device=self.device)
+            torch.distributed.broadcast(t, 0)
+            seconds = float(t)
+        self.seconds = seconds
+
+    def _out_of_time(self) -> bool:
+        return self.cfg.max_minutes is not None and self.seconds >= 60.0 * self.cfg.max_minutes
+
     def run(self) -> dict:
         from tqdm.auto import tqdm
 
@@ -350,15 +389,20 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             self._tb = _tensorboard(self.out / "tb")
             self.history = _read_history(self.out / "metrics.jsonl", upto=self.step)
-        start_step, t0 = self.step, time.perf_counter()
+        start_step, t0, seconds0 = self.step, time.perf_counter(), self.seconds
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main),
                    desc="train", dynamic_ncols=True)
         window_t, window_n = time.perf_counter(), 0
         stop_reason = "max_steps"
-        while self.step < cfg.max_steps:
+        while self.step < cfg.max_steps and not self._out_of_time():
             row = self.train_step()
+            self._tick(seconds0 + time.perf_counter() - t0)
             window_n += cfg.batch_size
             bar.update(1)
+            if cfg.max_minutes and self.step - start_step >= 20:
+                # under a time budget the bar's total is the number of steps the clock allows
+                done = run_progress(cfg, self.step, self.seconds)
+                bar.total = min(cfg.max_steps, max(self.step, round(self.step / max(done, 1e-9))))
             if row["skipped"]:
                 self.log(f"warning: step {row['step']}: non-finite loss or gradient, step skipped")
                 self._record({"event": "skipped", **row})
@@ -373,9 +417,7 @@ class Trainer:
                 self._record(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", bpd=f"{row['bits_per_dim']:.3f}",
                                 img_s=f"{row['images_per_s']:.0f}")
-            out_of_time = cfg.max_minutes is not None and (time.perf_counter() - t0) / 60 >= cfg.max_minutes
-            if self.dist.enabled:
-                out_of_time = bool(dist_utils.broadcast_object(out_of_time))
+            out_of_time = self._out_of_time()
             last = self.step >= cfg.max_steps or out_of_time
             if self.step % cfg.eval_every == 0 or last:
                 ev = self.evaluate()
@@ -388,8 +430,9 @@ class Trainer:
             if self.dist.is_main and (self.step % cfg.sample_every == 0 or last):
                 self.write_pictures()
             if out_of_time:
-                stop_reason = "max_minutes"
                 break
+        if self.step < cfg.max_steps and self._out_of_time():
+            stop_reason = "max_minutes"
         bar.close()
         if self._tb is not None:
             self._tb.close()
