@@ -393,7 +393,6 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main),
                    desc="train", dynamic_ncols=True)
         window_t, window_n = time.perf_counter(), 0
-        stop_reason = "max_steps"
         while self.step < cfg.max_steps and not self._out_of_time():
             row = self.train_step()
             self._tick(seconds0 + time.perf_counter() - t0)
@@ -431,8 +430,7 @@ class Trainer:
                 self.write_pictures()
             if out_of_time:
                 break
-        if self.step < cfg.max_steps and self._out_of_time():
-            stop_reason = "max_minutes"
+        stop_reason = "max_minutes" if self.step < cfg.max_steps and self._out_of_time() else "max_steps"
         bar.close()
         if self._tb is not None:
             self._tb.close()
