@@ -35,7 +35,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import glowflow
-from glowflow.memory import MEMORY_MODES
+from glowflow.memory import MEMORY_MODES, saved_tensor_bytes
 from glowflow.model import Glow
 
 TARGET_PEAK_RATIO = 1.3  # invertible: peak(K=32) / peak(K=8)
@@ -94,20 +94,6 @@ def _cpu_peak_bytes(model: Glow, x: torch.Tensor, noise: torch.Tensor) -> int:
     return peak
 
 
-def _saved_tensor_bytes(model: Glow, x: torch.Tensor, noise: torch.Tensor) -> int:
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(x, noise=noise).bits_per_dim.mean()
-    loss.backward()
-    return sum(storages.values())
-
-
 def _measure_memory(model: Glow, x: torch.Tensor, noise: torch.Tensor, device: torch.device) -> dict:
     """Activation memory of forward + backward; gradients already allocated (zeroed, not freed)."""
     model.zero_grad(set_to_none=False)
@@ -119,7 +105,7 @@ def _measure_memory(model: Glow, x: torch.Tensor, noise: torch.Tensor, device: t
         _sync(device)
         return {"peak_bytes": torch.cuda.max_memory_allocated(device) - base}
     peak = _cpu_peak_bytes(model, x, noise)
-    saved = _saved_tensor_bytes(model, x, noise)
+    saved = saved_tensor_bytes(lambda: model(x, noise=noise).bits_per_dim.mean())
     return {"peak_bytes": peak, "saved_tensor_bytes": saved}
 
 

@@ -11,7 +11,7 @@ import torch
 
 from glowflow import Glow
 from glowflow.layers import FlowStep
-from glowflow.memory import MEMORY_MODES, run_steps
+from glowflow.memory import MEMORY_MODES, run_steps, saved_tensor_bytes
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -190,21 +190,6 @@ def test_invertible_under_autocast_recomputes_with_the_forward_precision(perturb
 
 
 # ---------------------------------------------------------------------------- what is stored
-def _saved_bytes(model: Glow, x: torch.Tensor, noise: torch.Tensor) -> int:
-    """Bytes of distinct storages that autograd keeps for backward after one forward pass."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        bpd = model(x, noise=noise).bits_per_dim.mean()
-    bpd.backward()  # and the stored graph really suffices for backward
-    return sum(storages.values())
-
-
 def test_invertible_stores_nothing_per_step_while_plain_grows_with_depth():
     x = _images(4, seed=8, dtype=torch.float32)
     noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(9))
@@ -213,7 +198,7 @@ def test_invertible_stores_nothing_per_step_while_plain_grows_with_depth():
         for steps in (2, 8):
             model = Glow(**{**TINY, "steps": steps, "hidden_channels": 16}, memory=mode)
             model.initialize(x)
-            saved[mode, steps] = _saved_bytes(model, x, noise)
+            saved[mode, steps] = saved_tensor_bytes(lambda: model(x, noise=noise).bits_per_dim.mean())
     # plain autograd keeps every step's activations: 4x the steps, about 4x the bytes
     assert saved["none", 8] > 3 * saved["none", 2]
     # invertible keeps the output of each level's step sequence and nothing that depends on K

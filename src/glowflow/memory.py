@@ -155,6 +155,22 @@ def _flow_step_backward(step, y, grad_y, grad_logdet, params, need_x):
     return x.detach(), grad_x, [by_param[id(p)] for p in params]
 
 
+def saved_tensor_bytes(loss_fn) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``loss_fn()`` builds its
+    graph; then runs backward, so the stored graph is shown to suffice. What a memory mode saves."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    loss.backward()
+    return sum(storages.values())
+
+
 def run_steps(steps: nn.ModuleList, x: torch.Tensor, memory: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
     """Apply ``steps`` in order: ``[B, C, H, W] -> ([B, C, H, W], logdet [B])`` under a memory mode.
 
