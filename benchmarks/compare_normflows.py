@@ -10,6 +10,9 @@ x = (x_bins + u) / 256 on [0, 1)^D. Measured:
 3. parameter counts, with a per-part breakdown;
 4. with ``--budget-seconds S``: each model trains on Fashion-MNIST for the same wall-clock budget,
    then both are scored in bits/dim on the first N test images with the same dequantisation noise.
+   Both get one training recipe, by default the one glowflow's default preset uses (learning-rate
+   warm-up, linear decay to zero over the budget, EMA weights scored); ``--lr-decay none --ema 0``
+   gives both a constant learning rate and scores their raw weights.
 
     .venv/bin/python benchmarks/compare_normflows.py                      # 1x28x28, L=2 (< 3 min, 2 cores)
     .venv/bin/python benchmarks/compare_normflows.py --image-shape 3,32,32 --levels 3
@@ -68,10 +71,18 @@ class BenchConfig:
     temperature: float = 0.7
     lr: float = 1e-3
     seed: int = 0
+    # the budget run's recipe, the same for both models
+    lr_decay: str = "linear"  # "none" | "linear" | "cosine": after warm-up, over the wall-clock budget
+    warmup_steps: int = 100
+    ema: float = 0.995  # EMA of the weights, scored at the end; 0 scores the raw weights only
 
     def __post_init__(self):
         object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
         c, h, w = self.image_shape
+        if self.lr_decay not in ("none", "linear", "cosine"):
+            raise ValueError(f"lr_decay must be 'none', 'linear' or 'cosine', got {self.lr_decay!r}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1), got {self.ema}")
         if h % 2 ** self.levels or w % 2 ** self.levels:
             raise ValueError(f"H and W must be divisible by 2**levels = {2 ** self.levels}, "
                              f"got image_shape {self.image_shape} with levels={self.levels}")
@@ -188,13 +199,17 @@ def bits_per_dim(log_prob: torch.Tensor, num_dims: int) -> torch.Tensor:
 
 def make_trainer(name: str, model: nn.Module, cfg: BenchConfig):
     """A closure doing one forward + backward + Adam step on (x01, x_deq, noise); returns the bpd.
+    ``lr`` (optional) sets the learning rate for this step.
 
     The same optimizer for both (fused Adam, one kernel for all parameters), so that neither
     library's step time includes per-parameter optimizer overhead the other avoids."""
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     d = cfg.num_dims
 
-    def step(x01: torch.Tensor, x_deq: torch.Tensor, noise: torch.Tensor) -> float:
+    def step(x01: torch.Tensor, x_deq: torch.Tensor, noise: torch.Tensor, lr: float | None = None) -> float:
+        if lr is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr
         if name == "glowflow":
             # The public training API: quantise, dequantise with the given u, score.
             loss = model(x01, noise=noise).bits_per_dim.mean()
@@ -342,43 +357,69 @@ def evaluate_bpd(name: str, model: nn.Module, images: torch.Tensor, cfg: BenchCo
     return total / count
 
 
-def training_stream(name: str, model: nn.Module, train_images: torch.Tensor, cfg: BenchConfig):
-    """Endless training on shuffled Fashion-MNIST, one step per ``next()``, yielding the step's bpd.
+class BudgetRun:
+    """One model's side of the budget run: its optimizer, EMA and batches, one step per :meth:`step`.
 
-    The first ``next()`` also does the data-dependent init. Each stream seeds its own generators
-    from ``cfg.seed``, so both models see the same batches with the same dequantisation noise.
+    Data-dependent init happens on construction. Each run seeds its own generators from
+    ``cfg.seed``, so both models see the same batches with the same dequantisation noise.
     """
-    order_gen = torch.Generator().manual_seed(cfg.seed)
-    noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    n = train_images.shape[0]
-    perm, pos = torch.randperm(n, generator=order_gen), 0
-    step = make_trainer(name, model, cfg)
-    _, x_deq, _ = batch_with_noise(train_images[perm[:cfg.batch_size]], noise_gen)
-    data_init({name: model}, x_deq)
-    while True:
-        if pos + cfg.batch_size > n:
-            perm, pos = torch.randperm(n, generator=order_gen), 0
-        batch = batch_with_noise(train_images[perm[pos:pos + cfg.batch_size]], noise_gen)
-        pos += cfg.batch_size
-        yield step(*batch)
+
+    def __init__(self, name: str, model: nn.Module, train_images: torch.Tensor, cfg: BenchConfig,
+                 budget_s: float):
+        from glowflow.train import EMA, TrainConfig
+        self.name, self.model, self.images, self.cfg = name, model, train_images, cfg
+        self.order_gen = torch.Generator().manual_seed(cfg.seed)
+        self.noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
+        self.perm, self.pos = torch.randperm(train_images.shape[0], generator=self.order_gen), 0
+        self.step_fn = make_trainer(name, model, cfg)
+        _, x_deq, _ = batch_with_noise(train_images[self.perm[:cfg.batch_size]], self.noise_gen)
+        data_init({name: model}, x_deq)
+        # glowflow's own schedule (as its presets use it), applied to both models alike
+        self.schedule = TrainConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, lr_decay=cfg.lr_decay,
+                                    max_steps=2 ** 62, max_minutes=budget_s / 60.0)  # time is the budget
+        self.ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
+        self.steps = 0
+
+    def learning_rate(self, seconds: float) -> float:
+        from glowflow.train import learning_rate, run_progress
+        return learning_rate(self.schedule, self.steps, progress=run_progress(self.schedule, self.steps, seconds))
+
+    def step(self, seconds: float) -> float:
+        """One training step, ``seconds`` into this model's budget; returns the step's bpd."""
+        n, b = self.images.shape[0], self.cfg.batch_size
+        if self.pos + b > n:
+            self.perm, self.pos = torch.randperm(n, generator=self.order_gen), 0
+        batch = batch_with_noise(self.images[self.perm[self.pos:self.pos + b]], self.noise_gen)
+        self.pos += b
+        loss = self.step_fn(*batch, lr=self.learning_rate(seconds))
+        if self.ema is not None:
+            self.ema.update(self.model, self.steps)
+        self.steps += 1
+        return loss
 
 
 def train_for_budget(models: dict[str, nn.Module], train_images: torch.Tensor, cfg: BenchConfig,
-                     budget_s: float, slice_s: float = 5.0) -> dict:
+                     budget_s: float, slice_s: float = 5.0) -> tuple[dict, dict[str, BudgetRun]]:
     """Give each model ``budget_s`` wall-clock seconds of training (its init included).
 
     The budgets are spent in alternating slices of ``slice_s`` seconds rather than one after the
     other, so that load from other processes on a shared machine is spread over both alike.
+    Returns the summary and the runs (whose ``ema.model`` holds the averaged weights).
     """
-    streams = {name: training_stream(name, m, train_images, cfg) for name, m in models.items()}
     used = {name: 0.0 for name in models}
     cpu_used = {name: 0.0 for name in models}
+    runs: dict[str, BudgetRun] = {}
+    for name, model in models.items():
+        t0, c0 = time.perf_counter(), time.process_time()
+        runs[name] = BudgetRun(name, model, train_images, cfg, budget_s)
+        used[name] += time.perf_counter() - t0
+        cpu_used[name] += time.process_time() - c0
     losses: dict[str, list[float]] = {name: [] for name in models}
     while any(used[name] < budget_s for name in models):
-        for name, stream in streams.items():
+        for name, run in runs.items():
             t0, c0 = time.perf_counter(), time.process_time()
             while used[name] + (time.perf_counter() - t0) < budget_s and time.perf_counter() - t0 < slice_s:
-                losses[name].append(next(stream))
+                losses[name].append(run.step(used[name] + time.perf_counter() - t0))
             used[name] += time.perf_counter() - t0
             cpu_used[name] += time.process_time() - c0
     out = {}
@@ -388,7 +429,7 @@ def train_for_budget(models: dict[str, nn.Module], train_images: torch.Tensor, c
                      "cpu_s": round(cpu_used[name], 1),
                      "train_bpd_last50_mean": round(sum(tail) / max(len(tail), 1), 4),
                      "nonfinite_losses": sum(not math.isfinite(v) for v in ls)}
-    return out
+    return out, runs
 
 
 def run_budget(models: dict[str, nn.Module], cfg: BenchConfig, data: str, budget_s: float,
@@ -399,12 +440,19 @@ def run_budget(models: dict[str, nn.Module], cfg: BenchConfig, data: str, budget
     train_images, loader = load_fashion_mnist(data, "train")
     test_images, _ = load_fashion_mnist(data, "test")
     test_images = test_images[:eval_images]
+    recipe = (f"Adam(lr={cfg.lr}, fused=True), {cfg.warmup_steps} warm-up steps, "
+              + ("then constant" if cfg.lr_decay == "none" else f"then {cfg.lr_decay} decay to 0 over the budget")
+              + (f"; EMA {cfg.ema} weights scored" if cfg.ema else "; raw weights scored"))
     out = {"data": str(data), "loader": loader, "budget_seconds": budget_s,
            "eval_images": int(test_images.shape[0]), "train_images": int(train_images.shape[0]),
-           "optimizer": f"Adam(lr={cfg.lr}, fused=True)", "schedule": "budgets spent in alternating 5 s slices"}
-    out.update(train_for_budget(models, train_images, cfg, budget_s))
-    for name, model in models.items():
-        out[name]["test_bpd"] = round(evaluate_bpd(name, model, test_images, cfg), 4)
+           "recipe": recipe, "schedule": "budgets spent in alternating 5 s slices"}
+    summary, runs = train_for_budget(models, train_images, cfg, budget_s)
+    out.update(summary)
+    for name, run in runs.items():
+        raw = round(evaluate_bpd(name, run.model, test_images, cfg), 4)
+        out[name]["test_bpd_raw_weights"] = raw
+        out[name]["test_bpd"] = raw if run.ema is None else round(
+            evaluate_bpd(name, run.ema.model, test_images, cfg), 4)
     out["test_bpd_difference_glowflow_minus_normflows"] = round(
         out["glowflow"]["test_bpd"] - out["normflows"]["test_bpd"], 4)
     return out
@@ -509,11 +557,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--lr-decay", choices=("none", "linear", "cosine"), default=d.lr_decay,
+                   help="budget run: learning rate after warm-up (decays over the wall-clock budget)")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="budget run: learning-rate warm-up")
+    p.add_argument("--ema", type=float, default=d.ema, help="budget run: EMA decay of the scored weights (0: raw)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs available)")
     p.add_argument("--budget-seconds", type=float, default=None,
                    help="also train each model this long on Fashion-MNIST and report test bits/dim")
     p.add_argument("--data", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST IDX directory")
-    p.add_argument("--eval-images", type=int, default=1000, help="first N test images scored")
+    p.add_argument("--eval-images", type=int, default=10000, help="first N test images scored (all: 10000)")
     p.add_argument("--skip-speed", action="store_true", help="budget mode only: skip the timing part")
     p.add_argument("--output", default=None, help="also write the JSON here")
     return p.parse_args(argv)
@@ -530,7 +582,8 @@ def main(argv=None) -> dict:
     cfg = BenchConfig(image_shape=shape, levels=args.levels, steps=args.steps,
                       hidden_channels=args.hidden_channels, batch_size=args.batch_size, warmup=args.warmup,
                       iters=args.iters, sample_batch=args.sample_batch, sample_repeats=args.sample_repeats,
-                      temperature=args.temperature, lr=args.lr, seed=args.seed)
+                      temperature=args.temperature, lr=args.lr, seed=args.seed,
+                      lr_decay=args.lr_decay, warmup_steps=args.warmup_steps, ema=args.ema)
     threads = args.threads or machine_info()["cpus_available"]
     torch.set_num_threads(threads)
     t_start = time.perf_counter()

@@ -111,9 +111,34 @@ def test_budget_training_and_test_bpd_on_synthetic_images(bench, tiny):
     models = {"glowflow": bench.build_glowflow(tiny), "normflows": bench.build_normflows(tiny)}
     images = torch.randint(0, 256, (40, *tiny.image_shape), generator=torch.Generator().manual_seed(2),
                            dtype=torch.uint8)
-    out = bench.train_for_budget(models, images, tiny, budget_s=0.3, slice_s=0.1)
+    out, runs = bench.train_for_budget(models, images, tiny, budget_s=0.3, slice_s=0.1)
     for name, model in models.items():
         assert out[name]["steps"] >= 1 and out[name]["nonfinite_losses"] == 0
         assert out[name]["wall_s"] >= 0.3
-        bpd = bench.evaluate_bpd(name, model, images[:10], tiny, batch=4)
-        assert math.isfinite(bpd) and bpd > 0
+        assert runs[name].model is model and runs[name].steps == out[name]["steps"]
+        for scored in (model, runs[name].ema.model):
+            bpd = bench.evaluate_bpd(name, scored, images[:10], tiny, batch=4)
+            assert math.isfinite(bpd) and bpd > 0
+        # the EMA moved away from the initial weights, and is not the raw model
+        assert any(not torch.equal(e, p) for e, p in zip(runs[name].ema.model.parameters(), model.parameters()))
+
+
+def test_budget_recipe_warms_up_then_decays_with_the_clock(bench, tiny):
+    from dataclasses import replace
+    images = torch.randint(0, 256, (16, *tiny.image_shape), generator=torch.Generator().manual_seed(3),
+                           dtype=torch.uint8)
+    cfg = replace(tiny, lr=1e-2, warmup_steps=4, lr_decay="linear")
+    run = bench.BudgetRun("normflows", bench.build_normflows(cfg), images, cfg, budget_s=100.0)
+    assert run.learning_rate(0.0) == pytest.approx(1e-2 / 4)  # first warm-up step
+    run.steps = 10
+    assert run.learning_rate(0.0) == pytest.approx(1e-2)
+    assert run.learning_rate(75.0) == pytest.approx(1e-2 * 0.25)  # a quarter of the budget left
+    assert run.learning_rate(100.0) == pytest.approx(0.0)
+    constant = bench.BudgetRun("glowflow", bench.build_glowflow(cfg), images, replace(cfg, lr_decay="none", ema=0.0),
+                               budget_s=100.0)
+    constant.steps = 10
+    assert constant.learning_rate(99.0) == pytest.approx(1e-2) and constant.ema is None
+    loss = constant.step(1.0)
+    assert math.isfinite(loss) and constant.steps == 11
+    with pytest.raises(ValueError, match="lr_decay"):
+        replace(tiny, lr_decay="step")
