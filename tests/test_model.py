@@ -7,6 +7,7 @@ part of the map is the identity.
 """
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -369,13 +370,35 @@ def _truncate_half(data: bytes) -> bytes:
     lambda data: b"\xff" * 8 + data[8:],  # header length
     lambda data: data[:8] + b"#" + data[9:],  # header JSON
 ], ids=["truncated-half", "truncated-1-byte", "empty", "bad-header-length", "bad-header-json"])
-def test_corrupt_weights_raise_checkpoint_error(tmp_path, corrupt):
+@pytest.mark.parametrize("with_checksums", [True, False], ids=["checksummed", "no-manifest"])
+def test_corrupt_weights_raise_checkpoint_error(tmp_path, corrupt, with_checksums):
     Glow(**TINY).save_pretrained(tmp_path)
+    if not with_checksums:  # as a checkpoint written before checksums.json existed: safetensors' own checks
+        (tmp_path / "checksums.json").unlink()
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(corrupt(weights.read_bytes()))
-    with pytest.raises(CheckpointError, match=r"corrupt or truncated weights file .*model\.safetensors") as info:
+    match = r"corrupt file .*model\.safetensors.*SHA-256" if with_checksums else \
+        r"corrupt or truncated weights file .*model\.safetensors"
+    with pytest.raises(CheckpointError, match=match) as info:
         Glow.from_pretrained(tmp_path)
     assert isinstance(info.value, ValueError)
+
+
+def test_a_flipped_bit_in_the_weights_is_caught_by_the_checksum(tmp_path):
+    model = Glow(**TINY)
+    model.save_pretrained(tmp_path)
+    sums = json.loads((tmp_path / "checksums.json").read_text())
+    assert set(sums) == {"model.safetensors"}  # binary files only; config.json stays hand-editable
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x10  # inside the last tensor's bytes: the safetensors header is untouched
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        Glow.from_pretrained(tmp_path)
+    # without the manifest the same file loads, silently different: what the checksum is for
+    (tmp_path / "checksums.json").unlink()
+    loaded = Glow.from_pretrained(tmp_path)
+    assert any(not torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
 
 def test_missing_weights_raise_checkpoint_error(tmp_path):

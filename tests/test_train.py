@@ -163,6 +163,17 @@ def test_truncated_checkpoint_gives_a_clear_error(tmp_path, victim):
         run(tiny_cfg(max_steps=10), tmp_path, resume=True)
 
 
+@pytest.mark.parametrize("victim", [ckpt.WEIGHTS_NAME, RAW_WEIGHTS, "trainer.pt"])
+def test_a_flipped_byte_in_a_checkpoint_is_refused_on_resume(tmp_path, victim):
+    run(tiny_cfg(max_steps=5), tmp_path)
+    path = tmp_path / ckpt.CHECKPOINT_DIR / victim
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same length, parsable framing: only the checksum can tell
+    path.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match=f"corrupt file .*{victim}.*SHA-256"):
+        run(tiny_cfg(max_steps=10), tmp_path, resume=True)
+
+
 def test_missing_checkpoint_gives_a_clear_error(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="does not exist"):
         Glow.from_pretrained(tmp_path / "nowhere")

@@ -2,11 +2,15 @@
 
 A checkpoint is a directory. It is written into a temporary sibling and swapped in with renames:
 at every instant either ``<dir>`` or ``<dir>.old`` holds a complete checkpoint, and the loader
-falls back to ``<dir>.old`` if a kill landed between the two renames.
+falls back to ``<dir>.old`` if a kill landed between the two renames. Beside the files sits
+``checksums.json``, the SHA-256 of every binary file in the directory, checked on load: safetensors
+validates its header but not the tensor bytes, so a flipped bit in the weights would otherwise load
+silently. Checkpoints without the manifest (written before it existed) load unchecked.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -20,6 +24,7 @@ from safetensors.torch import load_file, save_file
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CHECKPOINT_DIR = "checkpoint"
+CHECKSUMS_NAME = "checksums.json"
 
 
 class CheckpointError(ValueError):
@@ -61,6 +66,7 @@ def atomic_directory(path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
+        write_checksums(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -107,6 +113,36 @@ def write_json(path, data: dict) -> None:
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(directory) -> None:
+    """``checksums.json``: the SHA-256 of each binary file in ``directory``. JSON files are left out,
+    so that a config may be edited by hand; their parser catches truncation."""
+    directory = Path(directory)
+    sums = {f.name: file_sha256(f) for f in sorted(directory.iterdir())
+            if f.is_file() and f.suffix != ".json"}
+    write_json(directory / CHECKSUMS_NAME, sums)
+
+
+def verify_checksum(path) -> None:
+    """Raise :class:`CheckpointError` if ``path`` no longer matches the SHA-256 recorded beside it.
+    Files with no recorded sum (no manifest, or not listed in it) pass."""
+    path = Path(path)
+    manifest = path.parent / CHECKSUMS_NAME
+    if not manifest.is_file() or not path.is_file():
+        return
+    expected = read_json(manifest).get(path.name)
+    if expected is not None and file_sha256(path) != expected:
+        raise CheckpointError(f"corrupt file {path}: its SHA-256 does not match the one in {manifest} "
+                              "(the bytes changed after the checkpoint was written)")
+
+
 def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
 
@@ -115,6 +151,7 @@ def load_tensors(path, device="cpu") -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"missing weights file: {path}")
+    verify_checksum(path)
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

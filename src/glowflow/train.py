@@ -325,6 +325,7 @@ class Trainer:
         self.ema = EMA(self.model, self.cfg.ema_decay)
         ckpt.load_state_into(self.ema.model, ckpt.load_tensors(directory / ckpt.WEIGHTS_NAME, self.device),
                              directory / ckpt.WEIGHTS_NAME)
+        ckpt.verify_checksum(directory / TRAINER_STATE)
         try:
             state = torch.load(directory / TRAINER_STATE, map_location=self.device, weights_only=True)
         except Exception as e:  # truncated or corrupt file: say which
