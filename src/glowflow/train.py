@@ -494,6 +494,10 @@ def train(cfg: TrainConfig, out_dir, resume: bool = False, log=print) -> dict:
         train_data = load_split(cfg.dataset, cfg.data, "train", shape, cfg.train_limit)
         test_data = load_split(cfg.dataset, cfg.data, "test", shape, cfg.test_limit)
         trainer = Trainer(cfg, out_dir, train_data, test_data, resume=resume, dist=dist, log=log)
-        return trainer.run()
+        summary = trainer.run()
+        # ranks leave together: one that tears its Gloo group down while rank 0 still writes the
+        # final checkpoint and samples can close connections the other still holds
+        dist_utils.barrier()
+        return summary
     finally:
         dist_utils.teardown()
