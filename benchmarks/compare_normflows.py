@@ -51,6 +51,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     import glowflow
 from glowflow import numerics
 from glowflow.model import Glow
+from glowflow.train import EMA, LR_DECAYS, TrainConfig, learning_rate, run_progress
 
 N_BITS = 8  # the bits/dim formula below assumes 8-bit data: 256 bins per dimension
 
@@ -79,13 +80,18 @@ class BenchConfig:
     def __post_init__(self):
         object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
         c, h, w = self.image_shape
-        if self.lr_decay not in ("none", "linear", "cosine"):
-            raise ValueError(f"lr_decay must be 'none', 'linear' or 'cosine', got {self.lr_decay!r}")
+        self.schedule(budget_s=60.0)  # the schedule's own checks, before any timing or training
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
         if h % 2 ** self.levels or w % 2 ** self.levels:
             raise ValueError(f"H and W must be divisible by 2**levels = {2 ** self.levels}, "
                              f"got image_shape {self.image_shape} with levels={self.levels}")
+
+    def schedule(self, budget_s: float) -> TrainConfig:
+        """The budget run's learning-rate schedule as glowflow's presets use it: warm-up, then
+        constant or decayed over ``budget_s`` seconds (time is the budget, so no step limit)."""
+        return TrainConfig(lr=self.lr, warmup_steps=self.warmup_steps, lr_decay=self.lr_decay,
+                           max_steps=2 ** 62, max_minutes=budget_s / 60.0)
 
     @property
     def num_dims(self) -> int:
@@ -366,7 +372,6 @@ class BudgetRun:
 
     def __init__(self, name: str, model: nn.Module, train_images: torch.Tensor, cfg: BenchConfig,
                  budget_s: float):
-        from glowflow.train import EMA, TrainConfig
         self.name, self.model, self.images, self.cfg = name, model, train_images, cfg
         self.order_gen = torch.Generator().manual_seed(cfg.seed)
         self.noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -374,14 +379,11 @@ class BudgetRun:
         self.step_fn = make_trainer(name, model, cfg)
         _, x_deq, _ = batch_with_noise(train_images[self.perm[:cfg.batch_size]], self.noise_gen)
         data_init({name: model}, x_deq)
-        # glowflow's own schedule (as its presets use it), applied to both models alike
-        self.schedule = TrainConfig(lr=cfg.lr, warmup_steps=cfg.warmup_steps, lr_decay=cfg.lr_decay,
-                                    max_steps=2 ** 62, max_minutes=budget_s / 60.0)  # time is the budget
+        self.schedule = cfg.schedule(budget_s)  # the same for both models
         self.ema = EMA(model, cfg.ema) if cfg.ema > 0 else None
         self.steps = 0
 
     def learning_rate(self, seconds: float) -> float:
-        from glowflow.train import learning_rate, run_progress
         return learning_rate(self.schedule, self.steps, progress=run_progress(self.schedule, self.steps, seconds))
 
     def step(self, seconds: float) -> float:
@@ -557,7 +559,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--lr-decay", choices=("none", "linear", "cosine"), default=d.lr_decay,
+    p.add_argument("--lr-decay", choices=LR_DECAYS, default=d.lr_decay,
                    help="budget run: learning rate after warm-up (decays over the wall-clock budget)")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="budget run: learning-rate warm-up")
     p.add_argument("--ema", type=float, default=d.ema, help="budget run: EMA decay of the scored weights (0: raw)")

@@ -79,11 +79,3 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
-
-
-def broadcast_object(obj, src: int = 0):
-    if dist.is_available() and dist.is_initialized():
-        box = [obj]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-    return obj

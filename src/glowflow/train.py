@@ -23,6 +23,7 @@ from .model import Glow, GlowConfig, config_from_dict
 
 TRAINER_STATE = "trainer.pt"
 RAW_WEIGHTS = "raw.safetensors"
+LR_DECAYS = ("none", "linear", "cosine")  # the learning rate after warm-up (see learning_rate)
 TRAIN_CONFIG = "train_config.json"
 
 
@@ -65,7 +66,7 @@ class TrainConfig:
             object.__setattr__(self, "model", GlowConfig.from_dict(self.model))
         if self.optimizer not in ("adam", "adamax"):
             raise ValueError(f"optimizer must be 'adam' or 'adamax', got {self.optimizer!r}")
-        if self.lr_decay not in ("none", "linear", "cosine"):
+        if self.lr_decay not in LR_DECAYS:
             raise ValueError(f"lr_decay must be 'none', 'linear' or 'cosine', got {self.lr_decay!r}")
         if not 0.0 <= self.lr_final <= 1.0:
             raise ValueError(f"lr_final must be in [0, 1] (a fraction of lr), got {self.lr_final}")
