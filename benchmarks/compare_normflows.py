@@ -50,6 +50,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import glowflow
 from glowflow import numerics
+from glowflow.checkpoint import atomic_write_text
 from glowflow.model import Glow
 from glowflow.train import EMA, LR_DECAYS, TrainConfig, learning_rate, run_progress
 
@@ -609,8 +610,7 @@ def main(argv=None) -> dict:
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
+        atomic_write_text(args.output, text + "\n")
     return result
 
 

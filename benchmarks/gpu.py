@@ -31,6 +31,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import glowflow
+from glowflow.checkpoint import atomic_write_text
 from glowflow.model import Glow, GlowConfig
 
 CELEBA_HQ = dict(image_shape=(3, 256, 256), levels=6, steps=32, hidden_channels=512, coupling="additive",
@@ -192,8 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        atomic_write_text(args.out, text + "\n")
     return 0
 
 

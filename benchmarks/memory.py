@@ -35,6 +35,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import glowflow
+from glowflow.checkpoint import atomic_write_text
 from glowflow.memory import MEMORY_MODES, saved_tensor_bytes
 from glowflow.model import Glow
 
@@ -228,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+        atomic_write_text(args.out, text + "\n")
     return 0
 
 

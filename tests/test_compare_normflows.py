@@ -81,17 +81,19 @@ def test_bits_per_dim_helper_matches_glowflow_forward_on_the_same_noise(bench, t
     torch.testing.assert_close(via_helper, expected)
 
 
-def test_main_prints_the_promised_json(bench, capsys):
+def test_main_prints_the_promised_json(bench, capsys, tmp_path):
+    out_file = tmp_path / "nested" / "result.json"
     threads = torch.get_num_threads()  # main() sets the thread count; keep it from leaking
     try:
         result = bench.main(["--image-shape", "1,8,8", "--levels", "2", "--steps", "1",
                              "--hidden-channels", "4",
                              "--batch-size", "2", "--warmup", "1", "--iters", "2", "--sample-batch", "2",
-                             "--sample-repeats", "2"])
+                             "--sample-repeats", "2", "--output", str(out_file)])
     finally:
         torch.set_num_threads(threads)
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(json.dumps(result))
+    assert json.loads(out_file.read_text()) == printed  # --output writes the same JSON
     for key in ("config", "versions", "machine", "params", "train", "sample", "notes"):
         assert key in printed
     assert printed["machine"]["torch_threads"] >= 1 and printed["versions"]["normflows"]
