@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .convs import conv3x3
+
 # Scale on the zero-initialised layers' learned log-scale, as in the official code: lets the
 # output scale move quickly while starting at exactly 1.
 LOGSCALE_FACTOR = 3.0
@@ -193,7 +195,10 @@ def _scaled_conv(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor, bias: to
     """``(conv(x) + bias) * scale`` per output channel (``conv`` without its own bias) as a single
     convolution: the scale touches the (small) weights, not the activations."""
     scale = scale.view(-1)
-    return F.conv2d(x, conv.weight * scale.view(-1, 1, 1, 1), bias.view(-1) * scale, padding=conv.padding)
+    weight, bias = conv.weight * scale.view(-1, 1, 1, 1), bias.view(-1) * scale
+    if weight.shape[2:] == (3, 3):
+        return conv3x3(x, weight, bias)
+    return F.conv2d(x, weight, bias, padding=conv.padding)
 
 
 class ZeroConv2d(nn.Module):

@@ -1,0 +1,106 @@
+"""The thin-side 3x3 convolutions equal F.conv2d (values and gradients, float64), and the coupling
+network takes them where it says it does."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glowflow import convs
+from glowflow.layers import CouplingNet
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _rand(*shape, seed=0, channels_last=False):
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_shift_steps_are_each_others_adjoint(sign):
+    """<shifted_copies(x, s), p> == <x, sum_shifted(p, -s)>: what makes each the other's backward."""
+    x, p = _rand(2, 3, 5, 4, seed=1), _rand(2, 27, 5, 4, seed=2)
+    lhs = (convs.shifted_copies(x, sign) * p).sum()
+    rhs = (x * convs.sum_shifted(p, -sign)).sum()
+    torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-12)
+
+
+def test_shifted_copies_is_the_3x3_neighbourhood():
+    x = _rand(1, 2, 4, 5, seed=3)
+    cols = convs.shifted_copies(x, 1)
+    xp = F.pad(x, (1, 1, 1, 1))
+    for k, (dh, dw) in enumerate(convs._TAPS):
+        torch.testing.assert_close(cols[:, 2 * k:2 * k + 2], xp[:, :, 1 + dh:5 + dh, 1 + dw:6 + dw], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("fn,c_in,c_out", [(convs.conv3x3_thin_in, 2, 7), (convs.conv3x3_thin_out, 7, 3)])
+def test_thin_convolutions_equal_conv2d(fn, c_in, c_out, with_bias, channels_last):
+    x = _rand(2, c_in, 5, 6, seed=4, channels_last=channels_last).requires_grad_(True)
+    w = _rand(c_out, c_in, 3, 3, seed=5).requires_grad_(True)
+    b = _rand(c_out, seed=6).requires_grad_(True) if with_bias else None
+    torch.testing.assert_close(fn(x, w, b), F.conv2d(x, w, b, padding=1), rtol=1e-12, atol=1e-12)
+    inputs = (x, w, b) if with_bias else (x, w)
+    assert torch.autograd.gradcheck(lambda *a: fn(*a) if with_bias else fn(*a, None), inputs)
+    assert torch.autograd.gradgradcheck(lambda *a: fn(*a) if with_bias else fn(*a, None), inputs)
+
+
+def _count_routes(monkeypatch):
+    calls = {"in": 0, "out": 0}
+    thin_in, thin_out = convs.conv3x3_thin_in, convs.conv3x3_thin_out
+
+    def counted_in(*a):
+        calls["in"] += 1
+        return thin_in(*a)
+
+    def counted_out(*a):
+        calls["out"] += 1
+        return thin_out(*a)
+
+    monkeypatch.setattr(convs, "conv3x3_thin_in", counted_in)
+    monkeypatch.setattr(convs, "conv3x3_thin_out", counted_out)
+    return calls
+
+
+@pytest.mark.parametrize("shape,w_shape,route", [
+    ((2, 2, 10, 10), (64, 2, 3, 3), "in"),    # 32x more outputs, 100 pixels: thin input
+    ((2, 64, 10, 10), (2, 64, 3, 3), "out"),  # 32x more inputs: thin output
+    ((2, 4, 10, 10), (64, 4, 3, 3), None),    # only 16x: oneDNN
+    ((2, 2, 8, 8), (64, 2, 3, 3), None),      # 64 pixels: oneDNN
+])
+def test_conv3x3_dispatch(monkeypatch, shape, w_shape, route):
+    calls = _count_routes(monkeypatch)
+    x, w, b = _rand(*shape, seed=7), _rand(*w_shape, seed=8), _rand(w_shape[0], seed=9)
+    torch.testing.assert_close(convs.conv3x3(x, w, b), F.conv2d(x, w, b, padding=1), rtol=1e-12, atol=1e-12)
+    assert calls == {"in": int(route == "in"), "out": int(route == "out")}
+
+
+def test_conv3x3_under_autocast_is_plain_conv2d(monkeypatch):
+    calls = _count_routes(monkeypatch)
+    x, w = torch.randn(2, 2, 10, 10), torch.randn(64, 2, 3, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = convs.conv3x3(x, w)
+    assert y.dtype == torch.bfloat16 and calls == {"in": 0, "out": 0}
+
+
+def test_coupling_net_on_the_thin_routes_equals_the_literal_network(monkeypatch):
+    """A coupling net whose first and last convolutions take the thin routes computes the same
+    function as conv -> actnorm -> ReLU -> ... -> conv * exp(3 logs) written out with F.conv2d."""
+    calls = _count_routes(monkeypatch)
+    net = CouplingNet(2, 2, 64).double()
+    x = _rand(3, 2, 10, 10, seed=10)
+    net(x)  # data-dependent init
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(p.numel())))
+    h = x
+    for layer in net.net[:2]:
+        h = F.conv2d(h, layer.conv.weight, padding=layer.conv.padding)
+        h = F.relu((h + layer.norm.bias) * torch.exp(layer.norm.logs))
+    zero = net.net[2]
+    expected = zero.conv(h) * torch.exp(3.0 * zero.logs)
+    calls.update({"in": 0, "out": 0})
+    torch.testing.assert_close(net(x), expected, atol=1e-12, rtol=1e-12)
+    assert calls == {"in": 1, "out": 1}
