@@ -1,5 +1,5 @@
 """The thin-side 3x3 convolutions equal F.conv2d (values and gradients, float64), and the coupling
-network takes them where it says it does."""
+network takes them where it says it does (its values on these routes: test_layers.py)."""
 from __future__ import annotations
 
 import pytest
@@ -65,10 +65,11 @@ def _count_routes(monkeypatch):
 
 
 @pytest.mark.parametrize("shape,w_shape,route", [
-    ((2, 2, 10, 10), (64, 2, 3, 3), "in"),    # 32x more outputs, 100 pixels: thin input
+    ((2, 4, 10, 10), (128, 4, 3, 3), "in"),   # 32x more outputs, 128 of them, 100 pixels: thin input
     ((2, 64, 10, 10), (2, 64, 3, 3), "out"),  # 32x more inputs: thin output
-    ((2, 4, 10, 10), (64, 4, 3, 3), None),    # only 16x: oneDNN
-    ((2, 2, 8, 8), (64, 2, 3, 3), None),      # 64 pixels: oneDNN
+    ((2, 2, 10, 10), (64, 2, 3, 3), None),    # a thin input to only 64 outputs: oneDNN
+    ((2, 8, 10, 10), (128, 8, 3, 3), None),   # only 16x: oneDNN
+    ((2, 4, 8, 8), (128, 4, 3, 3), None),     # 64 pixels: oneDNN
 ])
 def test_conv3x3_dispatch(monkeypatch, shape, w_shape, route):
     calls = _count_routes(monkeypatch)
@@ -79,28 +80,19 @@ def test_conv3x3_dispatch(monkeypatch, shape, w_shape, route):
 
 def test_conv3x3_under_autocast_is_plain_conv2d(monkeypatch):
     calls = _count_routes(monkeypatch)
-    x, w = torch.randn(2, 2, 10, 10), torch.randn(64, 2, 3, 3)
+    x, w = torch.randn(2, 4, 10, 10), torch.randn(128, 4, 3, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = convs.conv3x3(x, w)
     assert y.dtype == torch.bfloat16 and calls == {"in": 0, "out": 0}
 
 
-def test_coupling_net_on_the_thin_routes_equals_the_literal_network(monkeypatch):
-    """A coupling net whose first and last convolutions take the thin routes computes the same
-    function as conv -> actnorm -> ReLU -> ... -> conv * exp(3 logs) written out with F.conv2d."""
+def test_coupling_net_takes_the_thin_routes(monkeypatch):
+    """The shape test_layers.py checks against the literal network takes both thin routes
+    (first and last convolution) once initialised."""
     calls = _count_routes(monkeypatch)
-    net = CouplingNet(2, 2, 64).double()
+    net = CouplingNet(2, 2, 128).double()
     x = _rand(3, 2, 10, 10, seed=10)
-    net(x)  # data-dependent init
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(p.numel())))
-    h = x
-    for layer in net.net[:2]:
-        h = F.conv2d(h, layer.conv.weight, padding=layer.conv.padding)
-        h = F.relu((h + layer.norm.bias) * torch.exp(layer.norm.logs))
-    zero = net.net[2]
-    expected = zero.conv(h) * torch.exp(3.0 * zero.logs)
+    net(x)  # data-dependent init runs the unfolded layers
     calls.update({"in": 0, "out": 0})
-    torch.testing.assert_close(net(x), expected, atol=1e-12, rtol=1e-12)
+    net(x)
     assert calls == {"in": 1, "out": 1}

@@ -282,11 +282,16 @@ def test_actnorm_initialises_from_first_batch_only():
     assert y2.mean((0, 2, 3)).abs().max().item() > 0.5  # not standardised: no re-init
 
 
-def test_coupling_net_folded_actnorm_equals_conv_then_actnorm():
+@pytest.mark.parametrize("out_channels,hidden,image", [
+    (6, HIDDEN, "small"),
+    (2, 128, "10x10"),  # first and last convolutions take convs.py's thin-side routes
+])
+def test_coupling_net_folded_actnorm_equals_conv_then_actnorm(out_channels, hidden, image):
     """The hidden layers fold actnorm into the convolution after init and ZeroConv2d scales its
     weights; both must equal the literal conv -> actnorm -> ReLU -> ... -> conv * exp(3 logs)."""
-    net = CouplingNet(2, 6, HIDDEN).double()
-    x = _images(seed=3)[:, :2]
+    net = CouplingNet(2, out_channels, hidden).double()
+    x = _images(seed=3)[:, :2] if image == "small" else torch.randn(
+        3, 2, 10, 10, dtype=torch.float64, generator=_generator(3))
     net(x)  # data-dependent init
     with torch.no_grad():
         for p in net.parameters():
