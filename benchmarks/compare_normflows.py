@@ -431,7 +431,10 @@ def train_for_budget(models: dict[str, nn.Module], train_images: torch.Tensor, c
         out[name] = {"steps": len(ls), "images_seen": len(ls) * cfg.batch_size, "wall_s": round(used[name], 1),
                      "cpu_s": round(cpu_used[name], 1),
                      "train_bpd_last50_mean": round(sum(tail) / max(len(tail), 1), 4),
-                     "nonfinite_losses": sum(not math.isfinite(v) for v in ls)}
+                     "nonfinite_losses": sum(not math.isfinite(v) for v in ls),
+                     # the training curve, to tell a spike or a plateau from a slow model
+                     "train_bpd_per_50_steps": [round(statistics.fmean(ls[i:i + 50]), 4)
+                                                for i in range(0, len(ls), 50)]}
     return out, runs
 
 

@@ -117,6 +117,8 @@ def test_budget_training_and_test_bpd_on_synthetic_images(bench, tiny):
     for name, model in models.items():
         assert out[name]["steps"] >= 1 and out[name]["nonfinite_losses"] == 0
         assert out[name]["wall_s"] >= 0.3
+        curve = out[name]["train_bpd_per_50_steps"]
+        assert len(curve) == math.ceil(out[name]["steps"] / 50) and all(math.isfinite(v) for v in curve)
         assert runs[name].model is model and runs[name].steps == out[name]["steps"]
         for scored in (model, runs[name].ema.model):
             bpd = bench.evaluate_bpd(name, scored, images[:10], tiny, batch=4)
