@@ -71,18 +71,18 @@ def _count_routes(monkeypatch):
     ((2, 8, 10, 10), (128, 8, 3, 3), None),   # only 16x: oneDNN
     ((2, 4, 8, 8), (128, 4, 3, 3), None),     # 64 pixels: oneDNN
 ])
-def test_conv3x3_dispatch(monkeypatch, shape, w_shape, route):
+def test_conv2d_same_dispatch(monkeypatch, shape, w_shape, route):
     calls = _count_routes(monkeypatch)
     x, w, b = _rand(*shape, seed=7), _rand(*w_shape, seed=8), _rand(w_shape[0], seed=9)
-    torch.testing.assert_close(convs.conv3x3(x, w, b), F.conv2d(x, w, b, padding=1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(convs.conv2d_same(x, w, b), F.conv2d(x, w, b, padding=1), rtol=1e-12, atol=1e-12)
     assert calls == {"in": int(route == "in"), "out": int(route == "out")}
 
 
-def test_conv3x3_under_autocast_is_plain_conv2d(monkeypatch):
+def test_conv2d_same_under_autocast_is_plain_conv2d(monkeypatch):
     calls = _count_routes(monkeypatch)
     x, w = torch.randn(2, 4, 10, 10), torch.randn(128, 4, 3, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = convs.conv3x3(x, w)
+        y = convs.conv2d_same(x, w)
     assert y.dtype == torch.bfloat16 and calls == {"in": 0, "out": 0}
 
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .convs import conv3x3
+from .convs import conv2d_same
 
 # Scale on the zero-initialised layers' learned log-scale, as in the official code: lets the
 # output scale move quickly while starting at exactly 1.
@@ -195,10 +195,7 @@ def _scaled_conv(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor, bias: to
     """``(conv(x) + bias) * scale`` per output channel (``conv`` without its own bias) as a single
     convolution: the scale touches the (small) weights, not the activations."""
     scale = scale.view(-1)
-    weight, bias = conv.weight * scale.view(-1, 1, 1, 1), bias.view(-1) * scale
-    if weight.shape[2:] == (3, 3):
-        return conv3x3(x, weight, bias)
-    return F.conv2d(x, weight, bias, padding=conv.padding)
+    return conv2d_same(x, conv.weight * scale.view(-1, 1, 1, 1), bias.view(-1) * scale)
 
 
 class ZeroConv2d(nn.Module):

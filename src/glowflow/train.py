@@ -67,7 +67,7 @@ class TrainConfig:
         if self.optimizer not in ("adam", "adamax"):
             raise ValueError(f"optimizer must be 'adam' or 'adamax', got {self.optimizer!r}")
         if self.lr_decay not in LR_DECAYS:
-            raise ValueError(f"lr_decay must be 'none', 'linear' or 'cosine', got {self.lr_decay!r}")
+            raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
         if not 0.0 <= self.lr_final <= 1.0:
             raise ValueError(f"lr_final must be in [0, 1] (a fraction of lr), got {self.lr_final}")
         if self.precision not in ("fp32", "bf16", "fp16"):
