@@ -11,8 +11,9 @@ x = (x_bins + u) / 256 on [0, 1)^D. Measured:
 4. with ``--budget-seconds S``: each model trains on Fashion-MNIST for the same wall-clock budget,
    then both are scored in bits/dim on the first N test images with the same dequantisation noise.
    Both get one training recipe, by default the one glowflow's default preset uses (learning-rate
-   warm-up, linear decay to zero over the budget, EMA weights scored); ``--lr-decay none --ema 0``
-   gives both a constant learning rate and scores their raw weights.
+   warm-up, linear decay to zero over the budget, the gradient's global norm clipped at 50, EMA
+   weights scored); ``--lr-decay none --ema 0`` gives both a constant learning rate and scores
+   their raw weights, ``--grad-clip 0`` turns clipping off.
 
     .venv/bin/python benchmarks/compare_normflows.py                      # 1x28x28, L=2 (< 3 min, 2 cores)
     .venv/bin/python benchmarks/compare_normflows.py --image-shape 3,32,32 --levels 3
@@ -77,6 +78,7 @@ class BenchConfig:
     lr_decay: str = "linear"  # "none" | "linear" | "cosine": after warm-up, over the wall-clock budget
     warmup_steps: int = 100
     ema: float = 0.995  # EMA of the weights, scored at the end; 0 scores the raw weights only
+    grad_clip: float = TrainConfig.grad_clip  # global gradient norm clipped at this; 0: no clipping
 
     def __post_init__(self):
         object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
@@ -84,6 +86,8 @@ class BenchConfig:
         self.schedule(budget_s=60.0)  # the schedule's own checks, before any timing or training
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"ema must be in [0, 1), got {self.ema}")
+        if not self.grad_clip >= 0.0:
+            raise ValueError(f"grad_clip must be >= 0 (0: off), got {self.grad_clip}")
         if h % 2 ** self.levels or w % 2 ** self.levels:
             raise ValueError(f"H and W must be divisible by 2**levels = {2 ** self.levels}, "
                              f"got image_shape {self.image_shape} with levels={self.levels}")
@@ -204,12 +208,16 @@ def bits_per_dim(log_prob: torch.Tensor, num_dims: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ training
 
-def make_trainer(name: str, model: nn.Module, cfg: BenchConfig):
+def make_trainer(name: str, model: nn.Module, cfg: BenchConfig, grad_clip: float = 0.0,
+                 grad_norms: list[float] | None = None):
     """A closure doing one forward + backward + Adam step on (x01, x_deq, noise); returns the bpd.
     ``lr`` (optional) sets the learning rate for this step.
 
     The same optimizer for both (fused Adam, one kernel for all parameters), so that neither
-    library's step time includes per-parameter optimizer overhead the other avoids."""
+    library's step time includes per-parameter optimizer overhead the other avoids. With
+    ``grad_clip > 0`` the gradient's global norm is clipped to it before the step (the budget
+    run's recipe; the timed steps have none), and the norm before clipping is appended to
+    ``grad_norms`` if given."""
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     d = cfg.num_dims
 
@@ -224,6 +232,10 @@ def make_trainer(name: str, model: nn.Module, cfg: BenchConfig):
             loss = bits_per_dim(log_prob_normflows(model, x_deq), d).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+            if grad_norms is not None:
+                grad_norms.append(norm)
         opt.step()
         return float(loss.detach())
 
@@ -377,7 +389,8 @@ class BudgetRun:
         self.order_gen = torch.Generator().manual_seed(cfg.seed)
         self.noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.perm, self.pos = torch.randperm(train_images.shape[0], generator=self.order_gen), 0
-        self.step_fn = make_trainer(name, model, cfg)
+        self.grad_norms: list[float] = []  # before clipping, one per step (empty without clipping)
+        self.step_fn = make_trainer(name, model, cfg, grad_clip=cfg.grad_clip, grad_norms=self.grad_norms)
         _, x_deq, _ = batch_with_noise(train_images[self.perm[:cfg.batch_size]], self.noise_gen)
         data_init({name: model}, x_deq)
         self.schedule = cfg.schedule(budget_s)  # the same for both models
@@ -435,6 +448,12 @@ def train_for_budget(models: dict[str, nn.Module], train_images: torch.Tensor, c
                      # the training curve, to tell a spike or a plateau from a slow model
                      "train_bpd_per_50_steps": [round(statistics.fmean(ls[i:i + 50]), 4)
                                                 for i in range(0, len(ls), 50)]}
+        norms = runs[name].grad_norms
+        if norms:  # how often clipping bit, and the largest gradient norm in each 50 steps
+            out[name]["clipped_steps"] = sum(v > cfg.grad_clip for v in norms)
+            out[name]["grad_norm_median"] = round(statistics.median(norms), 3)
+            out[name]["grad_norm_max_per_50_steps"] = [round(max(norms[i:i + 50]), 2)
+                                                      for i in range(0, len(norms), 50)]
     return out, runs
 
 
@@ -448,6 +467,7 @@ def run_budget(models: dict[str, nn.Module], cfg: BenchConfig, data: str, budget
     test_images = test_images[:eval_images]
     recipe = (f"Adam(lr={cfg.lr}, fused=True), {cfg.warmup_steps} warm-up steps, "
               + ("then constant" if cfg.lr_decay == "none" else f"then {cfg.lr_decay} decay to 0 over the budget")
+              + (f"; gradient norm clipped at {cfg.grad_clip}" if cfg.grad_clip else "; no gradient clipping")
               + (f"; EMA {cfg.ema} weights scored" if cfg.ema else "; raw weights scored"))
     out = {"data": str(data), "loader": loader, "budget_seconds": budget_s,
            "eval_images": int(test_images.shape[0]), "train_images": int(train_images.shape[0]),
@@ -567,6 +587,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="budget run: learning rate after warm-up (decays over the wall-clock budget)")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="budget run: learning-rate warm-up")
     p.add_argument("--ema", type=float, default=d.ema, help="budget run: EMA decay of the scored weights (0: raw)")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip,
+                   help="budget run: clip the gradient's global norm to this, as glowflow's trainer does (0: off)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs available)")
     p.add_argument("--budget-seconds", type=float, default=None,
                    help="also train each model this long on Fashion-MNIST and report test bits/dim")
@@ -589,7 +611,8 @@ def main(argv=None) -> dict:
                       hidden_channels=args.hidden_channels, batch_size=args.batch_size, warmup=args.warmup,
                       iters=args.iters, sample_batch=args.sample_batch, sample_repeats=args.sample_repeats,
                       temperature=args.temperature, lr=args.lr, seed=args.seed,
-                      lr_decay=args.lr_decay, warmup_steps=args.warmup_steps, ema=args.ema)
+                      lr_decay=args.lr_decay, warmup_steps=args.warmup_steps, ema=args.ema,
+                      grad_clip=args.grad_clip)
     threads = args.threads or machine_info()["cpus_available"]
     torch.set_num_threads(threads)
     t_start = time.perf_counter()

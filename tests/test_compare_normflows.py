@@ -116,6 +116,8 @@ def test_budget_training_and_test_bpd_on_synthetic_images(bench, tiny):
     out, runs = bench.train_for_budget(models, images, tiny, budget_s=0.3, slice_s=0.1)
     for name, model in models.items():
         assert out[name]["steps"] >= 1 and out[name]["nonfinite_losses"] == 0
+        norms = out[name]["grad_norm_max_per_50_steps"]  # the default recipe clips, and says how hard
+        assert len(norms) == len(out[name]["train_bpd_per_50_steps"]) and 0 <= out[name]["clipped_steps"] <= out[name]["steps"]
         assert out[name]["wall_s"] >= 0.3
         curve = out[name]["train_bpd_per_50_steps"]
         assert len(curve) == math.ceil(out[name]["steps"] / 50) and all(math.isfinite(v) for v in curve)
@@ -146,3 +148,24 @@ def test_budget_recipe_warms_up_then_decays_with_the_clock(bench, tiny):
     assert math.isfinite(loss) and constant.steps == 11
     with pytest.raises(ValueError, match="lr_decay"):
         replace(tiny, lr_decay="step")
+
+
+@pytest.mark.parametrize("name", ["glowflow", "normflows"])
+def test_budget_recipe_clips_the_gradient_norm_and_records_it(bench, tiny, name):
+    from dataclasses import replace
+    images = torch.randint(0, 256, (16, *tiny.image_shape), generator=torch.Generator().manual_seed(4),
+                           dtype=torch.uint8)
+    cfg = replace(tiny, grad_clip=1e-3)  # far below any real gradient norm, so it always bites
+    model = bench.build_glowflow(cfg) if name == "glowflow" else bench.build_normflows(cfg)
+    run = bench.BudgetRun(name, model, images, cfg, budget_s=100.0)
+    run.step(0.0)
+    assert len(run.grad_norms) == 1 and run.grad_norms[0] > 1e-3
+    clipped = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    assert float(clipped) == pytest.approx(1e-3, rel=1e-3)
+    # off: nothing clipped or recorded
+    off = bench.BudgetRun(name, bench.build_glowflow(cfg) if name == "glowflow" else bench.build_normflows(cfg),
+                          images, replace(cfg, grad_clip=0.0), budget_s=100.0)
+    off.step(0.0)
+    assert off.grad_norms == []
+    with pytest.raises(ValueError, match="grad_clip"):
+        replace(tiny, grad_clip=-1.0)
