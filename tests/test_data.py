@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import gzip
+import os
+import stat
 import struct
 import sys
 import urllib.error
@@ -159,6 +161,10 @@ def test_download_writes_files(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
     ds = get_dataset("fashion-mnist", tmp_path / "dl", split="test", download=True)
     np.testing.assert_array_equal(ds.labels.numpy(), truth["test"][1])
+    if os.name == "posix":  # downloaded through a tempfile, yet with the mode open() would give
+        from glowflow.checkpoint import _umask
+        modes = {stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "dl").rglob("*") if f.is_file()}
+        assert modes == {0o666 & ~_umask()}
 
 
 def test_bad_arguments(tmp_path):

@@ -430,3 +430,29 @@ def test_adam_lowers_the_loss_on_a_fixed_batch():
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "umask") or __import__("sys").platform == "win32",
+                    reason="POSIX permissions")
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_umask_modes_not_tempfiles_private_ones(tmp_path, umask):
+    """Checkpoints and outputs are written through tempfile (0600 / 0700) and renamed; they must end
+    up with the modes open() and mkdir() would give (0666 / 0777 less the umask)."""
+    import os
+    import stat
+
+    from glowflow import latent
+    from glowflow.checkpoint import atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        Glow(**TINY).save_pretrained(tmp_path / "ckpt")
+        atomic_write_text(tmp_path / "out.json", "{}\n")
+        latent.save_directions(latent.Directions(["a"], torch.zeros(1, 32), [1], [1], ["x"]), tmp_path / "dirs")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(tmp_path / "ckpt") == 0o777 & ~umask
+    files = [*(tmp_path / "ckpt").iterdir(), tmp_path / "out.json", *(tmp_path / "dirs").iterdir()]
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert {f.name: oct(mode(f)) for f in files} == {f.name: oct(0o666 & ~umask) for f in files}

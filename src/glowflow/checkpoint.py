@@ -40,6 +40,26 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask: from /proc where Linux has it, else by setting and restoring it."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_permissions(path, directory: bool = False) -> None:
+    """Give a file or directory made by ``tempfile`` (0600 / 0700) the mode that ``open`` or
+    ``mkdir`` would have given it (0666 / 0777 less the umask), so that checkpoints and outputs
+    are as readable to a group as any other file the user writes."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def atomic_write_text(path, text: str) -> None:
     """Write a file via a temporary file and ``os.replace`` (readers see old or new, never half)."""
     path = Path(path)
@@ -50,6 +70,7 @@ def atomic_write_text(path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -68,8 +89,10 @@ def atomic_directory(path):
         yield tmp
         write_checksums(tmp)
         for f in tmp.iterdir():
+            default_permissions(f)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        default_permissions(tmp, directory=True)
         _fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import default_permissions
+
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 MNIST_CLASSES = [str(d) for d in range(10)]
@@ -404,6 +406,7 @@ def _download(urls: list[str], root: Path, name: str) -> None:
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
                 shutil.copyfileobj(resp, out)
+            default_permissions(tmp)
             os.replace(tmp, target)
         except (urllib.error.URLError, OSError, TimeoutError) as e:
             Path(tmp).unlink(missing_ok=True)

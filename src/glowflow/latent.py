@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import (CHECKPOINT_DIR, WEIGHTS_NAME, CheckpointError, atomic_write_text,
-                         resolve_checkpoint_dir)
+                         default_permissions, resolve_checkpoint_dir)
 from .images import load_image
 from .layers import ActNorm
 
@@ -587,6 +587,7 @@ def save_directions(directions: Directions, directory, weights_sha: str | None =
                   metadata={"format": DIRECTIONS_FORMAT, "info": json.dumps(info)})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        default_permissions(tmp)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
