@@ -60,15 +60,18 @@ def default_permissions(path, directory: bool = False) -> None:
         os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
-def atomic_write_text(path, text: str) -> None:
-    """Write a file via a temporary file and ``os.replace`` (readers see old or new, never half)."""
+@contextlib.contextmanager
+def atomic_file(path, suffix: str = ""):
+    """Yield a temporary path beside ``path`` for the block to write; then sync it, give it the
+    usual permissions and rename it over ``path`` (readers see old or new, never half). On an
+    error it is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         default_permissions(tmp)
         os.replace(tmp, path)
@@ -77,6 +80,12 @@ def atomic_write_text(path, text: str) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write a text file atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 @contextlib.contextmanager

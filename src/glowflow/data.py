@@ -17,7 +17,6 @@ import os
 import pickle
 import shutil
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import default_permissions
+from .checkpoint import atomic_file
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -402,14 +401,11 @@ def _download(urls: list[str], root: Path, name: str) -> None:
         target = root / url.rsplit("/", 1)[-1]
         if target.is_file():
             continue
-        fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{target.name}.", suffix=".part")
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
+            with (atomic_file(target, suffix=".part") as tmp, open(tmp, "wb") as out,
+                  urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp):
                 shutil.copyfileobj(resp, out)
-            default_permissions(tmp)
-            os.replace(tmp, target)
         except (urllib.error.URLError, OSError, TimeoutError) as e:
-            Path(tmp).unlink(missing_ok=True)
             files = ", ".join(u.rsplit("/", 1)[-1] for u in urls)
             raise RuntimeError(
                 f"could not download {url} ({type(e).__name__}: {e}); this machine seems to be "

@@ -17,8 +17,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import (CHECKPOINT_DIR, WEIGHTS_NAME, CheckpointError, atomic_write_text,
-                         default_permissions, resolve_checkpoint_dir)
+from .checkpoint import (CHECKPOINT_DIR, WEIGHTS_NAME, CheckpointError, atomic_file,
+                         atomic_write_text, resolve_checkpoint_dir)
 from .images import load_image
 from .layers import ActNorm
 
@@ -580,18 +578,9 @@ def save_directions(directions: Directions, directory, weights_sha: str | None =
     info = {"format": DIRECTIONS_FORMAT, "num_dims": directions.num_dims, "weights_sha256": weights_sha,
             "directions": directions.info()}
     target = directory / DIRECTIONS_WEIGHTS
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=directory)
-    os.close(fd)
-    try:
-        save_file({"directions": directions.vectors.detach().float().contiguous().cpu()}, tmp,
+    with atomic_file(target) as tmp:
+        save_file({"directions": directions.vectors.detach().float().contiguous().cpu()}, str(tmp),
                   metadata={"format": DIRECTIONS_FORMAT, "info": json.dumps(info)})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        default_permissions(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     atomic_write_text(directory / DIRECTIONS_JSON, json.dumps(info, indent=2) + "\n")
     return target
 
