@@ -49,20 +49,22 @@ bench: setup
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/compare_normflows.py
 
-# Pictures for the README from the model `make run` trained: temperatures, interpolation, a class direction.
+# Pictures for the README from the model `make run` trained: temperatures, interpolation, a class
+# direction, each image enlarged 4x (nearest neighbour) so that 28x28 can be seen.
 FIG := docs/images
+GLOWFLOW := $(VENV)/bin/glowflow
 figures: setup data
 	mkdir -p $(FIG)
 	$(PY) -c "from glowflow.data import get_dataset; from glowflow.images import save_grid; \
 	  d = get_dataset('fashion-mnist', '$(FMNIST)', 'test'); \
-	  [save_grid(d.images[i:i + 1], '$(FIG)/test-%d.png' % i, nrow=1, padding=0) for i in (0, 1)]"
-	$(VENV)/bin/glowflow sample $(RUN_DIR) --n 8 --temperature 0,0.5,0.7,1.0 --out $(FIG)/temperatures.png
-	$(VENV)/bin/glowflow interpolate $(FIG)/test-0.png $(FIG)/test-1.png --checkpoint $(RUN_DIR) --steps 8 \
+	  [save_grid(d.images[i:i + 1], '$(RUN_DIR)/test-%d.png' % i, nrow=1, padding=0) for i in (0, 1)]"
+	$(GLOWFLOW) sample $(RUN_DIR) --n 8 --temperature 0,0.5,0.7,1.0 --scale 4 --out $(FIG)/temperatures.png
+	$(GLOWFLOW) interpolate $(RUN_DIR) $(RUN_DIR)/test-0.png $(RUN_DIR)/test-1.png --steps 8 --scale 4 \
 	  --out $(FIG)/interpolation.png
-	$(VENV)/bin/glowflow directions $(RUN_DIR) --dataset fashion-mnist --data $(FMNIST) \
+	$(GLOWFLOW) directions $(RUN_DIR) --dataset fashion-mnist --data $(FMNIST) \
 	  --positive Sneaker --negative "Ankle boot"
-	$(VENV)/bin/glowflow manipulate $(FIG)/test-0.png --checkpoint $(RUN_DIR) --attribute "Sneaker-vs-Ankle boot" \
-	  --alphas -1.5,-1,-0.5,0,0.5,1,1.5 --out $(FIG)/sneaker-vs-ankle-boot.png
+	$(GLOWFLOW) manipulate $(RUN_DIR) $(RUN_DIR)/test-0.png --attribute "Sneaker-vs-Ankle boot" \
+	  --alphas -1.5,-1,-0.5,0,0.5,1,1.5 --scale 4 --out $(FIG)/sneaker-vs-ankle-boot.png
 	cp $(RUN_DIR)/samples.png $(FIG)/samples.png
 	cp $(RUN_DIR)/curve.png $(FIG)/curve.png
 

@@ -51,7 +51,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import glowflow
 from glowflow import numerics
-from glowflow.checkpoint import atomic_write_text
+from glowflow.io import atomic_write_text
 from glowflow.model import Glow
 from glowflow.train import EMA, LR_DECAYS, TrainConfig, learning_rate, run_progress
 

@@ -31,7 +31,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import glowflow
-from glowflow.checkpoint import atomic_write_text
+from glowflow.io import atomic_write_text
 from glowflow.model import Glow, GlowConfig
 
 CELEBA_HQ = dict(image_shape=(3, 256, 256), levels=6, steps=32, hidden_channels=512, coupling="additive",
@@ -61,7 +61,7 @@ def _median_time(fn, device: torch.device, iters: int, warmup: int) -> tuple[flo
 
 def build_model(arch: dict, memory: str, device: torch.device, batch: int, channels_last: bool) -> Glow:
     """The architecture after data-dependent init on one random batch (as training would start)."""
-    model = Glow(config=GlowConfig(**arch, memory=memory)).to(device)
+    model = Glow(config=GlowConfig(**arch), memory=memory).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     g = torch.Generator().manual_seed(0)

@@ -35,12 +35,28 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import glowflow
-from glowflow.checkpoint import atomic_write_text
-from glowflow.memory import MEMORY_MODES, saved_tensor_bytes
+from glowflow.io import atomic_write_text
+from glowflow.memory import MEMORY_MODES
 from glowflow.model import Glow
 
 TARGET_PEAK_RATIO = 1.3  # invertible: peak(K=32) / peak(K=8)
 TARGET_TIME_RATIO = 1.6  # invertible step time / plain step time
+
+
+def saved_tensor_bytes(loss_fn) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``loss_fn()`` builds its
+    graph; then runs backward, so the stored graph is shown to suffice. What a memory mode saves."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    loss.backward()
+    return sum(storages.values())
 
 
 def _parse_ints(text: str) -> list[int]:

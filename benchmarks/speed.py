@@ -79,8 +79,8 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     config = GlowConfig(image_shape=tuple(args.image_shape), levels=args.levels, steps=args.steps,
                         hidden_channels=args.hidden_channels, coupling=args.coupling,
-                        permutation=args.permutation, memory=args.memory, seed=args.seed)
-    model = Glow(config=config).to(device)
+                        permutation=args.permutation, seed=args.seed)
+    model = Glow(config=config, memory=args.memory).to(device)
     generator = torch.Generator().manual_seed(args.seed)
 
     def images(n: int) -> torch.Tensor:

@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from glowflow import ablate
+from glowflow import ablation as ablate
+from glowflow.cli import ablate as cli_ablate
 from glowflow.data import ImageDataset
 from glowflow.model import GlowConfig
 from glowflow.train import TrainConfig
@@ -178,4 +179,4 @@ def test_cli_registers_ablate():
     from glowflow.cli import build_parser
 
     args = build_parser().parse_args(["ablate", "--data", "mnist", "--budget-steps", "5", "--seeds", "2"])
-    assert (args.data, args.budget_steps, args.seeds, args.func) == ("mnist", 5, 2, ablate.cmd_ablate)
+    assert (args.data, args.budget_steps, args.seeds, args.func) == ("mnist", 5, 2, cli_ablate.cmd_ablate)

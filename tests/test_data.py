@@ -41,8 +41,8 @@ def write_idx(path: Path, arr: np.ndarray, gz: bool = True) -> Path:
 def fake_mnist(root: Path, n_train=7, n_test=3, gz=True, seed=0):
     rng = np.random.default_rng(seed)
     out = {}
-    for split, (img, lab), n in (("train", data._IDX_FILES["train"], n_train),
-                                 ("test", data._IDX_FILES["test"], n_test)):
+    for split, (img, lab), n in (("train", data.IDX_FILES["train"], n_train),
+                                 ("test", data.IDX_FILES["test"], n_test)):
         x = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
         y = rng.integers(0, 10, n, dtype=np.uint8)
         write_idx(root / img, x, gz)
@@ -127,7 +127,7 @@ def test_limit_size_and_channels(tmp_path):
     small = get_dataset("fashion-mnist", tmp_path, image_size=14)
     assert small.image_shape == (1, 14, 14)
     # antialiased resize of a constant image stays constant
-    const = data._adapt(torch.full((1, 1, 28, 28), 77, dtype=torch.uint8), 14, None)
+    const = data.adapt(torch.full((1, 1, 28, 28), 77, dtype=torch.uint8), 14, None)
     assert (const == 77).all()
 
 
@@ -162,7 +162,7 @@ def test_download_writes_files(tmp_path, monkeypatch):
     ds = get_dataset("fashion-mnist", tmp_path / "dl", split="test", download=True)
     np.testing.assert_array_equal(ds.labels.numpy(), truth["test"][1])
     if os.name == "posix":  # downloaded through a tempfile, yet with the mode open() would give
-        from glowflow.checkpoint import _umask
+        from glowflow.io import _umask
         modes = {stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "dl").rglob("*") if f.is_file()}
         assert modes == {0o666 & ~_umask()}
 
@@ -436,7 +436,7 @@ def test_folder_errors(tmp_path):
     with pytest.raises(ValueError, match="differ in size.*image_size"):
         get_dataset("folder", tmp_path, split="train")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
-    split = "test" if data._in_test_split("broken.png") else "train"
+    split = "test" if data.in_test_split("broken.png") else "train"
     with pytest.raises(ValueError, match="broken.png.*cannot be decoded"):
         get_dataset("folder", tmp_path, split=split, image_size=8)
     (tmp_path / "empty").mkdir()

@@ -44,7 +44,8 @@ RUN_TIMEOUT_S = 120  # one torchrun launch; it is killed (with its workers) afte
 PRESET = {
     "dataset": "fashion-mnist",
     "model": {"image_shape": [1, 28, 28], "levels": 2, "steps": 2, "hidden_channels": 8,
-              "permutation": "invconv_lu", "memory": "invertible"},
+              "permutation": "invconv_lu"},
+    "memory": "invertible",
     "batch_size": 8, "init_batch_size": 16, "lr": 1e-3, "warmup_steps": 2, "max_steps": STEPS,
     "log_every": 1, "eval_every": 1000, "sample_every": 1000, "checkpoint_every": 1000,
     "test_limit": 4, "ema_decay": 0.9, "progress": False, "device": "cpu",

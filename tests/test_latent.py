@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from glowflow import Glow, cli_edit, latent
+from glowflow import Glow, latent
+from glowflow.cli import edit as cli_edit
 from glowflow.checkpoint import CheckpointError
 from glowflow.images import ImageError, load_image, make_grid, png_bytes, save_grid
 

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.functional import jacobian
 
-from glowflow.layers import (ActNorm, Coupling, CouplingNet, FlowStep, InvConv1x1, Permute, SplitPrior,
-                             Squeeze, TopPrior)
+from glowflow import fast
+from glowflow.layers import (ActNorm, Chain, Coupling, CouplingNet, FlowStep, InvConv1x1, InvertibleLayer, Level,
+                             Permute, SplitPrior, Squeeze, TopPrior)
 
 B, C, H, W = 2, 4, 4, 4
 HIDDEN = 8
@@ -42,20 +43,11 @@ def _as_bijection(layer: torch.nn.Module, changes_volume: bool, cond: dict | Non
     def take(rows):
         return {k: v[rows] for k, v in cond.items()}
 
-    if isinstance(layer, SplitPrior):
-        # x -> (z1, eps): concatenate the kept half and the standardised half.
-        def fwd(x, rows=slice(None)):
-            z1, eps, logdet = layer(x, **take(rows))
-            return torch.cat([z1, eps], 1), logdet
+    def fwd(x, rows=slice(None)):
+        return layer(x, **take(rows))
 
-        def inv(y, rows=slice(None)):
-            return layer.inverse(y[:, : layer.num_keep], y[:, layer.num_keep:], **take(rows))
-    else:
-        def fwd(x, rows=slice(None)):
-            return layer(x, **take(rows))
-
-        def inv(y, rows=slice(None)):
-            return layer.inverse(y, **take(rows))
+    def inv(y, rows=slice(None)):
+        return layer.inverse(y, **take(rows))
     return Bijection(layer, fwd, inv, changes_volume)
 
 
@@ -117,6 +109,26 @@ def _split_prior(x, pz, pa):
     return _as_bijection(pz(SplitPrior(C).double(), std=0.2), changes_volume=True)
 
 
+def _chain(x, pz, pa):
+    layer = Chain(ActNorm(C), InvConv1x1(C, lu=True, generator=_generator()), Coupling(C, HIDDEN, "affine", _generator()))
+    layer = pz(layer.double(), std=0.2)
+    layer(x)  # data-dependent init
+    pa(layer, std=0.05)
+    return _as_bijection(layer, changes_volume=True)
+
+
+def _level(last: bool):
+    def build(x, pz, pa):
+        # squeeze to 16 channels at 2x2, two steps of flow, and (unless last) the split; smaller
+        # perturbations than a single step's, whose composition at 2x2 gets too ill-conditioned
+        # for a float64 inverse at 1e-10
+        layer = pz(Level(C, 2, HIDDEN, "affine", "invconv_lu", last, _generator()).double(), std=0.1)
+        layer(x)  # data-dependent init
+        pa(layer, std=0.02)
+        return _as_bijection(layer, changes_volume=True)
+    return build
+
+
 def _top_prior(num_classes):
     def build(x, pz, pa):
         layer = pz(TopPrior((C, H, W), learn_top=True, num_classes=num_classes).double(), std=0.2)
@@ -139,6 +151,9 @@ LAYERS = {
     **{f"flowstep_{p}_{c}": _flowstep(p, c)
        for p in ("invconv", "invconv_lu", "shuffle", "reverse") for c in ("affine", "additive")},
     "split_prior": _split_prior,
+    "chain": _chain,
+    "level": _level(last=False),
+    "level_last": _level(last=True),
     "top_prior": _top_prior(None),
     "top_prior_class_conditional": _top_prior(NUM_CLASSES),
 }

@@ -9,9 +9,22 @@ from __future__ import annotations
 import pytest
 import torch
 
+import importlib.util
+from pathlib import Path
+
 from glowflow import Glow
-from glowflow.layers import FlowStep
-from glowflow.memory import MEMORY_MODES, run_steps, saved_tensor_bytes
+from glowflow.layers import FlowStep, InvertibleLayer
+from glowflow.memory import MEMORY_MODES, run_layers
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
+
+
+def _saved_tensor_bytes(loss_fn) -> int:
+    """benchmarks/memory.py's measure of what autograd stores for backward (one definition for both)."""
+    spec = importlib.util.spec_from_file_location("glowflow_memory_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.saved_tensor_bytes(loss_fn)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -100,7 +113,7 @@ def test_invertible_gradients_through_a_deep_sequence(perturb_zero_init, perturb
 
 
 def test_invertible_gradient_of_the_logdet_alone_and_of_a_frozen_input(perturb_zero_init, perturb_all):
-    """Backward with only some outputs used, and an input that needs no gradient, on run_steps itself."""
+    """Backward with only some outputs used, and an input that needs no gradient, on run_layers itself."""
     models = _models(perturb_zero_init, perturb_all)
     level_ref, level_inv = models["none"].levels[0], models["invertible"].levels[0]
     z = torch.randn(2, 8, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
@@ -108,7 +121,7 @@ def test_invertible_gradient_of_the_logdet_alone_and_of_a_frozen_input(perturb_z
         grads = []
         for level, mode in ((level_ref, "none"), (level_inv, "invertible")):
             level.zero_grad(set_to_none=True)
-            y, logdet = run_steps(level.steps, z, mode)
+            y, logdet = run_layers(list(level.steps), z, mode)
             (logdet.sum() if use == "logdet" else y.square().sum()).backward()
             grads.append([p.grad for p in level.steps.parameters()])
         for a, b in zip(*grads):
@@ -117,8 +130,18 @@ def test_invertible_gradient_of_the_logdet_alone_and_of_a_frozen_input(perturb_z
                 assert _max_rel(a, b) <= 1e-10, use
 
 
-class _OtherStep(FlowStep):
-    """Not a FlowStep as such: run_steps takes its generic inverse-then-recompute path."""
+class _OtherStep(InvertibleLayer):
+    """A layer with only forward and inverse: run_layers takes its generic inverse-then-recompute path."""
+
+    def __init__(self, *args):
+        super().__init__()
+        self.step = FlowStep(*args)
+
+    def forward(self, x):
+        return self.step(x)
+
+    def inverse(self, y):
+        return self.step.inverse(y)
 
 
 @pytest.mark.parametrize("coupling", COUPLINGS)
@@ -129,10 +152,10 @@ def test_generic_path_for_other_steps_equals_plain_autograd(coupling, perturb_ze
         g = torch.Generator().manual_seed(0)
         steps = torch.nn.ModuleList(_OtherStep(8, 8, coupling, "invconv", g) for _ in range(3)).double()
         with torch.no_grad():
-            run_steps(steps, z)  # data-dependent init
+            run_layers(list(steps), z)  # data-dependent init
         perturb_all(perturb_zero_init(steps, std=0.1), std=0.02)
         zi = z.clone().requires_grad_(True)
-        y, logdet = run_steps(steps, zi, mode)
+        y, logdet = run_layers(list(steps), zi, mode)
         (y.square().sum() + logdet.sum()).backward()
         grads[mode] = [zi.grad] + [p.grad for p in steps.parameters()]
     for a, b in zip(grads["invertible"], grads["none"]):
@@ -198,7 +221,7 @@ def test_invertible_stores_nothing_per_step_while_plain_grows_with_depth():
         for steps in (2, 8):
             model = Glow(**{**TINY, "steps": steps, "hidden_channels": 16}, memory=mode)
             model.initialize(x)
-            saved[mode, steps] = saved_tensor_bytes(lambda: model(x, noise=noise).bits_per_dim.mean())
+            saved[mode, steps] = _saved_tensor_bytes(lambda: model(x, noise=noise).bits_per_dim.mean())
     # plain autograd keeps every step's activations: 4x the steps, about 4x the bytes
     assert saved["none", 8] > 3 * saved["none", 2]
     # invertible keeps the output of each level's step sequence and nothing that depends on K
@@ -216,4 +239,4 @@ def test_no_grad_and_eval_paths_are_the_plain_loop(perturb_zero_init, perturb_al
 
 def test_unknown_memory_mode_is_refused():
     with pytest.raises(ValueError, match="memory must be one of"):
-        run_steps(torch.nn.ModuleList(), torch.zeros(1, 4, 2, 2), "bogus")
+        run_layers([], torch.zeros(1, 4, 2, 2), "bogus")

@@ -132,7 +132,7 @@ def test_resume_under_another_memory_mode(tmp_path):
     full, half = tmp_path / "full", tmp_path / "half"
     run(tiny_cfg(max_steps=8), full)
     run(tiny_cfg(max_steps=4), half)
-    run(tiny_cfg(max_steps=8, model={**TINY_MODEL, "memory": "invertible"}), half, resume=True)
+    run(tiny_cfg(max_steps=8, memory="invertible"), half, resume=True)
     a, b = raw_params(full), raw_params(half)
     assert max(float((a[k].double() - b[k].double()).abs().max()) for k in a) < 1e-5
 

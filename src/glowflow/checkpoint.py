@@ -1,119 +1,56 @@
-"""Checkpoints: JSON config + safetensors weights, written so that a kill never corrupts them.
+"""The checkpoint format: a directory of ``config.json`` + ``model.safetensors`` + ``checksums.json``.
 
-A checkpoint is a directory. It is written into a temporary sibling and swapped in with renames:
-at every instant either ``<dir>`` or ``<dir>.old`` holds a complete checkpoint, and the loader
-falls back to ``<dir>.old`` if a kill landed between the two renames. Beside the files sits
-``checksums.json``, the SHA-256 of every binary file in the directory, checked on load: safetensors
-validates its header but not the tensor bytes, so a flipped bit in the weights would otherwise load
-silently. Checkpoints without the manifest (written before it existed) load unchecked.
+A checkpoint is written into a temporary sibling and swapped in with renames
+(:func:`glowflow.io.atomic_directory`): at every instant either ``<dir>`` or ``<dir>.old`` holds a
+complete checkpoint, and the loader falls back to ``<dir>.old`` if a kill landed between the two
+renames. ``checksums.json`` holds the SHA-256 of every other file in the directory, checked on
+load: safetensors validates its header but not the tensor bytes, so a flipped bit in the weights
+(or an edited config) would otherwise load silently. A checkpoint without ``checksums.json``
+loads with a warning. Weights are safetensors, never pickle; a training run adds its optimizer
+state (``trainer.pt``, loaded with ``weights_only=True``) beside them.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
-import shutil
-import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import io
+
+__all__ = ["CheckpointError", "CONFIG_NAME", "WEIGHTS_NAME", "CHECKPOINT_DIR", "CHECKSUMS_NAME",
+           "checkpoint_directory", "resolve_checkpoint_dir", "read_json", "read_config", "write_model_files",
+           "write_checksums", "verify_checksum", "save_tensors", "load_tensors", "load_state_into",
+           "weights_sha256"]
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CHECKPOINT_DIR = "checkpoint"
 CHECKSUMS_NAME = "checksums.json"
+FORMAT = "glowflow"
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, corrupt or does not match the model."""
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _umask() -> int:
-    """The process umask: from /proc where Linux has it, else by setting and restoring it."""
-    with contextlib.suppress(OSError, ValueError):
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def default_permissions(path, directory: bool = False) -> None:
-    """Give a file or directory made by ``tempfile`` (0600 / 0700) the mode that ``open`` or
-    ``mkdir`` would have given it (0666 / 0777 less the umask), so that checkpoints and outputs
-    are as readable to a group as any other file the user writes."""
-    with contextlib.suppress(OSError):
-        os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
-
-
 @contextlib.contextmanager
-def atomic_file(path, suffix: str = ""):
-    """Yield a temporary path beside ``path`` for the block to write; then sync it, give it the
-    usual permissions and rename it over ``path`` (readers see old or new, never half). On an
-    error it is removed and ``path`` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+def checkpoint_directory(path):
+    """Yield a temporary directory to write a checkpoint into; on success its checksums are
+    written and it replaces ``path`` atomically. A failed write (disk full, a file-size limit)
+    raises :class:`CheckpointError` saying so, and leaves ``path`` as it was."""
     try:
-        yield Path(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        default_permissions(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path, text: str) -> None:
-    """Write a text file atomically (:func:`atomic_file`)."""
-    with atomic_file(path) as tmp:
-        tmp.write_text(text)
-
-
-@contextlib.contextmanager
-def atomic_directory(path):
-    """Yield a temporary directory; on success it replaces ``path`` (kept as ``path.old`` meanwhile)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        write_checksums(tmp)
-        for f in tmp.iterdir():
-            default_permissions(f)
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        default_permissions(tmp, directory=True)
-        _fsync_dir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)
+        with io.atomic_directory(path) as tmp:
+            yield tmp
+            write_checksums(tmp)
+    except OSError as e:
+        raise CheckpointError(io.describe_os_error(e, path)) from e
+    except (RuntimeError, SafetensorError) as e:  # safetensors reports a failed write its own way
+        raise CheckpointError(f"could not write the checkpoint {path}: {e}") from e
 
 
 def resolve_checkpoint_dir(path) -> Path:
@@ -131,48 +68,62 @@ def resolve_checkpoint_dir(path) -> Path:
                           f"or in {path / CHECKPOINT_DIR}")
 
 
-def read_json(path) -> dict:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as e:
-        raise CheckpointError(f"missing file: {path}") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupt JSON in {path}: {e}") from e
+def read_json(path):
+    """A JSON file of a checkpoint; missing or corrupt is a :class:`CheckpointError`."""
+    return io.read_json(path, CheckpointError)
 
 
-def write_json(path, data: dict) -> None:
-    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+def read_config(directory) -> dict:
+    """The checked ``config.json`` of a checkpoint directory, as a dict."""
+    path = Path(directory) / CONFIG_NAME
+    verify_checksum(path)
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"bad config in {path}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def write_model_files(directory, config: dict, state_dict: dict[str, torch.Tensor]) -> None:
+    """``config.json`` + ``model.safetensors`` (the weights, with the config in their metadata)."""
+    directory = Path(directory)
+    io.write_json(directory / CONFIG_NAME, config)
+    save_tensors(directory / WEIGHTS_NAME, state_dict, {"format": FORMAT, "config": json.dumps(config)})
 
 
 def write_checksums(directory) -> None:
-    """``checksums.json``: the SHA-256 of each binary file in ``directory``. JSON files are left out,
-    so that a config may be edited by hand; their parser catches truncation."""
+    """``checksums.json``: the SHA-256 of each file in ``directory``."""
     directory = Path(directory)
-    sums = {f.name: file_sha256(f) for f in sorted(directory.iterdir())
-            if f.is_file() and f.suffix != ".json"}
-    write_json(directory / CHECKSUMS_NAME, sums)
+    sums = {f.name: io.file_sha256(f) for f in sorted(directory.iterdir())
+            if f.is_file() and f.name != CHECKSUMS_NAME}
+    io.write_json(directory / CHECKSUMS_NAME, sums)
+
+
+def _manifest(directory: Path) -> dict | None:
+    """The checksums of a checkpoint directory, or None (with a warning) when it has none."""
+    path = directory / CHECKSUMS_NAME
+    if not path.is_file():
+        warnings.warn(f"{directory} has no {CHECKSUMS_NAME}: its files are loaded unchecked (checkpoints "
+                      "written by glowflow have one; re-save the model to add it)", stacklevel=3)
+        return None
+    sums = read_json(path)
+    if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items()):
+        raise CheckpointError(f"corrupt {path}: expected a JSON object of file name -> SHA-256, "
+                              f"got {type(sums).__name__}")
+    return sums
 
 
 def verify_checksum(path) -> None:
     """Raise :class:`CheckpointError` if ``path`` no longer matches the SHA-256 recorded beside it.
-    Files with no recorded sum (no manifest, or not listed in it) pass."""
+    A file the manifest does not list passes (it was added after the checkpoint was written)."""
     path = Path(path)
-    manifest = path.parent / CHECKSUMS_NAME
-    if not manifest.is_file() or not path.is_file():
+    if not path.is_file():
         return
-    expected = read_json(manifest).get(path.name)
-    if expected is not None and file_sha256(path) != expected:
-        raise CheckpointError(f"corrupt file {path}: its SHA-256 does not match the one in {manifest} "
-                              "(the bytes changed after the checkpoint was written)")
+    sums = _manifest(path.parent)
+    expected = None if sums is None else sums.get(path.name)
+    if expected is not None and io.file_sha256(path) != expected:
+        raise CheckpointError(f"corrupt file {path}: its SHA-256 does not match the one in "
+                              f"{path.parent / CHECKSUMS_NAME} (the bytes changed after the checkpoint was "
+                              "written; delete that file to load it unchecked)")
 
 
 def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -190,21 +141,8 @@ def load_tensors(path, device="cpu") -> dict[str, torch.Tensor]:
         raise CheckpointError(f"corrupt or truncated weights file {path}: {e}") from e
 
 
-def write_model_files(directory, model, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """``config.json`` + ``model.safetensors`` of ``model`` (or of ``state_dict`` under its config)."""
-    directory = Path(directory)
-    config = model.config.to_dict()
-    write_json(directory / CONFIG_NAME, config)
-    state = model.state_dict() if state_dict is None else state_dict
-    save_tensors(directory / WEIGHTS_NAME, state, {"format": "glowflow", "config": json.dumps(config)})
-
-
-def save_model(model, directory) -> None:
-    with atomic_directory(directory) as tmp:
-        write_model_files(tmp, model)
-
-
-def load_state_into(model, state: dict[str, torch.Tensor], source) -> None:
+def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source) -> None:
+    """``model.load_state_dict(state)``, with a :class:`CheckpointError` naming what does not fit."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -217,15 +155,7 @@ def load_state_into(model, state: dict[str, torch.Tensor], source) -> None:
     model.load_state_dict(state)
 
 
-def load_model(directory, map_location="cpu", weights_name: str = WEIGHTS_NAME):
-    """Build a :class:`Glow` from ``config.json`` and load ``weights_name`` into it."""
-    from .model import Glow, GlowConfig
-
-    directory = resolve_checkpoint_dir(directory)
-    try:
-        config = GlowConfig.from_dict(read_json(directory / CONFIG_NAME))
-    except TypeError as e:
-        raise CheckpointError(f"bad config in {directory / CONFIG_NAME}: {e}") from e
-    model = Glow(config=config)
-    load_state_into(model, load_tensors(directory / weights_name), directory / weights_name)
-    return model.to(map_location).eval()
+def weights_sha256(checkpoint) -> str:
+    """SHA-256 of a checkpoint's weights file: ties derived files (directions) to the weights they
+    were made with."""
+    return io.file_sha256(resolve_checkpoint_dir(checkpoint) / WEIGHTS_NAME)

@@ -1,21 +1,300 @@
-"""Presets (JSON or YAML data) and command-line overrides -> a :class:`TrainConfig`."""
+"""Configuration: the architecture (:class:`GlowConfig`), a training run (:class:`TrainConfig`),
+presets (JSON or YAML data) and command-line overrides, and the one dict -> dataclass helper.
+
+Both configs are frozen dataclasses checked when built, so a bad value fails where it enters (a
+preset, a ``--set``, a ``config.json``) with a message naming the key, not deep inside a layer.
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from . import numerics
+
+__all__ = ["GlowConfig", "TrainConfig", "config_from_dict", "list_presets", "load_preset", "apply_overrides",
+           "build_train_config", "COUPLINGS", "PERMUTATIONS", "SPLIT_PRIORS", "MEMORY_MODES", "LR_DECAYS",
+           "OPTIMIZERS", "PRECISIONS", "MAX_PARAMETERS", "MAX_FLOW_STEPS"]
+
+COUPLINGS = ("affine", "additive")
+PERMUTATIONS = ("invconv", "invconv_lu", "shuffle", "reverse")
+SPLIT_PRIORS = ("conv", "conv+position")  # the paper's; and one with a learned per-position term
+MEMORY_MODES = ("none", "checkpoint", "invertible")  # see memory.py
+LR_DECAYS = ("none", "linear", "cosine")  # the learning rate after warm-up (see train.learning_rate)
+OPTIMIZERS = ("adam", "adamax")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+# Bounds on what a config may ask to build. The paper's largest model (ImageNet 64, L=4, K=48,
+# width 512) has about 130M parameters and 192 flow steps; these leave an order of magnitude of
+# room and refuse a typo (hidden_channels 1e7) before it allocates terabytes or builds for minutes.
+MAX_PARAMETERS = 2_000_000_000
+MAX_FLOW_STEPS = 4096
 
 PRESET_DIR = Path(__file__).parent / "presets"
 PRESET_SUFFIXES = (".json", ".yaml", ".yml")
 
 
+# ----------------------------------------------------------------------------- dict -> dataclass
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, key: str):
+    """``value`` as the annotated type ``tp``, or a ValueError naming ``key``. Numbers written as
+    strings (YAML reads ``1e-4`` as a string) and integral floats (JSON's ``1e7``) are converted;
+    ``true`` is not a number."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{key} must not be null")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} must be a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) != len(value):
+            raise ValueError(f"{key} must have {len(args)} entries, got {list(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    if tp in (int, float):
+        v = value
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                raise ValueError(f"{key} must be a number, got {value!r}") from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{key} must be a{'n integer' if tp is int else ' number'}, got {value!r}")
+        if tp is int:
+            if not (math.isfinite(v) and float(v).is_integer()):
+                raise ValueError(f"{key} must be an integer, got {value!r}")
+            return int(v)
+        return float(v)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{key} must be a string, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a group of settings, got {value!r}")
+        return tp.from_dict(value)
+    return value
+
+
+def config_from_dict(cls, d: dict, what: str):
+    """Build the frozen dataclass ``cls`` from plain data (a preset, a JSON file), refusing unknown
+    keys and values of the wrong type with a message that names them."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} must be a mapping of settings, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {what} keys: {sorted(unknown)}; known: {sorted(names)}")
+    out = {k: _coerce(v, hints[k], k) for k, v in d.items()}
+    return cls(**out)
+
+
+# ----------------------------------------------------------------------------------- GlowConfig
+def _choice(name: str, value, options) -> None:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class GlowConfig:
+    """Everything that defines a Glow model's architecture; saved as ``config.json``.
+
+    How a model is run (memory mode, device, precision) is not here: the same weights may be
+    trained, evaluated or resumed under any of those.
+    """
+
+    image_shape: tuple[int, int, int] = (3, 32, 32)
+    levels: int = 3
+    steps: int = 32  # flow steps per level (the paper's K)
+    hidden_channels: int = 512
+    coupling: str = "affine"
+    permutation: str = "invconv"
+    learn_top: bool = True
+    split_prior: str = "conv"
+    num_classes: int | None = None
+    n_bits: int = 8
+    seed: int = 0  # initial weights
+    class_loss_weight: float = 0.01
+
+    def __post_init__(self):
+        shape = self.image_shape
+        if not isinstance(shape, (tuple, list)) or len(shape) != 3 or any(
+                isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
+            raise ValueError(f"image_shape must be (C, H, W) of positive ints, got {shape}")
+        object.__setattr__(self, "image_shape", tuple(int(s) for s in shape))
+        _, h, w = self.image_shape
+        for name in ("levels", "steps", "hidden_channels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        scale = 2 ** self.levels
+        if h % scale or w % scale:
+            raise ValueError(f"H and W must be divisible by 2**levels = {scale}; got H={h}, W={w} "
+                             f"with levels={self.levels}")
+        _choice("coupling", self.coupling, COUPLINGS)
+        _choice("permutation", self.permutation, PERMUTATIONS)
+        _choice("split_prior", self.split_prior, SPLIT_PRIORS)
+        if self.num_classes is not None and (isinstance(self.num_classes, bool) or self.num_classes < 1):
+            raise ValueError(f"num_classes must be None or >= 1, got {self.num_classes}")
+        numerics.n_bins(self.n_bits)
+        if self.levels * self.steps > MAX_FLOW_STEPS:
+            raise ValueError(f"levels x steps = {self.levels * self.steps} flow steps; the limit is "
+                             f"{MAX_FLOW_STEPS} (the paper's largest model has 192)")
+        n = self.num_parameters()
+        if n > MAX_PARAMETERS:
+            raise ValueError(f"this architecture would need {n:,} parameters ({4 * n / 2**30:,.0f} GiB in "
+                             f"float32); the limit is {MAX_PARAMETERS:,}. Check hidden_channels, steps "
+                             "and image_shape")
+
+    @property
+    def num_dims(self) -> int:
+        return math.prod(self.image_shape)
+
+    def num_parameters(self) -> int:
+        """The number of parameters :class:`~glowflow.model.Glow` builds for this config, counted
+        without building it (the tests check it against the built model)."""
+        c, h, w = self.image_shape
+        width, total = self.hidden_channels, 0
+        for level in range(self.levels):
+            c, h, w = 4 * c, h // 2, w // 2
+            passed, changed = c - c // 2, c // 2
+            out = 2 * changed if self.coupling == "affine" else changed
+            permutation = {"invconv": c * c, "invconv_lu": 2 * c * c + c}.get(self.permutation, 0)
+            net = 9 * passed * width + 2 * width + width * width + 2 * width + 9 * width * out + 2 * out
+            total += self.steps * (2 * c + permutation + net)
+            if level < self.levels - 1:
+                keep, leave = c - c // 2, c // 2
+                total += 9 * keep * 2 * leave + 2 * 2 * leave
+                if self.split_prior == "conv+position":
+                    total += 2 * leave * h * w
+                c = keep
+        if self.learn_top:
+            total += 2 * c * h * w
+        if self.num_classes:
+            total += (self.num_classes + 1) * 2 * c + (c + 1) * self.num_classes
+        return total
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["image_shape"] = list(self.image_shape)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GlowConfig":
+        if isinstance(d, dict) and "memory" in d:  # written before the memory mode left the architecture
+            d = {k: v for k, v in d.items() if k != "memory"}
+        return config_from_dict(cls, d, "Glow config")
+
+
+# ---------------------------------------------------------------------------------- TrainConfig
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run: the model, the data and the optimisation. Presets fill it; the CLI overrides it."""
+
+    model: GlowConfig = field(default_factory=GlowConfig)
+    dataset: str = "fashion-mnist"
+    data: str | None = None  # dataset root, or a prepared set; None: the dataset's default location
+    train_limit: int | None = None
+    test_limit: int | None = None  # test images used for evaluations during training
+    augment_shift: int = 0  # random translations up to this many pixels (CIFAR-10: 2)
+    batch_size: int = 64  # global, over all ranks
+    init_batch_size: int = 512  # data-dependent init batch (global)
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    lr_decay: str = "none"  # after warm-up: "none" (constant, as the official code), "linear" or "cosine"
+    lr_final: float = 0.0  # with lr_decay: the learning rate at the end of the run, as a fraction of lr
+    max_steps: int = 1000
+    max_minutes: float | None = None  # stop (and checkpoint) after this much training time, over all resumes
+    grad_clip: float = 50.0
+    ema_decay: float = 0.999
+    seed: int = 0  # data order, dequantisation noise, augmentation
+    log_every: int = 10
+    eval_every: int = 500
+    sample_every: int = 500
+    checkpoint_every: int = 500
+    max_bad_steps: int = 5  # consecutive NaN/inf steps before restoring the last good checkpoint
+    lr_backoff: float = 0.5  # learning-rate factor applied on each such restore
+    max_recoveries: int = 10  # restores before the run gives up
+    memory: str = "none"  # "none", "checkpoint" or "invertible" (memory.py)
+    precision: str = "fp32"  # "fp32", "bf16" or "fp16" (autocast, CUDA only)
+    compile: bool = False
+    channels_last: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.model, dict):
+            object.__setattr__(self, "model", GlowConfig.from_dict(self.model))
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("lr_decay", self.lr_decay, LR_DECAYS)
+        _choice("precision", self.precision, PRECISIONS)
+        _choice("memory", self.memory, MEMORY_MODES)
+        if not 0.0 <= self.lr_final <= 1.0:
+            raise ValueError(f"lr_final must be in [0, 1] (a fraction of lr), got {self.lr_final}")
+        if self.batch_size < 1 or self.init_batch_size < 1 or self.max_steps < 0:
+            raise ValueError("batch_size and init_batch_size must be >= 1 and max_steps >= 0")
+        for name in ("log_every", "eval_every", "sample_every", "checkpoint_every", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("train_limit", "test_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or null (all), got {getattr(self, name)}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be > 0 or null, got {self.max_minutes}")
+        if self.augment_shift < 0 or self.max_recoveries < 0:
+            raise ValueError("augment_shift and max_recoveries must be >= 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        model = d.get("model") if isinstance(d, dict) else None
+        if isinstance(model, dict) and "memory" in model:
+            # written before the memory mode left the architecture: it is a setting of the run
+            d = {**d, "model": {k: v for k, v in model.items() if k != "memory"}}
+            d.setdefault("memory", model["memory"])
+        return config_from_dict(cls, d, "training config")
+
+
+# -------------------------------------------------------------------------------------- presets
 def list_presets() -> dict[str, str]:
     """Name -> one-line description of every preset shipped with the package."""
     out = {}
     for path in sorted(PRESET_DIR.iterdir()):
         if path.suffix in PRESET_SUFFIXES:
-            out[path.stem] = str(_read(path).get("description", "")).strip()
+            out[path.stem] = " ".join(str(_read(path).get("description", "")).split())
     return out
 
 
@@ -23,7 +302,7 @@ def _read(path: Path) -> dict:
     try:
         text = path.read_text()
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
+    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
         raise ValueError(f"preset {path} is not valid {path.suffix[1:].upper()}: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"preset {path} must hold a mapping of settings, got {type(data).__name__}")
@@ -51,20 +330,25 @@ def apply_overrides(settings: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like key=value (e.g. model.steps=16)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({e})") from None
         node = out
         *parents, leaf = key.strip().split(".")
         for p in parents:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {p} is not a group of settings")
+        if isinstance(node.get(leaf), dict) and not isinstance(value, dict):
+            raise ValueError(f"override {item!r}: {key} is a group of settings; set one of its keys, "
+                             f"e.g. {key}.{next(iter(node[leaf]), 'steps')}=...")
         node[leaf] = value
     return out
 
 
-def build_train_config(preset: str | None, overrides: list[str] = ()):
-    from .train import TrainConfig
-
+def build_train_config(preset: str | None, overrides: list[str] = ()) -> TrainConfig:
+    """A preset (name or file), with ``key=value`` overrides applied, as a checked TrainConfig."""
     settings = load_preset(preset) if preset else {}
     settings = apply_overrides(settings, list(overrides))
     try:

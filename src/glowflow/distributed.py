@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+__all__ = ["DistInfo", "resolve_device", "setup", "teardown", "barrier", "all_reduce_mean"]
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -34,7 +36,10 @@ class DistInfo:
 def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     if device == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; expected auto, cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but CUDA is not available on this machine")

@@ -15,7 +15,6 @@ copy of the same metadata).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,11 +22,19 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from .checkpoint import (CHECKPOINT_DIR, WEIGHTS_NAME, CheckpointError, atomic_file,
-                         atomic_write_text, resolve_checkpoint_dir)
+from .checkpoint import CHECKPOINT_DIR, CheckpointError, resolve_checkpoint_dir, weights_sha256
 from .images import load_image
-from .layers import ActNorm
+from .io import atomic_file, atomic_write_text
+from .numerics import to_unit
+
+__all__ = ["interpolate", "reconstruct", "manipulate", "edit", "lerp", "slerp", "Directions",
+           "DirectionAccumulator", "attribute_directions", "directions_from_images", "class_attributes",
+           "pair_attributes", "resolve_class", "AttributeTable", "parse_attribute_file", "parse_attribute_csv",
+           "parse_celeba_attributes", "table_image_paths", "directions_dir", "save_directions", "load_directions",
+           "INTERPOLATIONS", "DIRECTIONS_WEIGHTS", "DIRECTIONS_JSON"]
 
 DIRECTIONS_WEIGHTS = "directions.safetensors"
 DIRECTIONS_JSON = "directions.json"
@@ -37,15 +44,6 @@ INTERPOLATIONS = ("linear", "spherical")
 
 # ------------------------------------------------------------------------------------ helpers
 
-def _require_initialized(model) -> None:
-    # An uninitialised actnorm would initialise itself from the first image encoded here, silently
-    # changing the model; editing only makes sense with trained (or at least initialised) weights.
-    # (Checked on the actnorms directly rather than through Glow.initialized.)
-    if not all(bool(m.initialized) for m in model.modules() if isinstance(m, ActNorm)):
-        raise ValueError("the model has not been initialised (no data-dependent init has run): load a "
-                         "trained checkpoint, or call model.initialize(x) on a batch first")
-
-
 def _as_batch(x: torch.Tensor, name: str) -> torch.Tensor:
     """``[C, H, W]`` or ``[B, C, H, W]`` -> float ``[B, C, H, W]`` (uint8 is divided by 255)."""
     if not isinstance(x, torch.Tensor):
@@ -53,7 +51,7 @@ def _as_batch(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.dim() == 3:
         x = x.unsqueeze(0)
     if x.dtype == torch.uint8:
-        x = x.float() / 255.0
+        x = to_unit(x)
     return x
 
 
@@ -131,7 +129,7 @@ def interpolate(model, x1: torch.Tensor, x2: torch.Tensor, steps: int = 8, metho
     """
     if int(steps) != steps or steps < 2:
         raise ValueError(f"steps must be an integer >= 2, got {steps}")
-    _require_initialized(model)
+    model.require_initialized()
     x1, x2 = _as_batch(x1, "x1"), _as_batch(x2, "x2")
     if x1.shape[0] != 1 or x2.shape[0] != 1:
         raise ValueError(f"interpolate takes one image per end, got batches of {x1.shape[0]} and {x2.shape[0]}")
@@ -145,7 +143,7 @@ def interpolate(model, x1: torch.Tensor, x2: torch.Tensor, steps: int = 8, metho
 @torch.no_grad()
 def reconstruct(model, x: torch.Tensor, y=None) -> torch.Tensor:
     """``decode(encode(x))`` clamped to [0, 1]: ``[B, C, H, W]`` (or ``[C, H, W]``) -> ``[B, C, H, W]``."""
-    _require_initialized(model)
+    model.require_initialized()
     x = _as_batch(x, "x")
     y = _labels(model, y, x.shape[0])
     return _decode(model, model.encode(x, y), y)
@@ -309,7 +307,7 @@ def directions_from_images(model, images, attributes: torch.Tensor, names: Seque
     (read and resized to the model's ``image_shape``). ``attributes [N, A]`` in {+1, -1, 0}.
     ``labels [N]`` only for class-conditional models. ``progress(done, total)`` is called per batch.
     """
-    _require_initialized(model)
+    model.require_initialized()
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     attributes = torch.as_tensor(attributes)
@@ -341,7 +339,7 @@ def manipulate(model, x: torch.Tensor, direction: torch.Tensor, alpha=1.0, y=Non
     and one alpha it is ``[B, C, H, W]``; with B images and B alphas, one alpha per image.
     ``alpha = 0`` gives the reconstruction ``decode(encode(x))``.
     """
-    _require_initialized(model)
+    model.require_initialized()
     x = _as_batch(x, "x")
     direction = torch.as_tensor(direction)
     if direction.dim() != 1 or direction.shape[0] != model.num_dims:
@@ -369,7 +367,7 @@ def edit(model, x: torch.Tensor, directions: Directions | None = None,
     ``eps = path(encode(x), encode(mix), blend) + sum_name alphas[name] * directions[name]``, decoded
     and clamped: ``[1, C, H, W]``. ``blend`` 0 is ``x``, 1 is ``mix``; ``method`` "linear" or "spherical".
     """
-    _require_initialized(model)
+    model.require_initialized()
     x = _as_batch(x, "x")
     if x.shape[0] != 1:
         raise ValueError(f"edit takes one image, got a batch of {x.shape[0]}")
@@ -560,19 +558,8 @@ def directions_dir(checkpoint) -> Path:
     return ckpt.parent if ckpt.name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old") else ckpt
 
 
-def weights_sha256(checkpoint) -> str:
-    """SHA-256 of a checkpoint's weights file: ties directions to the weights they were made with."""
-    h = hashlib.sha256()
-    with open(resolve_checkpoint_dir(checkpoint) / WEIGHTS_NAME, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def save_directions(directions: Directions, directory, weights_sha: str | None = None) -> Path:
     """Write ``directory/directions.safetensors`` (atomically replaced) and ``directions.json``."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     info = {"format": DIRECTIONS_FORMAT, "num_dims": directions.num_dims, "weights_sha256": weights_sha,
@@ -588,8 +575,6 @@ def save_directions(directions: Directions, directory, weights_sha: str | None =
 def load_directions(directory, num_dims: int | None = None) -> tuple[Directions, dict]:
     """Read ``directory/directions.safetensors`` -> (directions, metadata dict). ``num_dims`` checks
     that they fit the model's latent size."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(directory) / DIRECTIONS_WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"no directions at {path}; compute them with `glowflow directions`")

@@ -1,8 +1,10 @@
-"""Invertible layers of Glow.
+"""The invertible layers of Glow, under one interface.
 
-Every layer is an ``nn.Module`` with ``forward(x, **cond) -> (y, logdet)`` and
-``inverse(y, **cond) -> x``; ``logdet`` is ``log|det dy/dx|`` per sample, shaped ``[B]``.
-Images are ``[B, C, H, W]``.
+Every layer is an :class:`InvertibleLayer`: an ``nn.Module`` with ``forward(x) -> (y, logdet)`` and
+``inverse(y) -> x``, ``logdet = log|det dy/dx|`` per sample, shaped ``[B]``. Images are
+``[B, C, H, W]``. Conditioning (labels) is taken only by the layer that uses it, by name
+(:class:`TopPrior`'s ``y_onehot``). A :class:`Chain` composes layers and sums their
+log-determinants; :class:`FlowStep` and :class:`Level` are chains.
 """
 from __future__ import annotations
 
@@ -11,16 +13,107 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .convs import conv2d_same
+from . import fast
+from .config import COUPLINGS, PERMUTATIONS
+from .memory import run_layers
+
+__all__ = ["InvertibleLayer", "Chain", "ActNorm", "InvConv1x1", "Permute", "Coupling", "CouplingNet",
+           "ZeroConv2d", "Squeeze", "FlowStep", "SplitPrior", "Level", "TopPrior", "random_rotation",
+           "LOGSCALE_FACTOR"]
 
 # Scale on the zero-initialised layers' learned log-scale, as in the official code: lets the
 # output scale move quickly while starting at exactly 1.
 LOGSCALE_FACTOR = 3.0
+# The affine coupling's scale is sigmoid(h + COUPLING_SCALE_SHIFT): in (0, 1), so the forward map
+# never amplifies, and about 0.88 at initialisation (h = 0), as in the official code.
+COUPLING_SCALE_SHIFT = 2.0
 
 
-def _per_sample(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A scalar log-determinant shared by the whole batch -> ``[B]``."""
-    return value.expand(x.shape[0])
+class InvertibleLayer(nn.Module):
+    """The one interface of the flow's layers.
+
+    Subclasses implement ``forward(x) -> (y, logdet [B])`` and ``inverse(y) -> x``.
+    :meth:`backward_from_output` serves the invertible memory mode (memory.py), which stores no
+    activations and rebuilds each layer's input from its output; layers override it only where
+    the inverse and the recomputed forward can share work.
+    """
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def backward_from_output(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor,
+                             need_input_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+        """From this layer's output ``y`` and the loss's gradients w.r.t. ``y`` and ``logdet``:
+        ``(x, dL/dx or None, {parameter: dL/dparameter})`` with ``x = inverse(y)`` rebuilt.
+
+        The default inverts without a graph, recomputes ``forward(x)`` with one and differentiates it.
+        """
+        with torch.no_grad():
+            x = self.inverse(y)
+        x = x.detach().requires_grad_(need_input_grad)
+        params = [p for p in self.parameters() if p.requires_grad]
+        inputs = ([x] if need_input_grad else []) + params
+        if not inputs:
+            return x.detach(), None, {}
+        with torch.enable_grad():
+            y_re, logdet = self(x)
+        outputs, grads_out = _differentiable((y_re, logdet), (grad_y, grad_logdet))
+        grads = list(torch.autograd.grad(outputs, inputs, grads_out, allow_unused=True)) if outputs else \
+            [None] * len(inputs)
+        grad_x = grads.pop(0) if need_input_grad else None
+        return x.detach(), grad_x, dict(zip(params, grads))
+
+
+def _differentiable(outputs, grads):
+    """The (output, gradient) pairs whose output is part of a graph (a constant log|det| is not)."""
+    pairs = [(o, g) for o, g in zip(outputs, grads) if o.requires_grad]
+    return tuple(o for o, _ in pairs), tuple(g for _, g in pairs)
+
+
+class Chain(InvertibleLayer):
+    """Layers applied in order; ``logdet`` is the sum of theirs. Children are registered by name
+    (subclasses) or by position (``Chain(a, b, c)``) and run in registration order.
+
+    ``memory`` chooses how gradients through the chain are computed (memory.py): ``"none"`` keeps
+    every activation, ``"checkpoint"`` recomputes each layer from its stored input,
+    ``"invertible"`` stores nothing and rebuilds inputs with the inverses.
+    """
+
+    def __init__(self, *layers: InvertibleLayer):
+        super().__init__()
+        self.memory = "none"
+        for i, layer in enumerate(layers):
+            self.add_module(str(i), layer)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __iter__(self):
+        return (m for m in self._modules.values() if m is not None)
+
+    def __getitem__(self, i: int) -> InvertibleLayer:
+        return list(self)[i]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return run_layers(list(self), x, self.memory)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        for layer in reversed(list(self)):
+            y = layer.inverse(y)
+        return y
+
+    def backward_from_output(self, y, grad_y, grad_logdet, need_input_grad=True):
+        """Layer by layer from the last: each rebuilds its input and passes the gradient on."""
+        layers = list(self)
+        grads: dict = {}
+        for k in range(len(layers) - 1, -1, -1):
+            need = need_input_grad or k > 0
+            y, grad_y, g = layers[k].backward_from_output(y, grad_y, grad_logdet, need)
+            grads.update(g)
+        return y, grad_y, grads
 
 
 def _global_channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +135,12 @@ def _global_channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return mean, sq / count
 
 
-class ActNorm(nn.Module):
+def _per_sample(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A scalar log-determinant shared by the whole batch -> ``[B]``."""
+    return value.expand(x.shape[0])
+
+
+class ActNorm(InvertibleLayer):
     """Per-channel affine map ``y = (x + bias) * exp(logs)``, initialised from the first batch.
 
     The first forward pass sets ``bias`` and ``logs`` so that its output has zero mean and unit
@@ -63,14 +161,14 @@ class ActNorm(nn.Module):
         self.logs.copy_(-0.5 * torch.log(var + self.eps).view_as(self.logs))
         self.initialized.fill_(True)
 
-    def forward(self, x: torch.Tensor, **cond) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not bool(self.initialized):
             self.initialize(x)
         y = (x + self.bias) * torch.exp(self.logs)
         logdet = self.logs.sum() * (x.shape[2] * x.shape[3])
         return y, _per_sample(logdet, x)
 
-    def inverse(self, y: torch.Tensor, **cond) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
         return y * torch.exp(-self.logs) - self.bias
 
 
@@ -83,7 +181,7 @@ def random_rotation(num_channels: int, generator: torch.Generator | None = None)
     return q.float()
 
 
-class InvConv1x1(nn.Module):
+class InvConv1x1(InvertibleLayer):
     """Invertible 1x1 convolution ``y = W x`` at every pixel, ``log|det| = H W log|det W|``.
 
     ``lu=False`` learns ``W`` directly (log|det| by a float64 ``slogdet``); ``lu=True`` learns
@@ -154,26 +252,19 @@ class InvConv1x1(nn.Module):
 
     # The flow's main path stays in full precision under autocast: only coupling networks run in
     # bf16/fp16, so inverses and log-determinants keep float32 accuracy.
-    def forward(self, x: torch.Tensor, **cond) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(x.device.type, enabled=False):
             w, logdet, _ = self._weights(need_inverse=False)
-            y = _channel_mix(w.to(x.dtype), x)
+            y = fast.channel_mix(w.to(x.dtype), x)
         return y, _per_sample(logdet * (x.shape[2] * x.shape[3]), x)
 
-    def inverse(self, y: torch.Tensor, **cond) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast(y.device.type, enabled=False):
             _, _, inv = self._weights(need_inverse=True)
-            return _channel_mix(inv.to(y.dtype), y)
+            return fast.channel_mix(inv.to(y.dtype), y)
 
 
-def _channel_mix(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``y[b, i] = sum_j w[i, j] x[b, j]`` at every pixel: a 1x1 convolution as one matrix product
-    over batch and space (the output's strides are channel-major). On 2 CPU cores, with 4-16
-    channels, 1-4% faster per training step than ``F.conv2d`` in paired runs."""
-    return torch.einsum("ij,bjhw->bihw", w, x)
-
-
-class Permute(nn.Module):
+class Permute(InvertibleLayer):
     """Fixed channel permutation, the paper's baselines: ``"reverse"`` or seeded ``"shuffle"``.
 
     The permutation is a buffer, so it is saved with the model. log|det| = 0.
@@ -191,22 +282,16 @@ class Permute(nn.Module):
         self.register_buffer("perm", perm)
         self.register_buffer("inv_perm", torch.argsort(perm))
 
-    def forward(self, x: torch.Tensor, **cond) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return x[:, self.perm], x.new_zeros(x.shape[0])
 
-    def inverse(self, y: torch.Tensor, **cond) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
         return y[:, self.inv_perm]
 
 
-def _scaled_conv(conv: nn.Conv2d, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``(conv(x) + bias) * scale`` per output channel (``conv`` without its own bias) as a single
-    convolution: the scale touches the (small) weights, not the activations."""
-    scale = scale.view(-1)
-    return conv2d_same(x, conv.weight * scale.view(-1, 1, 1, 1), bias.view(-1) * scale)
-
-
 class ZeroConv2d(nn.Module):
-    """Convolution initialised to output zero, with a learned per-channel output scale."""
+    """Convolution initialised to output zero, with a learned per-channel output scale
+    ``exp(LOGSCALE_FACTOR * logs)``: each step of flow starts as (nearly) the identity."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
         super().__init__()
@@ -216,7 +301,7 @@ class ZeroConv2d(nn.Module):
         self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _scaled_conv(self.conv, x, torch.exp(self.logs * LOGSCALE_FACTOR), self.conv.bias)
+        return fast.scaled_conv(x, self.conv.weight, torch.exp(self.logs * LOGSCALE_FACTOR), self.conv.bias)
 
 
 class _NormedConv(nn.Module):
@@ -231,10 +316,9 @@ class _NormedConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.norm
-        if not bool(norm.initialized):
-            return F.relu(norm(self.conv(x))[0], inplace=True)
-        # after init, actnorm is folded into the convolution
-        return F.relu(_scaled_conv(self.conv, x, torch.exp(norm.logs), norm.bias), inplace=True)
+        if not bool(norm.initialized):  # data-dependent init needs the convolution's output itself
+            return F.relu(norm(fast.conv2d_same(x, self.conv.weight))[0])
+        return F.relu(fast.scaled_conv(x, self.conv.weight, torch.exp(norm.logs), norm.bias), inplace=True)
 
 
 class CouplingNet(nn.Module):
@@ -249,24 +333,22 @@ class CouplingNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            # oneDNN's convolutions are faster on NHWC inputs at these channel counts (a training
-            # step of the default preset: about 1.15x); the flow's main path stays NCHW
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        return self.net(fast.coupling_layout(x))
 
 
-class Coupling(nn.Module):
+class Coupling(InvertibleLayer):
     """Affine or additive coupling: the first channel half passes through and conditions the second.
 
-    affine:   y2 = (x2 + shift) * sigmoid(raw + 2)   (scale in (0, 1): stable, starts near 0.88)
+    affine:   y2 = (x2 + shift) * scale,  scale = sigmoid(h + 2) in (0, 1)
     additive: y2 = x2 + shift
+    with ``(shift, h) = net(x1)``. The pieces are public (:meth:`split`, :meth:`conditioner`,
+    :meth:`couple`, :meth:`uncouple`), so forward, inverse and the invertible backward share them.
     """
 
     def __init__(self, num_channels: int, hidden_channels: int, kind: str = "affine", generator=None):
         super().__init__()
-        if kind not in ("affine", "additive"):
-            raise ValueError(f"coupling must be 'affine' or 'additive', got {kind!r}")
+        if kind not in COUPLINGS:
+            raise ValueError(f"coupling must be one of {COUPLINGS}, got {kind!r}")
         if num_channels < 2:
             raise ValueError(f"coupling needs at least 2 channels, got {num_channels}")
         self.kind = kind
@@ -275,75 +357,93 @@ class Coupling(nn.Module):
         out = 2 * num_change if kind == "affine" else num_change
         self.net = CouplingNet(self.num_pass, out, hidden_channels, generator)
 
-    def _shift_scale(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x -> (x1, x2)``: the half that passes through, the half that is changed."""
+        return x[:, : self.num_pass], x[:, self.num_pass:]
+
+    def conditioner(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(shift, scale)`` from the pass-through half (``scale`` None for additive coupling)."""
         h = self.net(x1).to(x1.dtype)  # back to full precision under autocast
         if self.kind == "additive":
             return h, None
-        return h[:, 0::2], torch.sigmoid(h[:, 1::2] + 2.0)
+        return h[:, 0::2], torch.sigmoid(h[:, 1::2] + COUPLING_SCALE_SHIFT)
 
-    def forward(self, x: torch.Tensor, **cond) -> tuple[torch.Tensor, torch.Tensor]:
-        x1, x2 = x[:, : self.num_pass], x[:, self.num_pass :]
-        shift, scale = self._shift_scale(x1)
+    @staticmethod
+    def couple(x2: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The changed half's forward map and its log|det| ``[B]``."""
         if scale is None:
-            return torch.cat([x1, x2 + shift], 1), x.new_zeros(x.shape[0])
-        y2 = (x2 + shift) * scale
-        return torch.cat([x1, y2], 1), torch.log(scale).flatten(1).sum(1)
+            return x2 + shift, x2.new_zeros(x2.shape[0])
+        return (x2 + shift) * scale, torch.log(scale).flatten(1).sum(1)
 
-    def inverse(self, y: torch.Tensor, **cond) -> torch.Tensor:
-        y1, y2 = y[:, : self.num_pass], y[:, self.num_pass :]
-        shift, scale = self._shift_scale(y1)
-        x2 = y2 - shift if scale is None else y2 / scale - shift
-        return torch.cat([y1, x2], 1)
+    @staticmethod
+    def uncouple(y2: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """The inverse of :meth:`couple`."""
+        return y2 - shift if scale is None else y2 / scale - shift
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x1, x2 = self.split(x)
+        y2, logdet = self.couple(x2, *self.conditioner(x1))
+        return torch.cat([x1, y2], 1), logdet
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        y1, y2 = self.split(y)
+        return torch.cat([y1, self.uncouple(y2, *self.conditioner(y1))], 1)
+
+    def backward_from_output(self, y, grad_y, grad_logdet, need_input_grad=True):
+        """One network evaluation serves both the inverse and the recomputed forward: the inverse
+        needs ``net(y1)``, the forward ``net(x1)``, and ``x1 == y1`` exactly."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        y1, y2 = self.split(y.detach())
+        with torch.enable_grad():
+            x1 = y1.detach().requires_grad_(True)
+            shift, scale = self.conditioner(x1)
+            x2 = self.uncouple(y2, shift, scale).detach().requires_grad_(True)
+            y2_re, logdet = self.couple(x2, shift, scale)
+        grad_y1, grad_y2 = self.split(grad_y)
+        outputs, grads_out = _differentiable((y2_re, logdet), (grad_y2, grad_logdet))
+        g = torch.autograd.grad(outputs, [x1, x2, *params], grads_out, allow_unused=True)
+        grad_x1 = grad_y1 if g[0] is None else grad_y1 + g[0]
+        grad_x = torch.cat([grad_x1, g[1]], 1) if need_input_grad else None
+        return torch.cat([x1.detach(), x2.detach()], 1), grad_x, dict(zip(params, g[2:]))
 
 
-class Squeeze(nn.Module):
+class Squeeze(InvertibleLayer):
     """Space-to-depth: ``[B, C, H, W] -> [B, 4C, H/2, W/2]``; a permutation, log|det| = 0."""
 
-    def forward(self, x: torch.Tensor, **cond) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, c, h, w = x.shape
         y = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(b, 4 * c, h // 2, w // 2)
         return y, x.new_zeros(b)
 
-    def inverse(self, y: torch.Tensor, **cond) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
         b, c4, h, w = y.shape
         c = c4 // 4
         return y.view(b, c, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(b, c, 2 * h, 2 * w)
 
 
-class FlowStep(nn.Module):
+class FlowStep(Chain):
     """One step of flow: actnorm -> permutation (1x1 conv, shuffle or reverse) -> coupling."""
 
     def __init__(self, num_channels: int, hidden_channels: int, coupling: str = "affine",
                  permutation: str = "invconv_lu", generator: torch.Generator | None = None):
         super().__init__()
+        if permutation not in PERMUTATIONS:
+            raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {permutation!r}")
         self.actnorm = ActNorm(num_channels)
         if permutation in ("invconv", "invconv_lu"):
             self.permute = InvConv1x1(num_channels, lu=permutation == "invconv_lu", generator=generator)
-        elif permutation in ("shuffle", "reverse"):
-            self.permute = Permute(num_channels, permutation, generator)
         else:
-            raise ValueError("permutation must be one of 'invconv', 'invconv_lu', 'shuffle', 'reverse', "
-                             f"got {permutation!r}")
+            self.permute = Permute(num_channels, permutation, generator)
         self.coupling = Coupling(num_channels, hidden_channels, coupling, generator)
 
-    def forward(self, x: torch.Tensor, **cond) -> tuple[torch.Tensor, torch.Tensor]:
-        x, ld1 = self.actnorm(x)
-        x, ld2 = self.permute(x)
-        x, ld3 = self.coupling(x)
-        return x, ld1 + ld2 + ld3
 
-    def inverse(self, y: torch.Tensor, **cond) -> torch.Tensor:
-        y = self.coupling.inverse(y)
-        y = self.permute.inverse(y)
-        return self.actnorm.inverse(y)
-
-
-class SplitPrior(nn.Module):
-    """Multi-scale split: half the channels leave the flow, standardised under a learned prior.
+class SplitPrior(InvertibleLayer):
+    """Multi-scale split: the second channel half is standardised under a prior conditioned on the first.
 
     ``z2 ~ N(mean(z1), exp(logs(z1))^2)`` with ``(mean, logs)`` from a zero-initialised conv on the
-    kept half ``z1``. ``forward`` returns ``(z1, eps2, logdet)`` with ``eps2 = (z2 - mean) / exp(logs)``
-    and ``logdet = -sum(logs)``, the log|det| of that standardisation.
+    kept half ``z1``. ``forward(x) = ([z1, eps2], -sum(logs))`` with ``eps2 = (z2 - mean) / exp(logs)``:
+    a bijection on x's shape whose second half is unit Gaussian under the model. :class:`Level`
+    hands that half (:meth:`separate`) to the model and passes ``z1`` on.
 
     With ``spatial=(H, W)`` a zero-initialised per-position term is added to ``(mean, logs)``: a
     convolution cannot tell the centre of an image from its border, and centred datasets
@@ -357,28 +457,57 @@ class SplitPrior(nn.Module):
         self.conv = ZeroConv2d(self.num_keep, 2 * self.num_out)
         self.position = nn.Parameter(torch.zeros(1, 2 * self.num_out, *spatial)) if spatial else None
 
+    def separate(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[z1, eps] -> (z1, eps)``: the half that stays in the flow, the standardised half."""
+        return y[:, : self.num_keep], y[:, self.num_keep:]
+
     def _mean_logs(self, z1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.conv(z1)
         if self.position is not None:
             h = h + self.position
         return h[:, 0::2], h[:, 1::2]
 
-    def forward(self, x: torch.Tensor, **cond) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        z1, z2 = x[:, : self.num_keep], x[:, self.num_keep :]
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z1, z2 = self.separate(x)
         mean, logs = self._mean_logs(z1)
         eps = (z2 - mean) * torch.exp(-logs)
-        return z1, eps, -logs.flatten(1).sum(1)
+        return torch.cat([z1, eps], 1), -logs.flatten(1).sum(1)
 
-    def inverse(self, z1: torch.Tensor, eps: torch.Tensor, **cond) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        z1, eps = self.separate(y)
         mean, logs = self._mean_logs(z1)
         return torch.cat([z1, mean + torch.exp(logs) * eps], 1)
 
 
-class TopPrior(nn.Module):
+class Level(Chain):
+    """One scale of the multi-scale architecture: squeeze, K flow steps, then (except on the last
+    level) a split whose second half leaves the flow. ``[B, C, H, W] -> [B, 4C, H/2, W/2]``.
+
+    The steps run under the level's memory mode (``level.steps.memory``).
+    """
+
+    def __init__(self, in_channels: int, steps: int, hidden_channels: int, coupling: str, permutation: str,
+                 last: bool, generator: torch.Generator, spatial: tuple[int, int] | None = None):
+        super().__init__()
+        channels = 4 * in_channels
+        self.squeeze = Squeeze()
+        self.steps = Chain(*(FlowStep(channels, hidden_channels, coupling, permutation, generator)
+                             for _ in range(steps)))
+        self.split = None if last else SplitPrior(channels, spatial)
+        self.out_channels = channels if last else self.split.num_keep  # what goes on to the next level
+
+    def separate(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This level's output -> (what goes on to the next level, the latent that leaves here or None)."""
+        return (y, None) if self.split is None else self.split.separate(y)
+
+
+class TopPrior(InvertibleLayer):
     """Prior on the last level's latent: ``N(mean, exp(logs)^2)``, learned when ``learn_top``.
 
     With ``num_classes`` the mean and log-scale also get a zero-initialised linear term in the
-    one-hot label (class-conditional prior). ``forward`` standardises like :class:`SplitPrior`.
+    one-hot label ``y_onehot`` ``[B, K]`` (class-conditional prior). ``forward(z, y_onehot)``
+    standardises, ``-> (eps, logdet)``, like :class:`SplitPrior`; ``inverse(eps, y_onehot)``.
+    It is the one layer that takes conditioning.
     """
 
     def __init__(self, shape: tuple[int, int, int], learn_top: bool = True, num_classes: int | None = None):
@@ -401,12 +530,14 @@ class TopPrior(nn.Module):
             if y_onehot is None:
                 raise ValueError("this model has a class-conditional prior: pass labels y")
             h = h + self.class_embed(y_onehot)[:, :, None, None]
+        elif y_onehot is not None:
+            raise ValueError("labels were given to a prior that is not class-conditional")
         return h[:, 0::2], h[:, 1::2]
 
-    def forward(self, z: torch.Tensor, y_onehot: torch.Tensor | None = None, **cond):
+    def forward(self, z: torch.Tensor, y_onehot: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         mean, logs = self._mean_logs(z.shape[0], y_onehot)
         return (z - mean) * torch.exp(-logs), -logs.flatten(1).sum(1)
 
-    def inverse(self, eps: torch.Tensor, y_onehot: torch.Tensor | None = None, **cond) -> torch.Tensor:
+    def inverse(self, eps: torch.Tensor, y_onehot: torch.Tensor | None = None) -> torch.Tensor:
         mean, logs = self._mean_logs(eps.shape[0], y_onehot)
         return mean + torch.exp(logs) * eps

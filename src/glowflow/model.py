@@ -1,96 +1,24 @@
-"""Glow: the multi-scale flow, its exact likelihood, sampling, encoding and decoding."""
+"""Glow: the multi-scale flow, its exact likelihood, sampling, encoding and decoding.
+
+The model is a loop over :class:`~glowflow.layers.Level` s (squeeze, K steps of flow, split) and a
+top prior. Encoding runs the levels forward and collects the standardised latents each split hands
+out; decoding runs them backward. Nothing here knows a layer's internals.
+"""
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import checkpoint as ckpt
 from . import numerics
-from .layers import FlowStep, SplitPrior, Squeeze, TopPrior
-from .memory import MEMORY_MODES, run_steps
+from .config import MEMORY_MODES, GlowConfig
+from .layers import ActNorm, Level, TopPrior
 
-COUPLINGS = ("affine", "additive")
-PERMUTATIONS = ("invconv", "invconv_lu", "shuffle", "reverse")
-SPLIT_PRIORS = ("conv", "conv+position")
-
-
-def config_from_dict(cls, d: dict, what: str):
-    """Build the frozen dataclass ``cls`` from plain data, refusing unknown keys and converting
-    numbers written as strings (YAML reads ``1e-4`` as a string)."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(d) - set(fields)
-    if unknown:
-        raise ValueError(f"unknown {what} keys: {sorted(unknown)}; known: {sorted(fields)}")
-    out = dict(d)
-    for k, v in d.items():
-        kind = str(fields[k].type)
-        if isinstance(v, str) and kind.startswith(("float", "int")):
-            try:
-                out[k] = float(v) if kind.startswith("float") else int(v)
-            except ValueError as e:
-                raise ValueError(f"{what} {k} must be a number, got {v!r}") from e
-    return cls(**out)
-
-
-@dataclass(frozen=True)
-class GlowConfig:
-    """Everything that defines a Glow model's architecture; saved as ``config.json``."""
-
-    image_shape: tuple[int, int, int] = (3, 32, 32)
-    levels: int = 3
-    steps: int = 32
-    hidden_channels: int = 512
-    coupling: str = "affine"
-    permutation: str = "invconv"
-    learn_top: bool = True
-    split_prior: str = "conv"  # "conv" (the paper) or "conv+position" (adds a learned per-position term)
-    num_classes: int | None = None
-    n_bits: int = 8
-    memory: str = "none"
-    seed: int = 0
-    class_loss_weight: float = 0.01
-
-    def __post_init__(self):
-        object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
-        c, h, w = self.image_shape if len(self.image_shape) == 3 else (None, None, None)
-        if c is None or min(self.image_shape) < 1:
-            raise ValueError(f"image_shape must be (C, H, W) of positive ints, got {self.image_shape}")
-        if self.levels < 1 or self.steps < 1 or self.hidden_channels < 1:
-            raise ValueError(f"levels, steps and hidden_channels must be >= 1, got "
-                             f"{self.levels}, {self.steps}, {self.hidden_channels}")
-        scale = 2 ** self.levels
-        if h % scale or w % scale:
-            raise ValueError(f"H and W must be divisible by 2**levels = {scale}; got H={h}, W={w} "
-                             f"with levels={self.levels}")
-        if self.coupling not in COUPLINGS:
-            raise ValueError(f"coupling must be one of {COUPLINGS}, got {self.coupling!r}")
-        if self.permutation not in PERMUTATIONS:
-            raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {self.permutation!r}")
-        if self.split_prior not in SPLIT_PRIORS:
-            raise ValueError(f"split_prior must be one of {SPLIT_PRIORS}, got {self.split_prior!r}")
-        if self.memory not in MEMORY_MODES:
-            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {self.memory!r}")
-        if self.num_classes is not None and self.num_classes < 1:
-            raise ValueError(f"num_classes must be None or >= 1, got {self.num_classes}")
-        numerics.n_bins(self.n_bits)
-
-    @property
-    def num_dims(self) -> int:
-        return math.prod(self.image_shape)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["image_shape"] = list(self.image_shape)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GlowConfig":
-        return config_from_dict(cls, d, "Glow config")
+__all__ = ["Glow", "GlowConfig", "GlowOutput"]
 
 
 class GlowOutput(NamedTuple):
@@ -99,30 +27,26 @@ class GlowOutput(NamedTuple):
     class_logits: torch.Tensor | None  # [B, num_classes] from the top latent, or None
 
 
-class Level(nn.Module):
-    """Squeeze, K flow steps, then (except on the last level) a split with a learned prior."""
-
-    def __init__(self, in_channels: int, cfg: GlowConfig, last: bool, generator: torch.Generator,
-                 spatial: tuple[int, int]):
-        super().__init__()
-        channels = 4 * in_channels
-        self.squeeze = Squeeze()
-        self.steps = nn.ModuleList(
-            FlowStep(channels, cfg.hidden_channels, cfg.coupling, cfg.permutation, generator)
-            for _ in range(cfg.steps)
-        )
-        self.split = None if last else SplitPrior(channels, spatial if cfg.split_prior == "conv+position" else None)
-        self.out_channels = channels if last else self.split.num_keep
-
-
 class Glow(nn.Module):
     """Glow (Kingma & Dhariwal, 2018) for images ``[B, C, H, W]`` with values in ``[0, 1]``.
 
     ``Glow(image_shape=(1, 28, 28), levels=2, steps=8, hidden_channels=128)`` or
-    ``Glow(config=GlowConfig(...))``. See :class:`GlowConfig` for every option.
+    ``Glow(config=GlowConfig(...))``; see :class:`~glowflow.config.GlowConfig` for every option.
+    ``memory`` ("none", "checkpoint" or "invertible") is how gradients are computed, not part of
+    the architecture; it can be changed at any time (``model.memory = "invertible"``).
+
+    Example::
+
+        >>> model = Glow(image_shape=(1, 8, 8), levels=2, steps=2, hidden_channels=8)
+        >>> x = torch.rand(4, 1, 8, 8)
+        >>> model.initialize(x)
+        >>> model.bits_per_dim(x).shape
+        torch.Size([4])
+        >>> bool((model.decode(model.encode(x)) - x).abs().max() < 1e-4)
+        True
     """
 
-    def __init__(self, config: GlowConfig | None = None, **kwargs):
+    def __init__(self, config: GlowConfig | None = None, memory: str = "none", **kwargs):
         super().__init__()
         if config is not None and kwargs:
             raise ValueError("pass either config or keyword arguments, not both")
@@ -135,7 +59,8 @@ class Glow(nn.Module):
         for i in range(cfg.levels):
             last = i == cfg.levels - 1
             h, w = h // 2, w // 2
-            level = Level(c, cfg, last, generator, (h, w))
+            spatial = (h, w) if cfg.split_prior == "conv+position" else None
+            level = Level(c, cfg.steps, cfg.hidden_channels, cfg.coupling, cfg.permutation, last, generator, spatial)
             if not last:
                 self.latent_shapes.append((level.split.num_out, h, w))
             self.levels.append(level)
@@ -147,12 +72,40 @@ class Glow(nn.Module):
             self.class_head = nn.Linear(c, cfg.num_classes)
             nn.init.zeros_(self.class_head.weight)
             nn.init.zeros_(self.class_head.bias)
+        self.memory = memory
 
-    # ------------------------------------------------------------------ input checks
+    # ------------------------------------------------------------------ settings
+    @property
+    def memory(self) -> str:
+        """How gradients through the flow steps are computed: see :mod:`glowflow.memory`."""
+        return self._memory
+
+    @memory.setter
+    def memory(self, mode: str) -> None:
+        if mode not in MEMORY_MODES:
+            raise ValueError(f"memory must be one of {MEMORY_MODES}, got {mode!r}")
+        self._memory = mode
+        for level in self.levels:
+            level.steps.memory = mode
+
     @property
     def num_dims(self) -> int:
         return self.config.num_dims
 
+    @property
+    def initialized(self) -> bool:
+        """True once data-dependent init (:meth:`initialize`, or the first forward pass) has run."""
+        return all(bool(m.initialized) for m in self.modules() if isinstance(m, ActNorm))
+
+    def require_initialized(self) -> None:
+        """Raise ``ValueError`` unless data-dependent init has run. Editing and serving need it: an
+        uninitialised actnorm would initialise itself from the first image it sees, silently
+        changing the model."""
+        if not self.initialized:
+            raise ValueError("the model has not been initialised (no data-dependent init has run): load a "
+                             "trained checkpoint, or call model.initialize(x) on a batch first")
+
+    # ------------------------------------------------------------------ input checks
     def _dtype_device(self) -> tuple[torch.dtype, torch.device]:
         p = next(self.parameters())
         return p.dtype, p.device
@@ -166,7 +119,7 @@ class Glow(nn.Module):
                              f"got {list(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a float tensor with values in [0, 1], got dtype {x.dtype}; "
-                             "divide uint8 images by 255")
+                             "divide uint8 images by 255 (glowflow.numerics.to_unit)")
         if not torch.isfinite(x).all():
             raise ValueError(f"{name} contains NaN or inf")
         lo, hi = float(x.detach().min()), float(x.detach().max())
@@ -201,13 +154,11 @@ class Glow(nn.Module):
         logdet = z.new_zeros(z.shape[0])
         eps_list = []
         for level in self.levels:
-            z, ld = level.squeeze(z)
-            z, ld = run_steps(level.steps, z, self.config.memory)
-            logdet = logdet + ld
-            if level.split is not None:
-                z, eps, ld = level.split(z)
+            z, ld = level(z)
+            z, eps = level.separate(z)
+            if eps is not None:
                 eps_list.append(eps)
-                logdet = logdet + ld
+            logdet = logdet + ld
         eps, ld = self.top_prior(z, y_onehot)
         eps_list.append(eps)
         return eps_list, logdet + ld, z
@@ -217,10 +168,8 @@ class Glow(nn.Module):
         split_eps = iter(reversed(eps_list[:-1]))
         for level in reversed(self.levels):
             if level.split is not None:
-                z = level.split.inverse(z, next(split_eps))
-            for step in reversed(level.steps):
-                z = step.inverse(z)
-            z = level.squeeze.inverse(z)
+                z = torch.cat([z, next(split_eps)], 1)
+            z = level.inverse(z)
         return z + 0.5
 
     def _flatten(self, eps_list: list[torch.Tensor]) -> torch.Tensor:
@@ -254,9 +203,9 @@ class Glow(nn.Module):
         return numerics.gaussian_log_prob(self._flatten(eps_list)) + logdet
 
     def bits_per_dim(self, x: torch.Tensor, y: torch.Tensor | None = None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """The paper's metric for discrete images x (8-bit values / 255): [B, C, H, W] -> [B]."""
-        return self.forward(x, y, generator).bits_per_dim
+        return self.forward(x, y, generator, noise).bits_per_dim
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Images [B, C, H, W] in [0,1] -> standardised latents [B, D] (unit Gaussian under the model)."""
@@ -268,6 +217,8 @@ class Glow(nn.Module):
         """Standardised latents [B, D] -> images [B, C, H, W] (not clamped: the exact inverse)."""
         if not isinstance(eps, torch.Tensor):
             raise ValueError(f"latents must be a torch.Tensor [B, D], got {type(eps).__name__}")
+        if eps.is_complex() or not (eps.is_floating_point() or eps.dtype in (torch.int32, torch.int64)):
+            raise ValueError(f"latents must be real numbers, got dtype {eps.dtype}")
         dtype, device = self._dtype_device()
         eps = eps.to(device=device, dtype=dtype)
         if not torch.isfinite(eps).all():
@@ -281,7 +232,7 @@ class Glow(nn.Module):
         """``n`` images [n, C, H, W] in [0, 1]: decode of N(0, temperature^2 I) latents."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        if temperature < 0:
+        if not temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         dtype, device = self._dtype_device()
         gen_device = generator.device if generator is not None else device
@@ -289,27 +240,31 @@ class Glow(nn.Module):
                           device=gen_device, dtype=dtype).to(device)
         return self.decode(eps * temperature, y).clamp_(0.0, 1.0)
 
-    @property
-    def initialized(self) -> bool:
-        """True once data-dependent init (the first forward pass) has run."""
-        # self is skipped: hasattr(self, "initialized") would call this property again, forever.
-        flags = [m.initialized for m in self.modules()
-                 if m is not self and isinstance(getattr(m, "initialized", None), torch.Tensor)]
-        return all(bool(f) for f in flags)
-
     @torch.no_grad()
     def initialize(self, x: torch.Tensor, y: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None) -> None:
+                   generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> None:
         """Data-dependent init of every actnorm from one (preferably large) batch."""
-        self.forward(x, y, generator)
+        self.forward(x, y, generator, noise)
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, directory) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory`` atomically."""
-        from .checkpoint import save_model
-        save_model(self, directory)
+        """Write ``config.json``, ``model.safetensors`` and ``checksums.json`` into ``directory``
+        atomically."""
+        with ckpt.checkpoint_directory(directory) as tmp:
+            ckpt.write_model_files(tmp, self.config.to_dict(), self.state_dict())
 
     @classmethod
-    def from_pretrained(cls, directory, map_location: str | torch.device = "cpu") -> "Glow":
-        from .checkpoint import load_model
-        return load_model(directory, map_location)
+    def from_pretrained(cls, directory, map_location: str | torch.device = "cpu",
+                        weights_name: str = ckpt.WEIGHTS_NAME, memory: str = "none") -> "Glow":
+        """A model from a checkpoint directory (or a run directory holding ``checkpoint/``), in
+        eval mode on ``map_location``. Config, weights and checksums are all checked."""
+        directory = ckpt.resolve_checkpoint_dir(directory)
+        try:
+            config = GlowConfig.from_dict(ckpt.read_config(directory))
+        except ckpt.CheckpointError:
+            raise
+        except (ValueError, TypeError) as e:
+            raise ckpt.CheckpointError(f"bad config in {directory / ckpt.CONFIG_NAME}: {e}") from None
+        model = cls(config=config, memory=memory)
+        ckpt.load_state_into(model, ckpt.load_tensors(directory / weights_name), directory / weights_name)
+        return model.to(map_location).eval()

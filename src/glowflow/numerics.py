@@ -1,7 +1,7 @@
 """Quantisation, dequantisation and the bits/dim formula: the one place they are defined.
 
-Training, evaluation and the tests all call these, so the number a user reads is the number the
-objective optimises.
+Training, evaluation, scoring and the tests all call these, so the number a user reads is the
+number the objective optimises.
 """
 from __future__ import annotations
 
@@ -9,7 +9,17 @@ import math
 
 import torch
 
+__all__ = ["to_unit", "n_bins", "quantize", "dequantize", "discrete_log_likelihood", "bits_per_dim",
+           "gaussian_log_prob", "LOG_2PI"]
+
 LOG_2PI = math.log(2 * math.pi)
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (0..255) -> float32 in [0, 1]: the form every model method takes."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images, got {images.dtype}")
+    return images.to(torch.float32).div_(255.0)
 
 
 def n_bins(n_bits: int) -> int:
@@ -41,11 +51,6 @@ def dequantize(x_bins: torch.Tensor, n_bits: int, generator: torch.Generator | N
         raise ValueError(f"noise must have the shape of x {list(x_bins.shape)}, got {list(noise.shape)}")
     noise = noise.to(device=x_bins.device, dtype=x_bins.dtype)
     return (x_bins + noise) / n_bins(n_bits)
-
-
-def bin_centres(x_bins: torch.Tensor, n_bits: int) -> torch.Tensor:
-    """Integer bins -> the centre of each bin in [0, 1), for display and deterministic encoding."""
-    return (x_bins + 0.5) / n_bins(n_bits)
 
 
 def discrete_log_likelihood(log_prob: torch.Tensor, num_dims: int, n_bits: int) -> torch.Tensor:

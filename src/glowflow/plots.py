@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+__all__ = ["pyplot", "plot_curves"]
 
-def _pyplot():
+
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -15,7 +17,7 @@ def _pyplot():
 
 def plot_curves(history: list[dict], path) -> None:
     """Train bits/dim per logged step and test bits/dim per evaluation, against steps."""
-    plt = _pyplot()
+    plt = pyplot()
     train = [(r["step"], r["bits_per_dim"]) for r in history
              if "bits_per_dim" in r and "event" not in r and r["bits_per_dim"] == r["bits_per_dim"]]
     test = [(r["step"], r["test_bits_per_dim"]) for r in history if "test_bits_per_dim" in r]

@@ -1,17 +1,15 @@
 """The training loop: one readable file.
 
-Every random choice of step ``s`` (which images, their dequantisation noise, their translation) is
+Every random choice of step ``s`` (which images, their dequantisation noise, their augmentation) is
 drawn from generators seeded by ``(seed, s)``, for the global batch, and each rank takes its slice.
 So a resumed run repeats an uninterrupted one exactly, and N processes match one process.
 """
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -19,70 +17,32 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import distributed as dist_utils
-from .model import Glow, GlowConfig, config_from_dict
+from . import io
+from .config import LR_DECAYS, GlowConfig, TrainConfig
+from .data import ImageDataset, get_dataset, random_flip, random_translate
+from .images import save_grid
+from .likelihood import score, summarize_bits_per_dim
+from .model import Glow
+from .numerics import to_unit
+from .plots import plot_curves
+from .progress import Progress
+
+__all__ = ["Trainer", "TrainConfig", "EMA", "train", "evaluate", "learning_rate", "run_progress",
+           "batch_indices", "step_generator", "load_split", "LR_DECAYS", "TRAINER_STATE", "RAW_WEIGHTS",
+           "TRAIN_CONFIG", "METRICS"]
 
 TRAINER_STATE = "trainer.pt"
 RAW_WEIGHTS = "raw.safetensors"
-LR_DECAYS = ("none", "linear", "cosine")  # the learning rate after warm-up (see learning_rate)
 TRAIN_CONFIG = "train_config.json"
+METRICS = "metrics.jsonl"
 
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """A training run: the model, the data and the optimisation. Presets fill it; the CLI overrides it."""
-
-    model: GlowConfig = field(default_factory=GlowConfig)
-    dataset: str = "fashion-mnist"
-    data: str | None = None  # dataset root; None: the dataset's default location
-    train_limit: int | None = None
-    test_limit: int | None = None  # test images used for evaluations during training
-    augment_shift: int = 0  # random translations up to this many pixels (CIFAR-10: 2)
-    batch_size: int = 64  # global, over all ranks
-    init_batch_size: int = 512  # data-dependent init batch (global)
-    optimizer: str = "adam"  # "adam" or "adamax"
-    lr: float = 1e-3
-    warmup_steps: int = 200
-    lr_decay: str = "none"  # after warm-up: "none" (constant, as the official code), "linear" or "cosine"
-    lr_final: float = 0.0  # with lr_decay: the learning rate at the end of the run, as a fraction of lr
-    max_steps: int = 1000
-    max_minutes: float | None = None  # stop (and checkpoint) after this much training time, over all resumes
-    grad_clip: float = 50.0
-    ema_decay: float = 0.999
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 500
-    sample_every: int = 500
-    checkpoint_every: int = 500
-    max_bad_steps: int = 5  # consecutive NaN/inf steps before restoring the last good checkpoint
-    lr_backoff: float = 0.5  # learning-rate factor applied on each such restore
-    precision: str = "fp32"  # "fp32", "bf16" or "fp16" (autocast, CUDA only)
-    compile: bool = False
-    channels_last: bool = False
-    device: str = "auto"
-    progress: bool = True
-
-    def __post_init__(self):
-        if isinstance(self.model, dict):
-            object.__setattr__(self, "model", GlowConfig.from_dict(self.model))
-        if self.optimizer not in ("adam", "adamax"):
-            raise ValueError(f"optimizer must be 'adam' or 'adamax', got {self.optimizer!r}")
-        if self.lr_decay not in LR_DECAYS:
-            raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {self.lr_decay!r}")
-        if not 0.0 <= self.lr_final <= 1.0:
-            raise ValueError(f"lr_final must be in [0, 1] (a fraction of lr), got {self.lr_final}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {self.precision!r}")
-        if self.batch_size < 1 or self.init_batch_size < 1 or self.max_steps < 0:
-            raise ValueError("batch_size and init_batch_size must be >= 1 and max_steps >= 0")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["model"] = self.model.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        return config_from_dict(cls, d, "training config")
+# The random streams of a training step: each its own generator, seeded by (seed, step, stream).
+STREAM_BATCH_ORDER = 0  # the permutation of an epoch (seeded by the epoch, not the step)
+STREAM_TRANSLATION = 1  # augment_shift
+STREAM_DEQUANTIZATION = 2  # the uniform noise added to the integer pixel values
+STREAM_FLIP = 3  # augment_flip
+# The data-dependent init batch is drawn under seed + INIT_SEED_OFFSET, so it is not step 0's batch.
+INIT_SEED_OFFSET = 7919
 
 
 def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
@@ -96,7 +56,7 @@ def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> t
     if per_epoch == 0:
         raise ValueError(f"batch size {batch_size} is larger than the dataset ({num_examples} examples)")
     epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(num_examples, generator=step_generator(seed, epoch, 0))
+    perm = torch.randperm(num_examples, generator=step_generator(seed, epoch, STREAM_BATCH_ORDER))
     return perm[i * batch_size:(i + 1) * batch_size]
 
 
@@ -125,35 +85,16 @@ def learning_rate(cfg: TrainConfig, step: int, scale: float = 1.0, progress: flo
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
-        # the fused kernel updates every parameter in one call: 4x less optimizer time on CPU than
-        # the per-parameter loop (hundreds of small tensors here); same update rule
+        # the fused kernel updates every parameter in one call (hundreds of small tensors here)
         return torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
     return torch.optim.Adamax(model.parameters(), lr=cfg.lr, foreach=True)
 
 
-def _to_float(images: torch.Tensor) -> torch.Tensor:
-    return images.float() / 255.0
-
-
-def evaluate(model: Glow, images: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int = 500,
-             seed: int = 0, device: torch.device | str = "cpu", progress: bool = False) -> dict:
-    """Test-set bits/dim of uint8 images [N, C, H, W]: mean and standard error over images."""
-    from tqdm.auto import tqdm
-
-    model.eval()
-    out = []
-    gen = torch.Generator().manual_seed(seed)
-    bar = tqdm(range(0, len(images), batch_size), desc="eval", disable=not progress, leave=False)
-    with torch.no_grad():
-        for start in bar:
-            x = _to_float(images[start:start + batch_size])
-            noise = torch.rand(x.shape, generator=gen)
-            y = labels[start:start + batch_size].to(device) if model.config.num_classes else None
-            out.append(model(x.to(device), y, noise=noise.to(device)).bits_per_dim.double().cpu())
-    bpd = torch.cat(out)
-    n = bpd.numel()
-    se = float(bpd.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-    return {"bits_per_dim": float(bpd.mean()), "bits_per_dim_se": se, "num_images": n}
+def evaluate(model: Glow, data: ImageDataset, batch_size: int = 500, seed: int = 0,
+             device: torch.device | str = "cpu", progress: bool = False) -> dict:
+    """Test-set bits/dim of a dataset's uint8 images: mean and standard error over images."""
+    res = score(model, data, batch_size=batch_size, seed=seed, device=device, progress=progress, desc="eval")
+    return summarize_bits_per_dim(res["bits_per_dim"])
 
 
 class EMA:
@@ -176,8 +117,8 @@ class EMA:
 class Trainer:
     """Holds the model, EMA, optimizer and data of one run; ``run()`` trains until done."""
 
-    def __init__(self, cfg: TrainConfig, out_dir, train_data, test_data=None, resume: bool = False,
-                 dist: dist_utils.DistInfo | None = None, log=print):
+    def __init__(self, cfg: TrainConfig, out_dir, train_data: ImageDataset, test_data: ImageDataset | None = None,
+                 resume: bool = False, dist: dist_utils.DistInfo | None = None, log=print):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.dist = dist or dist_utils.DistInfo(device=dist_utils.resolve_device(cfg.device))
@@ -189,13 +130,14 @@ class Trainer:
                              f"{tuple(cfg.model.image_shape)}: set model.image_shape to match")
         if cfg.model.num_classes and train_data.labels is None:
             raise ValueError("a class-conditional model needs a labelled dataset")
-        self.model = Glow(config=cfg.model).to(self.device)
+        self.model = Glow(config=cfg.model, memory=cfg.memory).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.step = 0
         self.seconds = 0.0  # training time so far, over all resumes (the max_minutes budget)
         self.lr_scale = 1.0
         self.bad_steps = 0
+        self.recoveries = 0
         self.history: list[dict] = []
         self._tb = None
         if resume and self._has_checkpoint():
@@ -207,38 +149,39 @@ class Trainer:
             self._data_dependent_init()
             self.ema = EMA(self.model, cfg.ema_decay)
             self.optimizer = make_optimizer(cfg, self.model)
-        self.train_model = self.model
-        if self.dist.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+        self.train_model = self._wrap(self.model)
         amp = cfg.precision != "fp32" and self.device.type == "cuda"
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if amp else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp and cfg.precision == "fp16")
 
+    def _wrap(self, model: Glow):
+        """The module the training step calls: DDP across ranks, ``torch.compile`` if asked."""
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        return torch.compile(model) if self.cfg.compile else model
+
     # ------------------------------------------------------------------ data
-    def global_batch(self, step: int, batch_size: int | None = None, stream_offset: int = 0):
+    def global_batch(self, step: int, batch_size: int | None = None, seed: int | None = None):
         """Images (float [0,1]), labels and dequantisation noise of this rank's slice of ``step``'s batch."""
         cfg, data = self.cfg, self.train_data
         n = batch_size or cfg.batch_size
-        idx = batch_indices(len(data.images), n, step, cfg.seed + stream_offset)
-        x = _to_float(data.images[idx])
+        seed = cfg.seed if seed is None else seed
+        idx = batch_indices(len(data), n, step, seed)
+        x = to_unit(data.batch(idx))
         if cfg.augment_shift:
-            from .data import random_translate
-            x = random_translate(x, cfg.augment_shift, step_generator(cfg.seed + stream_offset, step, 1))
-        noise = torch.rand(x.shape, generator=step_generator(cfg.seed + stream_offset, step, 2))
+            x = random_translate(x, cfg.augment_shift, step_generator(seed, step, STREAM_TRANSLATION))
+        noise = torch.rand(x.shape, generator=step_generator(seed, step, STREAM_DEQUANTIZATION))
         y = data.labels[idx] if (cfg.model.num_classes and data.labels is not None) else None
         part = self.dist.shard(n)
         to = lambda t: None if t is None else t[part].to(self.device)  # noqa: E731
         return to(x), to(y), to(noise)
 
     def _data_dependent_init(self) -> None:
-        n = min(self.cfg.init_batch_size, len(self.train_data.images))
+        n = min(self.cfg.init_batch_size, len(self.train_data))
         n -= n % self.dist.world_size
-        x, y, noise = self.global_batch(0, n, stream_offset=7919)
-        with torch.no_grad():
-            self.model(x, y, noise=noise)
+        x, y, noise = self.global_batch(0, n, seed=self.cfg.seed + INIT_SEED_OFFSET)
+        self.model.initialize(x, y, noise=noise)
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
@@ -300,11 +243,12 @@ class Trainer:
             return
         state = {"step": self.step, "seconds": self.seconds, "lr_scale": self.lr_scale,
                  "optimizer": self.optimizer.state_dict()}
-        with ckpt.atomic_directory(self.out / ckpt.CHECKPOINT_DIR) as tmp:
-            ckpt.write_model_files(tmp, self.ema.model)  # the EMA weights are the model users load
+        with ckpt.checkpoint_directory(self.out / ckpt.CHECKPOINT_DIR) as tmp:
+            # the EMA weights are the model users load; the raw ones and the optimizer resume training
+            ckpt.write_model_files(tmp, self.cfg.model.to_dict(), self.ema.model.state_dict())
             ckpt.save_tensors(tmp / RAW_WEIGHTS, self.model.state_dict())
             torch.save(state, tmp / TRAINER_STATE)
-            ckpt.write_json(tmp / TRAIN_CONFIG, self.cfg.to_dict())
+            io.write_json(tmp / TRAIN_CONFIG, self.cfg.to_dict())
 
     def _has_checkpoint(self) -> bool:
         """Whether this run has a checkpoint: the live one, or the ``.old`` a kill mid-swap leaves."""
@@ -316,9 +260,7 @@ class Trainer:
 
     def _load_state(self) -> None:
         directory = ckpt.resolve_checkpoint_dir(self.out)
-        saved = GlowConfig.from_dict(ckpt.read_json(directory / ckpt.CONFIG_NAME))
-        # the memory mode changes how gradients are computed, not the model: any mode may resume
-        saved = dataclasses.replace(saved, memory=self.cfg.model.memory)
+        saved = GlowConfig.from_dict(ckpt.read_config(directory))
         if saved != self.cfg.model:
             raise ValueError(f"the checkpoint in {directory} is for a different model: {saved} vs {self.cfg.model}")
         ckpt.load_state_into(self.model, ckpt.load_tensors(directory / RAW_WEIGHTS, self.device),
@@ -336,12 +278,12 @@ class Trainer:
         self.step, self.lr_scale = int(state["step"]), float(state["lr_scale"])
         self.seconds = float(state.get("seconds", 0.0))
 
-    # ------------------------------------------------------------------ logging and pictures
+    # ------------------------------------------------------------------ logging, evaluation, pictures
     def _record(self, row: dict) -> None:
         self.history.append(row)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            with open(self.out / "metrics.jsonl", "a") as f:
+            with open(self.out / METRICS, "a") as f:
                 f.write(json.dumps(row) + "\n")
             if self._tb is not None:
                 for k, v in row.items():
@@ -351,22 +293,17 @@ class Trainer:
     def evaluate(self) -> dict:
         if self.test_data is None:
             return {}
-        n = self.cfg.test_limit or len(self.test_data.images)
-        res = evaluate(self.ema.model, self.test_data.images[:n],
-                       self.test_data.labels[:n] if self.test_data.labels is not None else None,
-                       seed=self.cfg.seed, device=self.device)
+        data = self.test_data.head(self.cfg.test_limit)
+        res = evaluate(self.ema.model, data, seed=self.cfg.seed, device=self.device)
         return {"step": self.step, "test_bits_per_dim": res["bits_per_dim"],
                 "test_bits_per_dim_se": res["bits_per_dim_se"], "test_images": res["num_images"]}
 
     def write_pictures(self) -> None:
-        from .plots import plot_curves
-        from .images import save_grid
-
         y = None
         if self.cfg.model.num_classes:
             y = torch.arange(64) % self.cfg.model.num_classes
         x = self.ema.model.sample(64, temperature=0.7, y=y, generator=torch.Generator().manual_seed(self.cfg.seed))
-        save_grid(x, self.out / "samples.png", nrow=8)
+        save_grid(x, self.out / "samples.png", nrow=8, scale=_display_scale(self.cfg.model.image_shape))
         plot_curves(self.history, self.out / "curve.png")
 
     # ------------------------------------------------------------------ the loop
@@ -382,62 +319,81 @@ class Trainer:
     def _out_of_time(self) -> bool:
         return self.cfg.max_minutes is not None and self.seconds >= 60.0 * self.cfg.max_minutes
 
-    def run(self) -> dict:
-        from tqdm.auto import tqdm
+    def _done(self) -> bool:
+        return self.step >= self.cfg.max_steps or self._out_of_time()
 
-        cfg = self.cfg
-        self._tb = None
+    def _begin(self) -> None:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self._tb = _tensorboard(self.out / "tb")
-            self.history = _read_history(self.out / "metrics.jsonl", upto=self.step)
-        start_step, t0, seconds0 = self.step, time.perf_counter(), self.seconds
-        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main),
-                   desc="train", dynamic_ncols=True)
-        window_t, window_n = time.perf_counter(), 0
-        while self.step < cfg.max_steps and not self._out_of_time():
+            self.history = _read_history(self.out / METRICS, upto=self.step)
+        self._start_step, self._t0, self._seconds0 = self.step, time.perf_counter(), self.seconds
+        self._window = (time.perf_counter(), 0)  # images/s over the steps since the last log line
+        self.bar = Progress(self.cfg.max_steps, "train", enabled=self.cfg.progress and self.dist.is_main,
+                            unit="step", initial=self.step)
+
+    def _update_bar_total(self) -> None:
+        # under a time budget the bar's total is the number of steps the clock allows
+        if self.cfg.max_minutes and self.step - self._start_step >= 20:
+            done = run_progress(self.cfg, self.step, self.seconds)
+            self.bar.total = min(self.cfg.max_steps, max(self.step, round(self.step / max(done, 1e-9))))
+
+    def _log_step(self, row: dict) -> None:
+        t, n = self._window
+        self._window = (t, n + self.cfg.batch_size)
+        if self.step % self.cfg.log_every and self.step != self.cfg.max_steps:
+            return
+        now = time.perf_counter()
+        row["images_per_s"] = (n + self.cfg.batch_size) / max(now - t, 1e-9)
+        self._window = (now, 0)
+        self._record(row)
+        self.bar.set_postfix(loss=f"{row['loss']:.3f}", bpd=f"{row['bits_per_dim']:.3f}",
+                             img_s=f"{row['images_per_s']:.0f}")
+
+    def _skipped(self, row: dict) -> None:
+        self.log(f"warning: step {row['step']}: non-finite loss or gradient, step skipped")
+        self._record({"event": "skipped", **row})
+        if self.bad_steps >= self.cfg.max_bad_steps:
+            self._recover()
+            self.bar.n = self.step
+
+    def _periodic(self, last: bool) -> None:
+        """Evaluation, checkpoint and pictures when their step comes, and all three at the end."""
+        cfg = self.cfg
+        if self.step % cfg.eval_every == 0 or last:
+            ev = self.evaluate()
+            if ev:
+                self._record(ev)
+                self.log(f"step {self.step}: test bits/dim {ev['test_bits_per_dim']:.4f} "
+                         f"± {ev['test_bits_per_dim_se']:.4f}")
+        if self.step % cfg.checkpoint_every == 0 or last:
+            self.save_checkpoint()
+        if self.dist.is_main and (self.step % cfg.sample_every == 0 or last):
+            self.write_pictures()
+
+    def run(self) -> dict:
+        self._begin()
+        while not self._done():
             row = self.train_step()
-            self._tick(seconds0 + time.perf_counter() - t0)
-            window_n += cfg.batch_size
-            bar.update(1)
-            if cfg.max_minutes and self.step - start_step >= 20:
-                # under a time budget the bar's total is the number of steps the clock allows
-                done = run_progress(cfg, self.step, self.seconds)
-                bar.total = min(cfg.max_steps, max(self.step, round(self.step / max(done, 1e-9))))
+            self._tick(self._seconds0 + time.perf_counter() - self._t0)
+            self.bar.update(1)
+            self._update_bar_total()
             if row["skipped"]:
-                self.log(f"warning: step {row['step']}: non-finite loss or gradient, step skipped")
-                self._record({"event": "skipped", **row})
-                if self.bad_steps >= cfg.max_bad_steps:
-                    self._recover()
-                    bar.n = self.step
+                self._skipped(row)
                 continue
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                now = time.perf_counter()
-                row["images_per_s"] = window_n / max(now - window_t, 1e-9)
-                window_t, window_n = now, 0
-                self._record(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", bpd=f"{row['bits_per_dim']:.3f}",
-                                img_s=f"{row['images_per_s']:.0f}")
-            out_of_time = self._out_of_time()
-            last = self.step >= cfg.max_steps or out_of_time
-            if self.step % cfg.eval_every == 0 or last:
-                ev = self.evaluate()
-                if ev:
-                    self._record(ev)
-                    self.log(f"step {self.step}: test bits/dim {ev['test_bits_per_dim']:.4f} "
-                             f"± {ev['test_bits_per_dim_se']:.4f}")
-            if self.step % cfg.checkpoint_every == 0 or last:
-                self.save_checkpoint()
-            if self.dist.is_main and (self.step % cfg.sample_every == 0 or last):
-                self.write_pictures()
-            if out_of_time:
-                break
-        stop_reason = "max_minutes" if self.step < cfg.max_steps and self._out_of_time() else "max_steps"
-        bar.close()
+            self._log_step(row)
+            self._periodic(last=self._done())
+        return self._finish()
+
+    def _finish(self) -> dict:
+        self.bar.close()
         if self._tb is not None:
             self._tb.close()
-        elapsed = time.perf_counter() - t0
-        summary = {"steps": self.step, "steps_this_run": self.step - start_step, "seconds": round(elapsed, 1),
+        stop_reason = "max_minutes" if self.step < self.cfg.max_steps and self._out_of_time() else "max_steps"
+        return self.summary(stop_reason, time.perf_counter() - self._t0)
+
+    def summary(self, stop_reason: str, elapsed: float) -> dict:
+        summary = {"steps": self.step, "steps_this_run": self.step - self._start_step, "seconds": round(elapsed, 1),
                    "stop_reason": stop_reason, "out": str(self.out)}
         last_train = [r for r in self.history if "bits_per_dim" in r and "event" not in r]
         if last_train:
@@ -452,10 +408,15 @@ class Trainer:
         return summary
 
 
+def _display_scale(image_shape) -> int:
+    """Enlargement for pictures of small images, so that a 28x28 sample is big enough to see."""
+    return max(1, 128 // max(image_shape[1:]))
+
+
 def _tensorboard(path):
     try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard is optional
+        from torch.utils.tensorboard import SummaryWriter  # optional: only when tensorboard is installed
+    except Exception:
         return None
     return SummaryWriter(str(path))
 
@@ -472,15 +433,13 @@ def _read_history(path: Path, upto: int) -> list[dict]:
             continue
         if row.get("step", 0) <= upto:
             rows.append(row)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    io.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
-def load_split(name: str, root, split: str, image_shape, limit: int | None = None):
+def load_split(name: str, root, split: str, image_shape, limit: int | None = None) -> ImageDataset:
     """A dataset split for a model of ``image_shape`` = (C, H, W): image folders are resized and
     converted to it; fixed-size datasets load as they are (the caller checks the shape)."""
-    from .data import get_dataset
-
     c, h, _ = image_shape
     folder = name == "folder"
     return get_dataset(name, root, split, limit=limit, image_size=h if folder else None,

@@ -35,7 +35,6 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import latent
 from ..images import DEFAULT_MAX_PIXELS, ImageError, load_image, png_bytes
-from ..layers import ActNorm
 
 log = logging.getLogger("glowflow.demo")
 
@@ -181,8 +180,7 @@ def create_app(model, directions: latent.Directions | None = None, test_images: 
     ``test_names``: images to pick instead of uploading. ``class_names``: labels of a
     class-conditional model. ``alpha_max``: the sliders' range is ``[-alpha_max, alpha_max]``.
     """
-    if not all(bool(m.initialized) for m in model.modules() if isinstance(m, ActNorm)):
-        raise ValueError("the model has not been initialised: serve a trained checkpoint")
+    model.require_initialized()
     if directions is not None and directions.num_dims != model.num_dims:
         raise ValueError(f"directions have dimension {directions.num_dims}, the model's latents "
                          f"{model.num_dims}")

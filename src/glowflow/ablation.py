@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,11 +32,20 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .train import Trainer, TrainConfig
+from .config import COUPLINGS, PERMUTATIONS, TrainConfig
+from .data import get_dataset
+from .io import atomic_write_json, atomic_write_text
+from .plots import pyplot
+from .progress import Progress
+from .train import Trainer
+
+__all__ = ["RunSpec", "run_config", "run_ablation", "train_one", "summarize", "check_ordering", "format_table",
+           "plot_ablation", "DEFAULT_PRESET", "DEFAULT_PERMUTATIONS", "PANEL_COUPLINGS", "PAPER_ORDER",
+           "RESULTS", "FIGURE", "TABLE", "RUN_RESULT"]
 
 DEFAULT_PRESET = "ablation-fashion-mnist-cpu"
-PERMUTATIONS = ("reverse", "shuffle", "invconv")
-COUPLINGS = ("additive", "affine")
+DEFAULT_PERMUTATIONS = ("reverse", "shuffle", "invconv")  # the paper's Figure 3
+PANEL_COUPLINGS = ("additive", "affine")  # the figure's panels, left to right
 # The paper's claim, best (lowest bits/dim) first. "invconv" stands for either 1x1-conv variant.
 PAPER_ORDER = ("invconv", "shuffle", "reverse")
 RUN_RESULT = "result.json"
@@ -134,14 +142,8 @@ def train_one(cfg: TrainConfig, spec: RunSpec, run_dir, train_data, test_data, l
         "nonfinite_events": sum(1 for r in history if r.get("event") in ("skipped", "recovered")),
         "test_curve": curve, "train_curve": train_curve, "config": cfg.to_dict(),
     }
-    _write_json(run_dir / RUN_RESULT, result)
+    atomic_write_json(run_dir / RUN_RESULT, result, indent=1)
     return result
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -193,7 +195,7 @@ def summarize(runs: Sequence[dict]) -> dict:
                      "final_test_bits_per_dim_mean": mean, "final_test_bits_per_dim_std": std,
                      "steps_min": min(r["steps"] for r in rs), "steps_max": max(r["steps"] for r in rs),
                      "seconds_mean": _mean_std([r["seconds"] for r in rs])[0]})
-    couplings = [c for c in COUPLINGS if any(k[0] == c for k in cells)]
+    couplings = [c for c in PANEL_COUPLINGS if any(k[0] == c for k in cells)]
     permutations = sorted({k[1] for k in cells}, key=lambda p: (list(LABELS).index(p) if p in LABELS else 99))
     finals = {k: {r["seed"]: r["final_test_bits_per_dim"] for r in rs} for k, rs in cells.items()}
 
@@ -262,10 +264,8 @@ def _mean_curve(runs: Sequence[dict]) -> tuple[list[float], list[float], list[fl
 def plot_ablation(runs: Sequence[dict], path, title: str = "") -> None:
     """Two panels (additive, affine): test bits/dim against steps, one line per permutation with a
     mean ± std band over seeds (the layout of the paper's Figure 3)."""
-    from .plots import _pyplot
-
-    plt = _pyplot()
-    couplings = [c for c in COUPLINGS if any(r["coupling"] == c for r in runs)]
+    plt = pyplot()
+    couplings = [c for c in PANEL_COUPLINGS if any(r["coupling"] == c for r in runs)]
     fig, axes = plt.subplots(1, max(1, len(couplings)), figsize=(5 * max(1, len(couplings)), 4), dpi=100,
                              sharey=True, squeeze=False)
     lows, highs = [], []
@@ -314,7 +314,7 @@ def _budget_text(cfg: TrainConfig) -> str:
 
 
 def run_ablation(base: TrainConfig, out_dir, seeds: int | Sequence[int] = 3,
-                 permutations: Sequence[str] = PERMUTATIONS, couplings: Sequence[str] = COUPLINGS,
+                 permutations: Sequence[str] = DEFAULT_PERMUTATIONS, couplings: Sequence[str] = PANEL_COUPLINGS,
                  budget_steps: int | None = None, budget_minutes: float | None = None,
                  eval_every: int | None = None, train_data=None, test_data=None,
                  progress: bool = True, log=print) -> dict:
@@ -325,15 +325,10 @@ def run_ablation(base: TrainConfig, out_dir, seeds: int | Sequence[int] = 3,
     ``base.train_limit`` / ``base.test_limit``. Runs already done in ``out_dir`` are read, not
     repeated. Returns the content of results.json.
     """
-    from tqdm.auto import tqdm
-
-    from .data import get_dataset
-
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise ValueError("seeds must be a positive count or a non-empty list of seeds")
-    for name, given, allowed in (("permutation", permutations, ("reverse", "shuffle", "invconv", "invconv_lu")),
-                                 ("coupling", couplings, COUPLINGS)):
+    for name, given, allowed in (("permutation", permutations, PERMUTATIONS), ("coupling", couplings, COUPLINGS)):
         bad = [g for g in given if g not in allowed]
         if bad or not given:
             raise ValueError(f"{name}s must be a non-empty subset of {allowed}, got {list(given)}")
@@ -348,7 +343,8 @@ def run_ablation(base: TrainConfig, out_dir, seeds: int | Sequence[int] = 3,
     if test_data is None:
         test_data = get_dataset(base.dataset, base.data, "test", limit=base.test_limit)
     specs = [RunSpec(c, p, s) for s in seed_list for c in couplings for p in permutations]
-    write = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else log
+    bar = Progress(len(specs), "ablation", enabled=progress, unit="run")
+    write = bar.write if progress else log
     runs, skipped = [], 0
     first_cfg = run_config(base, specs[0], budget_steps, budget_minutes, eval_every)
     meta = {"dataset": base.dataset, "test_images": min(len(test_data), first_cfg.test_limit or len(test_data)),
@@ -361,15 +357,14 @@ def run_ablation(base: TrainConfig, out_dir, seeds: int | Sequence[int] = 3,
         results = {"meta": {**meta, "machine": _machine(first_cfg.device if first_cfg.device != "auto" else
                                                         ("cuda" if torch.cuda.is_available() else "cpu"))},
                    "summary": summary, "runs": runs}
-        _write_json(out / RESULTS, results)
-        (out / TABLE).write_text(format_table(summary, meta))
+        atomic_write_json(out / RESULTS, results, indent=1)
+        atomic_write_text(out / TABLE, format_table(summary, meta))
         plot_ablation(runs, out / FIGURE, title=f"{meta['dataset']}: {meta['budget']}; "
                                                f"mean ± std over {len(seed_list)} seed{'s' * (len(seed_list) > 1)}")
         return results
 
     last_write = time.perf_counter()
-    bar = tqdm(specs, desc="ablation", unit="run", disable=not progress, dynamic_ncols=True)
-    for i, spec in enumerate(bar, 1):
+    for i, spec in enumerate(specs, 1):
         cfg = run_config(base, spec, budget_steps, budget_minutes, eval_every)
         run_dir = out / spec.name
         result = _read_result(run_dir / RUN_RESULT, cfg)
@@ -378,12 +373,14 @@ def run_ablation(base: TrainConfig, out_dir, seeds: int | Sequence[int] = 3,
             runs.append(result)
             write(f"[{i}/{len(specs)}] {spec.name}: done before, skipped "
                   f"(test bits/dim {result['final_test_bits_per_dim']:.4f})")
+            bar.update(1)
             continue
         warn = lambda msg, name=spec.name: write(f"{name}: {msg}") if "warning" in str(msg) else None  # noqa: E731
         result = train_one(cfg, spec, run_dir, train_data, test_data, log=warn)
         runs.append(result)
         write(f"[{i}/{len(specs)}] {spec.name}: {result['steps']} steps in {result['seconds']:.0f} s "
               f"({result['stop_reason']}), test bits/dim {result['final_test_bits_per_dim']:.4f}")
+        bar.update(1)
         if i < len(specs) and time.perf_counter() - last_write > 30:
             write_outputs()  # partial results to look at while the rest trains
             last_write = time.perf_counter()
@@ -391,82 +388,3 @@ def run_ablation(base: TrainConfig, out_dir, seeds: int | Sequence[int] = 3,
     results = write_outputs()
     results["skipped"] = skipped
     return results
-
-
-# ------------------------------------------------------------------------------------ CLI
-def _names(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def cmd_ablate(args) -> int:
-    from .cli import emit
-    from .config import build_train_config
-    from .data import get_dataset
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    overrides = list(args.set or [])
-    if args.data is not None:
-        overrides.append(f"dataset={args.data}")
-        overrides.append(f"data={args.root}" if args.root else "data=null")
-    elif args.root:
-        overrides.append(f"data={args.root}")
-    if args.test_limit is not None:
-        overrides.append(f"test_limit={args.test_limit}")
-    if args.device:
-        overrides.append(f"device={args.device}")
-    base = build_train_config(args.preset, overrides)
-    if base.test_limit is None:
-        base = dataclasses.replace(base, test_limit=2000)
-    train_data = get_dataset(base.dataset, base.data, "train", limit=base.train_limit)
-    test_data = get_dataset(base.dataset, base.data, "test", limit=base.test_limit)
-    if tuple(train_data.image_shape) != tuple(base.model.image_shape):
-        if args.data is None:
-            raise ValueError(f"the preset's model expects {base.model.image_shape} images, {base.dataset} has "
-                             f"{tuple(train_data.image_shape)}: set model.image_shape")
-        # the preset was written for another dataset: keep its architecture, take the data's shape
-        base = dataclasses.replace(base, model=dataclasses.replace(base.model, image_shape=train_data.image_shape))
-    out = Path(args.out or Path("runs") / "ablation" / base.dataset)
-    results = run_ablation(base, out, seeds=args.seeds, permutations=_names(args.permutations),
-                           couplings=_names(args.couplings), budget_steps=args.budget_steps,
-                           budget_minutes=args.budget_minutes, eval_every=args.eval_every,
-                           train_data=train_data, test_data=test_data, progress=not args.no_progress)
-    if not args.json:
-        print((out / TABLE).read_text())
-    summary = results["summary"]
-    emit(args, {
-        "out": str(out), "results": str(out / RESULTS), "figure": str(out / FIGURE), "table": str(out / TABLE),
-        "runs": len(results["runs"]), "skipped": results["skipped"], "budget": results["meta"]["budget"],
-        "final_test_bits_per_dim": {f"{r['coupling']}/{r['permutation']}": round(r["final_test_bits_per_dim_mean"], 4)
-                                    for r in summary["table"]},
-        "paper_ordering_holds": {c: v["holds"] for c, v in summary["permutation_ordering"].items()},
-    })
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("ablate", help="the paper's ablation: reverse/shuffle/1x1 conv x additive/affine, "
-                                      "same budget and seeds; writes results.json, figure.png, table.md")
-    p.add_argument("--data", help="dataset name (fashion-mnist, mnist, cifar10, imagenet32, ...); "
-                                  "default: the preset's")
-    p.add_argument("--root", help="dataset root directory (default: the dataset's default location)")
-    p.add_argument("--preset", default=DEFAULT_PRESET,
-                   help=f"training preset for everything the ablation does not vary (default {DEFAULT_PRESET}; "
-                        "GPU: ablation-cifar10-gpu)")
-    p.add_argument("--out", help="output directory (default runs/ablation/<dataset>)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1, each used by all configs (default 3)")
-    p.add_argument("--budget-minutes", type=float, help="wall-clock minutes per run")
-    p.add_argument("--budget-steps", type=int, help="training steps per run (fairer on a shared machine); "
-                                                    "with --budget-minutes, whichever comes first")
-    p.add_argument("--eval-every", type=int, help="steps between test evaluations (default: the preset's)")
-    p.add_argument("--test-limit", type=int, help="first N test images, the same for every evaluation "
-                                                  "(default: the preset's, else 2000)")
-    p.add_argument("--permutations", default=",".join(PERMUTATIONS),
-                   help="comma-separated subset of reverse,shuffle,invconv,invconv_lu")
-    p.add_argument("--couplings", default=",".join(COUPLINGS), help="comma-separated subset of additive,affine")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset setting, e.g. model.steps=8")
-    p.add_argument("--device", help="auto, cpu, cuda, ...")
-    p.add_argument("--threads", type=int, help="torch CPU threads (1 is often fastest on a busy machine)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON line last")
-    p.set_defaults(func=cmd_ablate)

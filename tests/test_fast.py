@@ -1,12 +1,15 @@
-"""The thin-side 3x3 convolutions equal F.conv2d (values and gradients, float64), and the coupling
-network takes them where it says it does (its values on these routes: test_layers.py)."""
+"""The CPU fast paths equal the reference paths: the thin-side 3x3 convolutions equal F.conv2d
+(values and gradients, float64), the coupling network takes them where it says it does (its values
+on these routes: test_layers.py), and a whole model computes the same log-density and gradients
+with the fast paths on and off."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from glowflow import convs
+from glowflow import Glow
+from glowflow import fast as convs
 from glowflow.layers import CouplingNet
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -96,3 +99,38 @@ def test_coupling_net_takes_the_thin_routes(monkeypatch):
     calls.update({"in": 0, "out": 0})
     net(x)
     assert calls == {"in": 1, "out": 1}
+
+
+@pytest.mark.parametrize("shape,levels,hidden", [((2, 8, 8), 2, 8), ((1, 20, 20), 1, 128)],
+                         ids=["plain-shapes", "thin-routes"])
+def test_model_on_fast_paths_equals_reference_paths(shape, levels, hidden, perturb_zero_init):
+    model = Glow(image_shape=shape, levels=levels, steps=2, hidden_channels=hidden, permutation="invconv").double()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (3, *shape), generator=g) / 255.0
+    model.initialize(x.double(), generator=g)
+    perturb_zero_init(model, std=0.05)
+    results = {}
+    for fast_paths in (True, False):
+        with convs.reference(active=not fast_paths):
+            assert convs.enabled() == fast_paths
+            model.zero_grad(set_to_none=True)
+            logp = model.log_prob(x.double())
+            logp.sum().backward()
+            results[fast_paths] = (logp.detach(), [p.grad.clone() for p in model.parameters()])
+    assert convs.enabled()
+    (lp_fast, g_fast), (lp_ref, g_ref) = results[True], results[False]
+    torch.testing.assert_close(lp_fast, lp_ref, rtol=1e-12, atol=1e-10)
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_reference_paths_take_no_thin_route(monkeypatch):
+    calls = _count_routes(monkeypatch)
+    net = CouplingNet(2, 4, 128).double()
+    x = torch.randn(2, 2, 10, 10, dtype=torch.float64)
+    with convs.reference():
+        net(x)
+        net(x)
+    assert calls == {"in": 0, "out": 0}
+    net(x)
+    assert calls["in"] == 1 and calls["out"] == 1

@@ -1,0 +1,145 @@
+"""What every command shares: the checkpoint argument, the dataset arguments, loading a model on
+the asked device, reading a run's training settings, argument types, and printing the result.
+
+Conventions: the checkpoint (a run directory or a checkpoint directory) is the first positional
+argument of every command that uses a model; a dataset is ``--dataset NAME --data DIR``; every
+command takes ``--json`` (its last stdout line is then one JSON object).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+from .. import checkpoint as ckpt
+from ..distributed import resolve_device
+from ..model import Glow
+from ..train import TRAIN_CONFIG
+
+# argparse takes "-1,-0.5,0" for an option flag; this lets such number lists through as values.
+_NUMBER_LIST = re.compile(r"^-\.?\d")
+
+
+def emit(args, result: dict) -> None:
+    """Print a command's result: readable lines, then (with --json) one JSON line last."""
+    if getattr(args, "json", False):
+        print(json.dumps(result, sort_keys=True))
+        return
+    for k, v in result.items():
+        print(f"{k}: {v}")
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def deprecated(old: str, new: str) -> None:
+    warn(f"{old} is deprecated and will be removed; use {new}")
+
+
+# ----------------------------------------------------------------------------------- arg types
+def float_list(text: str) -> list[float]:
+    """An argparse type: ``"-1,-0.5,0,0.5,1"`` -> ``[-1.0, -0.5, 0.0, 0.5, 1.0]`` (finite, non-empty)."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like -1,-0.5,0,0.5,1, got {text!r}")
+    return values
+
+
+def int_between(low: int, high: int | None, what: str):
+    """An argparse type: an integer in ``[low, high]`` (no upper bound when ``high`` is None)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
+positive_int = int_between(1, None, "a positive integer")
+port = int_between(0, 65535, "a port number 0..65535 (0: any free port)")
+
+
+def allow_negative_number_lists(parser: argparse.ArgumentParser) -> None:
+    parser._negative_number_matcher = _NUMBER_LIST  # noqa: SLF001 (see _NUMBER_LIST)
+
+
+# ----------------------------------------------------------------------------------- arguments
+def add_json(p) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line last")
+
+
+def add_checkpoint(p, *more: str, device: bool = True) -> None:
+    """The checkpoint as the first positional argument, then ``more`` positionals. The old
+    ``--checkpoint/-c`` spelling is accepted with a warning (:func:`resolve_positionals`)."""
+    if more:
+        names = " ".join(("CHECKPOINT", *more))
+        p.usage = f"{p.prog} {names} [options]"
+        p.add_argument("positionals", nargs="+", metavar=names,
+                       help=f"the checkpoint (a run directory or a checkpoint directory), then {' '.join(more)}")
+        p.add_argument("--checkpoint", "-c", dest="checkpoint_option", type=Path, help=argparse.SUPPRESS)
+        p.set_defaults(_positionals=more)
+    else:
+        p.add_argument("checkpoint", type=Path, help="run directory or checkpoint directory "
+                                                    "(config.json + model.safetensors)")
+    if device:
+        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+
+
+def resolve_positionals(args) -> None:
+    """Fill ``args.checkpoint`` and the named positionals from ``args.positionals``."""
+    names = getattr(args, "_positionals", None)
+    if not names:
+        return
+    values = [Path(v) for v in args.positionals]
+    if args.checkpoint_option is not None:
+        deprecated("--checkpoint/-c", f"the checkpoint as the first argument: glowflow {args.command} "
+                                      f"CHECKPOINT {' '.join(names)}")
+        values = [args.checkpoint_option, *values]
+    if len(values) != len(names) + 1:
+        raise ValueError(f"expected CHECKPOINT {' '.join(names)} ({len(names) + 1} paths), got {len(values)}")
+    args.checkpoint = values[0]
+    for name, value in zip(names, values[1:]):
+        setattr(args, name.lower(), value)
+
+
+def add_dataset(p, required: bool = False, default_help: str = "") -> None:
+    """``--dataset NAME --data DIR``, spelled the same by every command."""
+    p.add_argument("--dataset", required=required, help="dataset name: fashion-mnist, mnist, cifar10, imagenet32, "
+                                                       "imagenet64, folder" + default_help)
+    p.add_argument("--data", help="dataset root directory (default: the dataset's usual place" +
+                                  (", or the one used for training)" if default_help else ")"))
+
+
+# ----------------------------------------------------------------------------------- models
+def load_model(args, memory: str = "none") -> Glow:
+    """The command's checkpoint, on the command's ``--device``."""
+    device = resolve_device(getattr(args, "device", "auto") or "auto")
+    return Glow.from_pretrained(args.checkpoint, map_location=device, memory=memory)
+
+
+def train_settings(checkpoint) -> dict:
+    """The training config saved beside a checkpoint (its dataset, seed, ...), or {}."""
+    try:
+        settings = ckpt.read_json(ckpt.resolve_checkpoint_dir(checkpoint) / TRAIN_CONFIG)
+    except ckpt.CheckpointError:
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def dataset_of(args, saved: dict | None = None) -> tuple[str | None, str | None]:
+    """``(name, root)`` from ``--dataset/--data``, else from the run's training config."""
+    saved = train_settings(args.checkpoint) if saved is None else saved
+    name = args.dataset or saved.get("dataset")
+    root = args.data or (saved.get("data") if name == saved.get("dataset") else None)
+    return name, root

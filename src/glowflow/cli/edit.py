@@ -1,0 +1,159 @@
+"""``glowflow interpolate``, ``directions`` and ``manipulate``: editing through the latent space.
+
+  glowflow interpolate RUN A.png B.png --steps 8 --out grid.png
+  glowflow directions RUN --dataset fashion-mnist --positive Sneaker --negative "Ankle boot"
+  glowflow directions RUN --attributes list_attr_celeba.txt --images img_align_celeba --limit 5000
+  glowflow directions RUN --attributes labels.csv            (images beside the CSV)
+  glowflow manipulate RUN IMG --attribute Smiling --alphas -1,-0.5,0,0.5,1 --out strip.png
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .. import data, latent
+from ..checkpoint import CheckpointError, weights_sha256
+from ..images import load_image, save_grid
+from .common import (add_checkpoint, add_dataset, add_json, allow_negative_number_lists, dataset_of, emit,
+                     float_list, load_model, positive_int, resolve_positionals, warn)
+
+
+def load_directions(model, checkpoint: Path, folder: Path | None) -> latent.Directions:
+    """The directions saved beside ``checkpoint`` (or in ``folder``), with a warning when they were
+    computed with other weights."""
+    folder = folder or latent.directions_dir(checkpoint)
+    directions, info = latent.load_directions(folder, model.num_dims)
+    stored = info.get("weights_sha256")
+    if stored and stored != weights_sha256(checkpoint):
+        warn(f"the directions in {folder} were computed with other weights than those now in "
+             f"{checkpoint}; recompute them with `glowflow directions`")
+    return directions
+
+
+def cmd_interpolate(args) -> int:
+    resolve_positionals(args)
+    model = load_model(args)
+    shape = model.config.image_shape
+    x1, x2 = load_image(args.image_a, shape), load_image(args.image_b, shape)
+    images = latent.interpolate(model, x1, x2, args.steps, args.method, args.label_a, args.label_b)
+    save_grid(images, args.out, nrow=args.steps, scale=args.scale)
+    emit(args, {"out": str(args.out), "steps": args.steps, "method": args.method})
+    return 0
+
+
+def cmd_manipulate(args) -> int:
+    resolve_positionals(args)
+    model = load_model(args)
+    directions = load_directions(model, args.checkpoint, args.directions)
+    x = load_image(args.image, model.config.image_shape)
+    strip = latent.manipulate(model, x, directions[args.attribute], args.alphas, args.label)
+    save_grid(strip, args.out, nrow=len(args.alphas), scale=args.scale)
+    emit(args, {"out": str(args.out), "attribute": args.attribute, "alphas": args.alphas})
+    return 0
+
+
+def cmd_directions(args) -> int:
+    if (args.positive is None) != (args.negative is None):
+        raise ValueError("--positive and --negative go together")
+    if (args.dataset is None) == (args.attributes is None):
+        raise ValueError("give one source of labels: --dataset NAME (its classes) or --attributes FILE")
+    model = load_model(args)
+    if args.dataset:
+        images, attributes, names, labels, source = _class_labelled(model, args)
+    else:
+        images, attributes, names, labels, source = _attribute_file(model, args)
+
+    def progress(done, total):
+        if not args.json:
+            print(f"\rencoded {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+
+    directions = latent.directions_from_images(model, images, attributes, names, labels,
+                                               args.batch_size, source, progress)
+    out = args.out or latent.directions_dir(args.checkpoint)
+    if not args.replace:
+        try:
+            directions = latent.load_directions(out, model.num_dims)[0].merged(directions)
+        except CheckpointError as e:
+            if (Path(out) / latent.DIRECTIONS_WEIGHTS).exists():
+                warn(f"{e}; replacing it with the new directions only")
+    latent.save_directions(directions, out, weights_sha256(args.checkpoint))
+    emit(args, {"saved": str(Path(out) / latent.DIRECTIONS_WEIGHTS), "num_images": len(images),
+                "directions": {d["name"]: [d["positive_count"], d["negative_count"]] for d in directions.info()}})
+    return 0
+
+
+def _class_labelled(model, args):
+    """Images, class-vs-rest (or one pair) attributes, names, labels-for-the-model and a source note."""
+    c, h, w = model.config.image_shape
+    if h != w:
+        raise ValueError(f"dataset images are square; the model expects {h}x{w}")
+    if args.only:
+        raise ValueError("--only selects columns of an --attributes file; with --dataset use --positive/--negative")
+    name, root = dataset_of(args, saved={})
+    ds = data.get_dataset(name, root, split=args.split, image_size=h, channels=c, limit=args.limit)
+    if ds.labels is None or not ds.class_names:
+        raise ValueError(f"{name} has no class labels to build directions from")
+    if args.positive is not None:
+        attributes, direction = latent.pair_attributes(ds.labels, ds.class_names, args.positive, args.negative)
+        names = [direction]
+    else:
+        attributes, names = latent.class_attributes(ds.labels, ds.class_names), list(ds.class_names)
+    labels = ds.labels if model.config.num_classes else None
+    return ds.images, attributes, names, labels, f"{name} {args.split} classes"
+
+
+def _attribute_file(model, args):
+    if args.positive is not None:
+        raise ValueError("--positive/--negative pick classes of a --dataset; with --attributes use --only")
+    if model.config.num_classes:
+        raise ValueError("this model is class-conditional; attribute files carry no class labels to "
+                         "encode with, use an unconditional model")
+    table = latent.parse_attribute_file(args.attributes)
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    table = table.select(only).head(args.limit)
+    paths = latent.table_image_paths(table, args.images or args.attributes.parent)
+    return paths, table.values, list(table.names), None, str(args.attributes.name)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("interpolate", help="decode a straight (or spherical) latent path between two images")
+    add_checkpoint(p, "IMAGE_A", "IMAGE_B")
+    p.add_argument("--steps", type=int, default=8, help="images on the path, ends included (default 8)")
+    p.add_argument("--method", choices=latent.INTERPOLATIONS, default="linear")
+    p.add_argument("--label-a", type=int, help="class of A (class-conditional models only)")
+    p.add_argument("--label-b", type=int, help="class of B (default: that of A)")
+    p.add_argument("--scale", type=positive_int, default=1, help="enlarge each image this many times")
+    p.add_argument("--out", type=Path, required=True, help="PNG grid to write")
+    add_json(p)
+    p.set_defaults(func=cmd_interpolate)
+
+    p = sub.add_parser("directions", help="compute attribute directions mean(z|attr) - mean(z|not attr)")
+    add_checkpoint(p)
+    add_dataset(p)
+    p.add_argument("--attributes", type=Path, help="instead of --dataset: CelebA list_attr_celeba.txt, or a CSV "
+                                                   "filename,attr1,attr2,... (by the .csv suffix)")
+    p.add_argument("--split", default="train", choices=("train", "test"))
+    p.add_argument("--images", type=Path, help="image folder for --attributes (default: the file's folder)")
+    p.add_argument("--only", help="comma-separated attribute names to keep (--attributes)")
+    p.add_argument("--positive", help="with --negative: one direction from this class vs that class")
+    p.add_argument("--negative")
+    p.add_argument("--limit", type=positive_int, help="use the first N images")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--replace", action="store_true", help="drop directions saved before instead of merging")
+    p.add_argument("--out", type=Path, help="where to save (default: next to the checkpoint)")
+    add_json(p)
+    p.set_defaults(func=cmd_directions)
+
+    p = sub.add_parser("manipulate", help="move an image along a saved attribute direction")
+    allow_negative_number_lists(p)
+    add_checkpoint(p, "IMAGE")
+    p.add_argument("--attribute", required=True, help="name of a saved direction")
+    p.add_argument("--alphas", default="-1,-0.5,0,0.5,1", type=float_list,
+                   help="comma-separated steps along the direction (default -1,-0.5,0,0.5,1)")
+    p.add_argument("--directions", type=Path, help="folder with directions.safetensors "
+                                                   "(default: next to the checkpoint)")
+    p.add_argument("--label", type=int, help="class of the image (class-conditional models only)")
+    p.add_argument("--scale", type=positive_int, default=1, help="enlarge each image this many times")
+    p.add_argument("--out", type=Path, required=True, help="PNG strip to write")
+    add_json(p)
+    p.set_defaults(func=cmd_manipulate)

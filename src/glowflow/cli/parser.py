@@ -1,0 +1,22 @@
+"""The ``glowflow`` command's parser: one sub-command per verb, registered by its group's module."""
+from __future__ import annotations
+
+import argparse
+
+from . import ablate, demo, edit, generate, train
+
+__all__ = ["build_parser", "COMMAND_GROUPS"]
+
+COMMAND_GROUPS = (train, generate, edit, demo, ablate)
+
+DESCRIPTION = """Glow (Kingma & Dhariwal, 2018): train a flow on images, read its exact likelihood,
+sample it and edit images through its latent space. With --json the last stdout line of every
+command is a JSON object."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glowflow", description=DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for group in COMMAND_GROUPS:
+        group.register(sub)
+    return parser

@@ -1,0 +1,91 @@
+"""``glowflow train``, ``eval`` and ``presets``."""
+from __future__ import annotations
+
+import os
+
+from ..config import LR_DECAYS, MEMORY_MODES, OPTIMIZERS, PRECISIONS, build_train_config, list_presets
+from ..train import evaluate, load_split, train
+from .common import add_checkpoint, add_dataset, add_json, dataset_of, emit, load_model, positive_int
+
+# command-line flags that stand for a preset setting
+_FLAG_SETTINGS = (("dataset", "dataset"), ("data", "data"), ("max_steps", "max_steps"),
+                  ("max_minutes", "max_minutes"), ("batch_size", "batch_size"), ("lr", "lr"),
+                  ("seed", "seed"), ("device", "device"), ("precision", "precision"),
+                  ("memory", "memory"), ("optimizer", "optimizer"))
+
+
+def cmd_train(args) -> int:
+    overrides = list(args.set or [])
+    for flag, key in _FLAG_SETTINGS:
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.compile:
+        overrides.append("compile=true")
+    if args.no_progress:
+        overrides.append("progress=false")
+    cfg = build_train_config(args.preset, overrides)
+    summary = train(cfg, args.out, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
+        emit(args, summary)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    model = load_model(args)
+    name, root = dataset_of(args)
+    if name is None:
+        raise ValueError("which dataset? pass --dataset (the checkpoint has no training config)")
+    data = load_split(name, root, args.split, model.config.image_shape, args.limit)
+    if tuple(data.image_shape) != tuple(model.config.image_shape):
+        raise ValueError(f"{name} images are {tuple(data.image_shape)}, the model expects "
+                         f"{tuple(model.config.image_shape)}")
+    res = evaluate(model, data, batch_size=args.batch_size, seed=args.seed,
+                   device=next(model.parameters()).device, progress=not args.no_progress)
+    emit(args, {"dataset": name, "split": args.split, "n_bits": model.config.n_bits, **res})
+    return 0
+
+
+def cmd_presets(args) -> int:
+    emit(args, list_presets())
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a model from a preset (resumable)")
+    p.add_argument("--preset", default="fashion-mnist-cpu", help="preset name or a JSON/YAML file")
+    p.add_argument("--out", required=True, help="run directory (checkpoint, metrics, pictures)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    add_dataset(p)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--batch-size", type=positive_int, help="global batch size (over all ranks)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--optimizer", choices=OPTIMIZERS)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", choices=PRECISIONS)
+    p.add_argument("--memory", choices=MEMORY_MODES, help="how gradients are computed (invertible: "
+                                                           "activation memory flat in depth)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any preset setting, e.g. --set model.steps=16 --set ema_decay=0.99 "
+                        f"(lr_decay: {', '.join(LR_DECAYS)})")
+    p.add_argument("--no-progress", action="store_true")
+    add_json(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="test-set bits/dim (mean and standard error) on the EMA weights")
+    add_checkpoint(p)
+    add_dataset(p, default_help=" (default: the one used for training)")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--limit", type=positive_int, help="only the first N images")
+    p.add_argument("--batch-size", type=positive_int, default=500)
+    p.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise")
+    p.add_argument("--no-progress", action="store_true")
+    add_json(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("presets", help="list the shipped presets")
+    add_json(p)
+    p.set_defaults(func=cmd_presets)

@@ -1,0 +1,90 @@
+"""Datasets: loaders for the usual image sets, one entry point (:func:`get_dataset`).
+
+Every loader returns an :class:`ImageDataset` of uint8 images ``[N, C, H, W]``; the model takes
+``images / 255`` (:func:`glowflow.numerics.to_unit`). Formats: IDX (MNIST, Fashion-MNIST; ``.gz``
+or raw), CIFAR-10 python pickle batches (read with a restricted unpickler that can only rebuild
+numpy arrays), downsampled-ImageNet ``.npz``, and any folder of images. Bad input raises
+``ValueError`` / ``FileNotFoundError`` saying what was expected and what came.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .cifar import CIFAR10_CLASSES, load_cifar10
+from .dataset import ImageDataset
+from .download import download_files
+from .folder import DEFAULT_TEST_FRACTION, in_test_split, load_folder
+from .idx import FASHION_MNIST_CLASSES, IDX_FILES, MNIST_CLASSES, load_idx, load_idx_dataset
+from .imagenet import load_imagenet_npz
+from .transforms import adapt, random_flip, random_translate
+
+__all__ = ["ImageDataset", "get_dataset", "default_root", "canonical_name", "DATASET_NAMES", "SPLITS",
+           "FASHION_MNIST_CLASSES", "MNIST_CLASSES", "CIFAR10_CLASSES", "IDX_FILES", "load_idx",
+           "random_translate", "random_flip", "adapt", "download_files", "in_test_split"]
+
+DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "imagenet32", "imagenet64", "folder")
+SPLITS = ("train", "test")
+_ALIASES = {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10"}
+
+
+def canonical_name(name: str) -> str:
+    """A dataset name as :data:`DATASET_NAMES` spells it (case, ``_`` and common aliases forgiven)."""
+    key = str(name).strip().lower().replace("_", "-")
+    key = _ALIASES.get(key, key)
+    if key not in DATASET_NAMES:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)}")
+    return key
+
+
+def default_root(name: str) -> Path | None:
+    """Where ``name`` is found without being told: ``$GLOWFLOW_DATA/<name>`` or
+    ``/usr/share/datasets/<name>`` (Debian's dataset-fashion-mnist package), if it exists."""
+    name = canonical_name(name)
+    candidates = []
+    if os.environ.get("GLOWFLOW_DATA"):
+        candidates.append(Path(os.environ["GLOWFLOW_DATA"]) / name)
+    candidates.append(Path("/usr/share/datasets") / name)
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+def get_dataset(name: str, root=None, split: str = "train", image_size: int | None = None,
+                channels: int | None = None, download: bool = False, limit: int | None = None,
+                test_fraction: float = DEFAULT_TEST_FRACTION) -> ImageDataset:
+    """Load one split of a dataset as an :class:`ImageDataset`.
+
+    ``root`` None means :func:`default_root` (then ``~/.cache/glowflow/<name>`` for downloads).
+    ``limit`` keeps the first N examples; ``image_size`` / ``channels`` convert after loading.
+    ``test_fraction``: for a folder without ``train/`` and ``test/``, the share hashed to test.
+    """
+    name = canonical_name(name)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if limit is not None and (isinstance(limit, bool) or limit < 0):
+        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    if channels is not None and channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or image_size < 1):
+        raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}")
+    if root is None:
+        root = default_root(name)
+        if root is None:
+            if name == "folder":
+                raise ValueError("the folder dataset needs root: the directory of images")
+            root = Path.home() / ".cache" / "glowflow" / name
+    root = Path(root).expanduser()
+    if name == "folder":
+        # resized and cropped per image while decoding: whole folders rarely share one size
+        return load_folder(root, split, image_size, channels or 3, limit, test_fraction)
+    if name in ("mnist", "fashion-mnist"):
+        ds = load_idx_dataset(name, root, split, download, limit)
+    elif name == "cifar10":
+        ds = load_cifar10(root, split, download, limit)
+    else:
+        if download:
+            raise ValueError(f"{name} has no canonical download (image-net.org needs a login); "
+                             f"place the .npz files in {root} yourself")
+        ds = load_imagenet_npz(name, root, split, limit)
+    ds.images = adapt(ds.images, image_size, channels)
+    return ds

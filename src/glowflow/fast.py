@@ -1,0 +1,184 @@
+"""CPU fast paths, behind one switch, each beside the reference computation it must equal.
+
+The layers call the four functions here instead of writing their convolutions out:
+
+- :func:`channel_mix`: the 1x1 convolution of the flow (``y = W x`` per pixel) as one matrix
+  product over batch and space; reference: ``F.conv2d`` with a 1x1 kernel.
+- :func:`scaled_conv`: ``(conv(x, w) + b) * s`` per output channel, i.e. a convolution followed
+  by actnorm (or by ZeroConv2d's learned output scale). Fast: the scale is folded into the (small)
+  weights and bias, one convolution instead of a convolution and two passes over the activations;
+  reference: the literal three steps.
+- :func:`conv2d_same`: a "same"-padded convolution. Fast, on CPU: 3x3 convolutions with one thin
+  side run as a 1x1 convolution plus shifted copies of the thin side (below); reference:
+  ``F.conv2d``.
+- :func:`coupling_layout`: the coupling networks run in channels-last (NHWC) layout on CPU, where
+  oneDNN's convolutions are faster at these channel counts; reference: as given.
+
+``with glowflow.fast.reference():`` (or ``GLOWFLOW_FAST_PATHS=0`` in the environment) runs the
+reference paths; the tests compare the two in float64. The switch is a context variable, so it
+holds for the block (and the tasks it starts), not for other threads.
+
+Thin-side 3x3 convolutions. The coupling networks' first convolution maps a few channels to many
+(2 -> 128) and their last maps many to a few (128 -> 4); on CPU oneDNN runs such shapes well below
+the FLOP rate it reaches on a 1x1 convolution of the wide side. Written differently, most of the
+work becomes that 1x1 kind:
+
+- few -> many: stack the 9 shifted copies of the thin input (``[B, 9 C, H, W]``, cheap because C
+  is small), then one 1x1 convolution from 9 C channels;
+- many -> few: one 1x1 convolution to 9 C_out channels (one per kernel tap), then add the 9 taps
+  back shifted into place.
+
+Same sums in a different order. The shift steps are autograd Functions whose backward is the other
+shift step (they are each other's adjoint), so backward never builds nine zero-padded gradient
+buffers. Where these routes are taken is decided by the named thresholds below; they were tuned by
+paired timing of whole training steps on 2 x86 cores (docs/results.md), and elsewhere the plain
+convolution is used.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["enabled", "reference", "channel_mix", "scaled_conv", "conv2d_same", "coupling_layout",
+           "shifted_copies", "sum_shifted", "conv3x3_thin_in", "conv3x3_thin_out",
+           "THIN_MIN_PIXELS", "THIN_CHANNEL_RATIO", "THIN_IN_MIN_OUTPUTS"]
+
+_ENABLED = contextvars.ContextVar("glowflow_fast_paths",
+                                  default=os.environ.get("GLOWFLOW_FAST_PATHS", "1") != "0")
+
+# Thin-side routes: only on images of at least this many pixels (on 7x7 images both routes were
+# slower than oneDNN's own 3x3 convolution: too little work per call to repay the copies) ...
+THIN_MIN_PIXELS = 100
+# ... where one side has at most 1/THIN_CHANNEL_RATIO of the other's channels ...
+THIN_CHANNEL_RATIO = 32
+# ... and, for a thin input, at least this many outputs (2 -> 64 was slower per step, 2 -> 128 faster).
+THIN_IN_MIN_OUTPUTS = 128
+
+
+def enabled() -> bool:
+    """Whether the fast paths are on (the default) in this context."""
+    return _ENABLED.get()
+
+
+@contextlib.contextmanager
+def reference(active: bool = True):
+    """Run the block on the reference paths (``active=False``: on the fast paths)."""
+    token = _ENABLED.set(not active)
+    try:
+        yield
+    finally:
+        _ENABLED.reset(token)
+
+
+# ------------------------------------------------------------------------------------- 1x1 mix
+def channel_mix(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y[b, i] = sum_j w[i, j] x[b, j]`` at every pixel: ``w [C, C]``, ``x [B, C, H, W]``."""
+    if enabled():
+        return torch.einsum("ij,bjhw->bihw", w, x)
+    return F.conv2d(x, w[:, :, None, None])
+
+
+# --------------------------------------------------------------------------- conv then scale
+def scaled_conv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``(conv2d_same(x, weight) + bias) * scale`` with ``bias``, ``scale`` per output channel."""
+    scale, bias = scale.reshape(-1), bias.reshape(-1)
+    if enabled():
+        return conv2d_same(x, weight * scale.view(-1, 1, 1, 1), bias * scale)
+    return (conv2d_same(x, weight) + bias.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)
+
+
+def coupling_layout(x: torch.Tensor) -> torch.Tensor:
+    """The memory layout a coupling network runs in: NHWC on CPU (fast paths), else as given.
+    The flow's main path stays NCHW either way."""
+    if enabled() and x.device.type == "cpu":
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+# ------------------------------------------------------------------------ thin-side 3x3 convs
+_TAPS = [(dh, dw) for dh in (-1, 0, 1) for dw in (-1, 0, 1)]  # kernel taps, (kh, kw) row-major
+_CENTRE = _TAPS.index((0, 0))
+
+
+def shifted_copies(x: torch.Tensor, sign: int) -> torch.Tensor:
+    """``[B, C, H, W] -> [B, 9 C, H, W]``: channel ``k C + c`` holds ``x[c, h + sign dh_k, w + sign dw_k]``
+    (zero outside the image)."""
+    h, w = x.shape[2], x.shape[3]
+    xp = F.pad(x, (1, 1, 1, 1))
+    return torch.cat([xp[:, :, 1 + sign * dh: 1 + sign * dh + h, 1 + sign * dw: 1 + sign * dw + w]
+                      for dh, dw in _TAPS], 1)
+
+
+def sum_shifted(p: torch.Tensor, sign: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, 9 C, H, W] -> [B, C, H, W]``: ``out[c, h, w] = sum_k p[k C + c, h + sign dh_k, w + sign dw_k]``
+    (terms outside the image dropped), plus ``bias[c]`` if given. The adjoint of
+    ``shifted_copies(., -sign)``."""
+    c, h, w = p.shape[1] // 9, p.shape[2], p.shape[3]
+    p_centre = p[:, _CENTRE * c:(_CENTRE + 1) * c]
+    out = (p_centre + bias.view(1, -1, 1, 1) if bias is not None else p_centre).contiguous()
+    for k, (dh, dw) in enumerate(_TAPS):
+        if k == _CENTRE:
+            continue
+        dh, dw = sign * dh, sign * dw  # out[h, w] += p_k[h + dh, w + dw] where both are inside
+        out[:, :, max(0, -dh): h - max(0, dh), max(0, -dw): w - max(0, dw)] += \
+            p[:, k * c:(k + 1) * c, max(0, dh): h - max(0, -dh), max(0, dw): w - max(0, -dw)]
+    return out
+
+
+class _ShiftedCopies(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, sign):
+        ctx.sign = sign
+        return shifted_copies(x, sign)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return sum_shifted(grad, -ctx.sign), None
+
+
+class _SumShifted(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p, sign, bias):
+        ctx.sign, ctx.has_bias = sign, bias is not None
+        return sum_shifted(p, sign, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_bias = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return shifted_copies(grad, -ctx.sign), None, grad_bias
+
+
+def conv3x3_thin_in(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for few input channels: 9 shifted copies of ``x``,
+    then a 1x1 convolution."""
+    c_out, c_in = weight.shape[:2]
+    cols = _ShiftedCopies.apply(x, 1)
+    if x.is_contiguous(memory_format=torch.channels_last):
+        cols = cols.contiguous(memory_format=torch.channels_last)
+    # channel k C + c of cols pairs with weight[:, c, kh, kw]
+    return F.conv2d(cols, weight.permute(0, 2, 3, 1).reshape(c_out, 9 * c_in, 1, 1), bias)
+
+
+def conv3x3_thin_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for few output channels: a 1x1 convolution to one
+    output per kernel tap, then the taps summed in place."""
+    c_out, c_in = weight.shape[:2]
+    taps = F.conv2d(x, weight.permute(2, 3, 0, 1).reshape(9 * c_out, c_in, 1, 1))
+    return _SumShifted.apply(taps, 1, bias)
+
+
+def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.conv2d`` with "same" padding for an odd square kernel; 3x3 ones on CPU take a thin-side
+    route where the thresholds above allow."""
+    c_out, c_in, kh, _ = weight.shape
+    if (kh == 3 and enabled() and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+            and x.shape[2] * x.shape[3] >= THIN_MIN_PIXELS):
+        if THIN_CHANNEL_RATIO * c_in <= c_out and c_out >= THIN_IN_MIN_OUTPUTS:
+            return conv3x3_thin_in(x, weight, bias)
+        if THIN_CHANNEL_RATIO * c_out <= c_in:
+            return conv3x3_thin_out(x, weight, bias)
+    return F.conv2d(x, weight, bias, padding=kh // 2)

@@ -1,0 +1,204 @@
+"""Files that are never half-written: atomic files and directories, JSON, SHA-256, file modes.
+
+Everything glowflow writes to disk (checkpoints, directions, downloads, ablation results, score
+tables, prepared datasets) goes through here. A write lands in a temporary sibling, is synced,
+given the mode ``open`` / ``mkdir`` would have given it, and renamed over its target, so a reader
+(or a process killed mid-write) sees the old file or the new one, never a mixture.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+__all__ = ["atomic_file", "atomic_write_text", "atomic_write_json", "atomic_directory", "read_json",
+           "write_json", "file_sha256", "default_permissions", "remove_stale_temporaries", "pid_alive",
+           "describe_os_error"]
+
+# Temporary names carry the writer's pid, so that a later writer can tell a dead writer's leftovers
+# (removed) from a live one's (kept): ".<name>.tmp-<pid>-<random>".
+_TMP_TAG = ".tmp-"
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_file(path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _umask() -> int:
+    """The process umask: from /proc where Linux has it, else by setting and restoring it."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_permissions(path, directory: bool = False) -> None:
+    """Give a file or directory made by ``tempfile`` (0600 / 0700) the mode that ``open`` or
+    ``mkdir`` would have given it (0666 / 0777 less the umask), so that checkpoints and outputs
+    are as readable to a group as any other file the user writes."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}{_TMP_TAG}{os.getpid()}-"
+
+
+def remove_stale_temporaries(path) -> list[Path]:
+    """Remove the temporary siblings of ``path`` left by writers that died mid-write (a kill, a
+    crash, a full disk); those of live processes are kept. Returns what was removed."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    stem = f".{path.name}{_TMP_TAG}"
+    for candidate in path.parent.iterdir():
+        if not candidate.name.startswith(stem):
+            continue
+        pid_text = candidate.name[len(stem):].split("-", 1)[0]
+        if pid_text.isdigit() and pid_alive(int(pid_text)):
+            continue
+        if candidate.is_dir() and not candidate.is_symlink():
+            shutil.rmtree(candidate, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                candidate.unlink()
+        removed.append(candidate)
+    return removed
+
+
+def describe_os_error(e: OSError, path) -> str:
+    """One line for a failed write: what happened to which path, in words a user can act on."""
+    reasons = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+               errno.EFBIG: "the file is larger than this system allows (file-size limit)",
+               errno.EACCES: "permission denied", errno.EROFS: "the file system is read-only",
+               errno.ENOTDIR: "a parent of it is a file, not a directory",
+               errno.EISDIR: "it is a directory"}
+    reason = reasons.get(e.errno, e.strerror or type(e).__name__)
+    return f"could not write {path}: {reason}"
+
+
+@contextlib.contextmanager
+def atomic_file(path, suffix: str = ""):
+    """Yield a temporary path beside ``path`` for the block to write; then sync it, give it the
+    usual permissions and rename it over ``path`` (readers see old or new, never half). On an
+    error it is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        _fsync_file(tmp)
+        default_permissions(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write a text file atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def _dumps(data, indent) -> str:
+    return json.dumps(data, indent=indent, sort_keys=True, allow_nan=True) + "\n"
+
+
+def atomic_write_json(path, data, indent: int | None = 2) -> None:
+    """Write ``data`` as JSON atomically (sorted keys, a newline at the end)."""
+    atomic_write_text(path, _dumps(data, indent))
+
+
+def write_json(path, data, indent: int | None = 2) -> None:
+    """Write JSON into a file of a directory that is itself being written atomically."""
+    Path(path).write_text(_dumps(data, indent))
+
+
+def read_json(path, error=ValueError):
+    """Parse a JSON file; a missing or unreadable file raises ``error`` naming the path."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise error(f"missing file: {path}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"corrupt JSON in {path}: {e}") from e
+    except IsADirectoryError as e:
+        raise error(f"{path} is a directory, expected a JSON file") from e
+
+
+def file_sha256(path) -> str:
+    """The SHA-256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_directory(path):
+    """Yield a temporary directory; on success it replaces ``path`` (kept as ``path.old`` meanwhile).
+
+    At every instant either ``path`` or ``path.old`` holds a complete directory. Temporary
+    directories of writers that died are removed first.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            default_permissions(f)
+            _fsync_file(f)
+        default_permissions(tmp, directory=True)
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,92 @@
+"""Configuration: architecture-only GlowConfig, typed and bounded; old files still load."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from glowflow import Glow, GlowConfig, TrainConfig
+from glowflow.checkpoint import CheckpointError
+from glowflow.config import MAX_FLOW_STEPS, apply_overrides, build_train_config
+
+OLD_CHECKPOINT = Path(__file__).parent / "data" / "checkpoint-v0.1"
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(image_shape=(1, 8, 8), levels=2, steps=2, hidden_channels=4),
+    dict(image_shape=(3, 16, 16), levels=3, steps=1, hidden_channels=6, coupling="additive", permutation="reverse"),
+    dict(image_shape=(1, 28, 28), levels=2, steps=3, hidden_channels=8, permutation="invconv_lu",
+         split_prior="conv+position", num_classes=10),
+    dict(image_shape=(3, 8, 8), levels=1, steps=2, hidden_channels=5, learn_top=False, permutation="shuffle"),
+])
+def test_num_parameters_counts_what_the_model_builds(cfg):
+    config = GlowConfig(**cfg)
+    assert config.num_parameters() == sum(p.numel() for p in Glow(config=config).parameters())
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"hidden_channels": True}, "hidden_channels must be an integer"),
+    ({"hidden_channels": 2.5}, "hidden_channels must be an integer"),
+    ({"steps": "many"}, "steps must be a number"),
+    ({"hidden_channels": 1e7}, "would need .* parameters"),
+    ({"steps": 1e6}, "flow steps; the limit"),
+    ({"image_shape": [1, 28]}, "image_shape must have 3 entries"),
+    ({"learn_top": "yes"}, "learn_top must be true or false"),
+    ({"coupling": "affin"}, "coupling must be one of"),
+])
+def test_config_json_values_are_checked_before_anything_is_built(tmp_path, changes, message):
+    d = {**GlowConfig(image_shape=(1, 8, 8), levels=2, steps=1, hidden_channels=4).to_dict(), **changes}
+    with pytest.raises(ValueError, match=message):
+        GlowConfig.from_dict(d)
+    Glow(image_shape=(1, 8, 8), levels=2, steps=1, hidden_channels=4).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    (tmp_path / "checksums.json").unlink()
+    with pytest.warns(UserWarning, match="unchecked"), pytest.raises(CheckpointError, match=message):
+        Glow.from_pretrained(tmp_path)
+    assert MAX_FLOW_STEPS < 1e6
+
+
+def test_memory_is_a_runtime_setting_not_architecture():
+    assert "memory" not in GlowConfig().to_dict()
+    model = Glow(image_shape=(1, 8, 8), levels=2, steps=1, hidden_channels=4, memory="invertible")
+    assert model.memory == "invertible" and all(level.steps.memory == "invertible" for level in model.levels)
+    model.memory = "checkpoint"
+    assert all(level.steps.memory == "checkpoint" for level in model.levels)
+    with pytest.raises(ValueError, match="memory must be one of"):
+        model.memory = "bogus"
+    assert TrainConfig(memory="invertible").memory == "invertible"
+
+
+def test_old_configs_with_memory_in_the_architecture_still_load(tmp_path):
+    # a train_config.json written when the memory mode was part of the model: it moves to the run
+    cfg = TrainConfig.from_dict({"model": {"image_shape": [1, 8, 8], "levels": 2, "steps": 1,
+                                           "hidden_channels": 4, "memory": "invertible"}})
+    assert cfg.memory == "invertible" and cfg.model == GlowConfig(image_shape=(1, 8, 8), levels=2, steps=1,
+                                                                   hidden_channels=4)
+    # a checkpoint written by glowflow 0.1 (memory in config.json, a manifest of the weights only)
+    shutil.copytree(OLD_CHECKPOINT, tmp_path / "old")
+    assert json.loads((tmp_path / "old" / "config.json").read_text())["memory"] == "invertible"
+    model = Glow.from_pretrained(tmp_path / "old")
+    assert model.memory == "none" and model.config.split_prior == "conv+position"
+    x = (torch.randint(0, 256, (4, 1, 8, 8), generator=torch.Generator().manual_seed(0)) / 255.0)
+    expected = json.loads((tmp_path / "old" / "expected.json").read_text())["log_prob"]
+    with torch.no_grad():
+        got = model.log_prob(x, torch.tensor([0, 1, 0, 1]))
+    torch.testing.assert_close(got, torch.tensor(expected), atol=1e-4, rtol=1e-5)
+
+
+def test_overrides_and_presets():
+    assert apply_overrides({"model": {"steps": 2}}, ["model.steps=16", "lr=0.0001"]) == {"model": {"steps": 16},
+                                                                                     "lr": 1e-4}
+    with pytest.raises(ValueError, match="model is a group of settings"):
+        apply_overrides({"model": {"steps": 2}}, ["model=3"])
+    with pytest.raises(ValueError, match="model must be a group of settings"):
+        build_train_config(None, ["model=3"])
+    with pytest.raises(ValueError, match="unknown training config keys"):
+        build_train_config("fashion-mnist-cpu", ["learning_rate=0.1"])
+    cfg = build_train_config("fashion-mnist-cpu", ["model.steps=3", "max_minutes=null"])
+    assert cfg.model.steps == 3 and cfg.max_minutes is None
+    assert build_train_config("imagenet64-paper").memory == "invertible"
