@@ -103,3 +103,77 @@ def test_bad_numbers_are_refused_by_the_parser(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- one line, not a traceback
+def _one_line_error(capsys, code, argv, message):
+    assert main([str(a) for a in argv]) == code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert message in lines[-1] and lines[-1].startswith("glowflow "), lines
+    assert all(line.startswith("warning: ") for line in lines[:-1]), lines  # warnings are one line too
+
+
+def test_bad_settings_and_files_are_one_line(run_dir, capsys, tmp_path):
+    run = run_dir / "run"
+    _one_line_error(capsys, 2, ["train", "--out", tmp_path / "r", "--set", "model=3"], "model is a group of settings")
+    (run / "checkpoint" / "checksums.json").write_text("[1, 2]")
+    _one_line_error(capsys, 2, ["sample", run, "--out", tmp_path / "s.png"], "corrupt")
+    (run / "checkpoint" / "checksums.json").unlink()
+    config = json.loads((run / "checkpoint" / "config.json").read_text())
+    (run / "checkpoint" / "config.json").write_text(json.dumps({**config, "hidden_channels": True}))
+    _one_line_error(capsys, 2, ["sample", run, "--out", tmp_path / "s.png"], "hidden_channels must be an integer")
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: __import__("numpy").save(p, __import__("numpy").zeros((0, 64))), "with N >= 1"),
+    (lambda p: __import__("numpy").save(p, __import__("numpy").array(["a", "b"])), "expected real numbers"),
+    (lambda p: __import__("numpy").savez(p.open("wb"), z=__import__("numpy").zeros((1, 64))), "is an .npz archive"),
+    (lambda p: p.write_bytes(b"not numpy"), "not a readable .npy"),
+])
+def test_decode_of_arrays_that_are_not_latents_is_one_line(run_dir, capsys, make, message):
+    path = run_dir / "z.npy"
+    make(path)
+    _one_line_error(capsys, 2, ["decode", run_dir / "run", path, "--out", run_dir / "d.png"], message)
+
+
+def test_label_on_an_unconditional_model_and_unbounded_work_are_refused(run_dir, capsys):
+    run = run_dir / "run"
+    _one_line_error(capsys, 2, ["sample", run, "--label", "3", "--out", run_dir / "s.png"], "--label is for class-conditional")
+    _one_line_error(capsys, 2, ["sample", run, "--n", "100000", "--out", run_dir / "s.png"], "--allow-large")
+    _one_line_error(capsys, 2, ["interpolate", run, run_dir / "0.png", run_dir / "1.png", "--steps", "100000",
+                                "--out", run_dir / "i.png"], "--allow-large")
+
+
+def test_large_sample_grids_are_made_in_batches(run_dir, monkeypatch):
+    from glowflow.cli import generate
+
+    sizes = []
+    real = Glow.sample
+    monkeypatch.setattr(Glow, "sample", lambda self, n, *a, **k: sizes.append(n) or real(self, n, *a, **k))
+    monkeypatch.setattr(generate, "SAMPLE_BATCH", 16)
+    assert main(["sample", str(run_dir / "run"), "--n", "40", "--out", str(run_dir / "s.png")]) == 0
+    assert sizes == [16, 16, 8]
+
+
+def test_a_failed_checkpoint_write_is_one_line(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+    # a real file-size limit: writes past 64 kB fail with EFBIG (Python ignores SIGXFSZ)
+    script = textwrap.dedent(f"""
+        import resource, sys, torch
+        from glowflow import Glow
+        from glowflow.cli import main
+        model = Glow(image_shape=(1, 8, 8), levels=2, steps=4, hidden_channels=64)
+        model.initialize(torch.rand(4, 1, 8, 8))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+        try:
+            model.save_pretrained({str(tmp_path / "ck")!r})
+        except Exception as e:
+            print(type(e).__name__, e, file=sys.stderr)
+            sys.exit(5)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 5, proc.stderr[-2000:]
+    assert proc.stderr.startswith("CheckpointError could not write") and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "ck").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".ck")]

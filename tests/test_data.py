@@ -445,3 +445,21 @@ def test_folder_errors(tmp_path):
         get_dataset("folder", tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="not a directory"):
         get_dataset("folder", tmp_path / "missing")
+
+
+def test_a_folder_of_a_few_images_gets_a_non_empty_test_split(tmp_path):
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("L", (8, 8), 40 * i).save(tmp_path / f"face{i}.png")
+    names = [f"face{i}.png" for i in range(3)]
+    assert not any(data.in_test_split(n) for n in names)  # the hashed 10% alone would leave test empty
+    with pytest.warns(UserWarning, match="test split held none; using 1 as the test split"):
+        test = get_dataset("folder", tmp_path, "test", image_size=8, channels=1)
+    with pytest.warns(UserWarning):
+        train = get_dataset("folder", tmp_path, "train", image_size=8, channels=1)
+    assert len(test) == 1 and len(train) == 2 and not set(test.filenames) & set(train.filenames)
+    for f in names[1:]:
+        (tmp_path / f).unlink()
+    with pytest.raises(ValueError, match="holds one image.*train.*test"):
+        get_dataset("folder", tmp_path, "test", image_size=8)

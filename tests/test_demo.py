@@ -320,3 +320,58 @@ def test_browser_upload_slider_blend_samples_and_errors(demo, browser, tmp_path)
     page.wait_for_function("() => document.querySelectorAll('#samples img').length === 3")
     assert not errors, errors
     page.close()
+
+
+# --------------------------------------------------------------------------------------- hardening
+
+def test_host_header_must_name_the_served_address(demo):
+    url, *_ = demo
+    port = url.rsplit(":", 1)[1]
+    assert httpx.get(url + "/api/info", headers={"Host": f"localhost:{port}"}).status_code == 200
+    r = httpx.get(url + "/api/info", headers={"Host": f"attacker.example:{port}"})  # DNS rebinding
+    assert r.status_code == 421 and "Host" in r.json()["error"]
+    r = httpx.get(url + "/", headers={"Host": "evil.test"})
+    assert r.status_code == 421
+
+
+def test_host_check_by_bind_address():
+    from glowflow.demo.server import host_check
+
+    loop = host_check("127.0.0.1", 8000)
+    assert loop("127.0.0.1:8000") and loop("localhost:8000") and loop("[::1]:8000") and loop("LOCALHOST")
+    assert not loop("127.0.0.1:9000") and not loop("example.com:8000") and not loop("")
+    lan = host_check("192.168.1.5", None)
+    assert lan("192.168.1.5:1234") and not lan("localhost")
+    assert host_check("0.0.0.0", 8000) is None
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_json_endpoints_take_only_application_json(demo, content_type):
+    url, *_ = demo
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    for path in ("/api/edit", "/api/sample"):
+        r = httpx.post(url + path, content=b'{"n": 1}', headers=headers)
+        assert r.status_code == 415 and "application/json" in r.json()["error"], (path, r.text)
+
+
+def test_pages_cannot_be_framed(demo):
+    url, *_ = demo
+    r = httpx.get(url + "/")
+    assert r.headers["X-Frame-Options"] == "DENY" and "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+
+
+def test_alpha_bound_is_the_sliders_range_and_names_are_echoed_short(demo):
+    url, _, _, x = demo
+    image = "data:image/png;base64," + base64.b64encode(png_bytes(x[0])).decode()
+    r = httpx.post(url + "/api/edit", json={"image": image, "alphas": {"Smiling": 1.5}})  # alpha_max is 1
+    assert r.status_code == 422 and "[-1, 1]" in r.json()["error"]
+    long_name = "A" * 5000
+    r = httpx.post(url + "/api/edit", json={"image": image, "alphas": {long_name: 1, "b": 1, "c": 1, "d": 1}})
+    error = r.json()["error"]
+    assert r.status_code == 400 and len(error) < 300 and "and 1 more" in error
+
+
+def test_size_errors_of_json_bodies_call_them_requests(demo):
+    url, *_ = demo
+    r = httpx.post(url + "/api/sample", content=b" " * (65 * 1024), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"].startswith("request is") and "upload" not in r.json()["error"]

@@ -184,7 +184,7 @@ def test_manipulate_alpha_zero_is_the_reconstruction(model):
 def test_manipulate_moves_the_latent_by_alpha_times_direction(model):
     x = images(1)
     d = 0.05 * torch.randn(model.num_dims, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    out = latent.manipulate(model, x, d, [-0.5, 1.0, 2.0])
+    out = latent.manipulate(model, x, d, [-0.5, 1.0, 2.0], stable=False)  # the paper's formula as it stands
     assert out.min() > 0 and out.max() < 1
     torch.testing.assert_close(model.encode(out) - model.encode(x), torch.tensor([-0.5, 1.0, 2.0])[:, None].double() * d,
                                atol=1e-6, rtol=0)
@@ -198,7 +198,7 @@ def test_edit_combines_directions_and_blend(model):
     x = images(2)
     d = latent.Directions(["a", "b"], 0.05 * torch.randn(2, model.num_dims, dtype=torch.float64), [1, 1], [1, 1], ["", ""])
     z = model.encode(x)
-    out = latent.edit(model, x[0], d, {"a": 1.0, "b": -2.0}, mix=x[1], blend=0.25)
+    out = latent.edit(model, x[0], d, {"a": 1.0, "b": -2.0}, mix=x[1], blend=0.25, stable=False)
     expected = model.decode((0.75 * z[0] + 0.25 * z[1] + d["a"] - 2 * d["b"])[None]).clamp(0, 1)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(latent.edit(model, x[0], d, {}, mix=x[1], blend=1.0), x[1:], atol=1e-9, rtol=0)
@@ -404,3 +404,53 @@ def test_cli_directions_from_fashion_mnist_classes(tmp_path, perturb_zero_init):
     labels = data.get_dataset("fashion-mnist", root, split="test", limit=200).labels
     assert d.names == ("Sneaker-vs-Ankle boot",)
     assert (d.positive_counts[0], d.negative_counts[0]) == (int((labels == 7).sum()), int((labels == 9).sum()))
+
+
+# --------------------------------------------------------------------------- decodes that diverge
+def _overflowing_direction(model) -> torch.Tensor:
+    """A direction along which the tiny model's inverse overflows (the affine couplings' scale of
+    latents far off the data goes to 0 and the division by it to inf)."""
+    return 1e4 * torch.randn(model.num_dims, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+
+
+def test_a_diverged_edit_is_an_error_naming_the_alpha_not_a_black_image(model):
+    x, d = images(1), _overflowing_direction(model)
+    with torch.no_grad():
+        raw = model.decode(model.encode(x) + d)
+    assert not torch.isfinite(raw).all()  # what used to come back as black
+    with pytest.raises(latent.DecodeError, match=r"alpha 1\b.*not finite") as e:
+        latent.manipulate(model, x, d, [0.0, 1.0], stable=False)
+    assert e.value.rows == [1]
+    z = model.encode(x)[0]
+    with pytest.raises(latent.DecodeError, match="frame 2 of 3") as e:  # how interpolate names its frames
+        latent._decode(model, torch.stack([z, z + d, z]), None, False, what=lambda i: f"frame {i + 1} of 3")
+    assert e.value.rows == [1]
+
+
+def test_stable_edits_keep_level_norms_and_reconstructions_exact(model):
+    x, d = images(2), 0.3 * torch.randn(model.num_dims, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    z = model.encode(x)
+    with torch.no_grad():
+        exact = model.decode(z)
+        floored = model.decode(z, scale_floor=latent.STABLE_SCALE_FLOOR)
+    assert torch.equal(exact, floored)  # the floor is below every scale data produce: nothing changes
+    torch.testing.assert_close(latent.manipulate(model, x, d, 0.0), exact.clamp(0, 1), atol=0, rtol=0)
+    out = latent.manipulate(model, x[0], d, [1.0, 2.0])
+    moved = model.encode(out)
+    sizes = [math.prod(s) for s in model.latent_shapes]
+    for a, b in zip(torch.split(moved, sizes, 1), torch.split(z[:1], sizes, 1)):
+        torch.testing.assert_close(a.norm(dim=1), b.norm(dim=1).expand(2), rtol=1e-6, atol=1e-6)
+    assert (moved - z[:1]).abs().max() > 0.1  # and it did move
+
+
+def test_cli_names_the_alpha_that_diverged(run_dir, capsys):
+    from glowflow.cli import main
+
+    run, folder = run_dir
+    model = Glow.from_pretrained(run)
+    huge = latent.Directions(("huge",), _overflowing_direction(model).float()[None], (1,), (1,), ("",))
+    latent.save_directions(huge, run)
+    assert main(["manipulate", str(run), str(folder / "0.png"), "--attribute", "huge", "--alphas", "0,1",
+                 "--raw", "--out", str(run.parent / "s.png")]) == 2
+    err = capsys.readouterr().err
+    assert "alpha 1" in err and "not finite" in err and not (run.parent / "s.png").exists()

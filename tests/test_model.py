@@ -457,3 +457,16 @@ def test_written_files_get_the_umask_modes_not_tempfiles_private_ones(tmp_path, 
     files = [*(tmp_path / "ckpt").iterdir(), tmp_path / "out.json", *(tmp_path / "dirs").iterdir()]
     assert any(f.suffix == ".safetensors" for f in files)
     assert {f.name: oct(mode(f)) for f in files} == {f.name: oct(0o666 & ~umask) for f in files}
+
+
+def test_decode_refuses_latents_that_are_not_real_numbers():
+    model = Glow(**TINY)
+    model.initialize(_images(TINY["image_shape"], 4, seed=1, dtype=torch.float32))
+    d = model.num_dims
+    with pytest.raises(ValueError, match="real numbers.*complex"):
+        model.decode(torch.zeros(1, d, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="real numbers.*bool"):
+        model.decode(torch.zeros(1, d, dtype=torch.bool))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model.decode(torch.full((1, d), float("nan")))
+    assert model.decode(torch.zeros(1, d, dtype=torch.int64)).shape == (1, *TINY["image_shape"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import json
 import struct
 import subprocess
@@ -342,3 +343,119 @@ def test_presets_are_valid_configs():
     assert (celeba.model.n_bits, celeba.model.coupling, celeba.model.levels) == (5, "additive", 6)
     over = build_train_config("fashion-mnist-cpu", ["model.steps=3", "lr=1e-4"])
     assert over.model.steps == 3 and over.lr == 1e-4
+
+
+# ------------------------------------------------------------------------------- nothing lost
+def test_a_second_run_into_a_run_directory_is_refused_without_resume_or_overwrite(tmp_path):
+    run(tiny_cfg(max_steps=6), tmp_path)
+    before = raw_params(tmp_path)
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match="already holds a training run.*--resume.*--overwrite"):
+        run(tiny_cfg(max_steps=3), tmp_path)
+    after = raw_params(tmp_path)  # nothing was touched
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+    t = Trainer(tiny_cfg(max_steps=3), tmp_path, blobs(256, 0), blobs(64, 1), overwrite=True, log=lambda *a: None)
+    t.run()
+    assert int(torch.load(tmp_path / ckpt.CHECKPOINT_DIR / "trainer.pt", weights_only=True)["step"]) == 3
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("step", 0) for r in rows) == 3
+
+
+def test_cli_refuses_an_existing_run_and_a_file_as_out_before_loading_data(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert cli_main(["train", "--out", str(tmp_path), "--data", str(tmp_path / "no-data")]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err and "Traceback" not in err
+    (tmp_path / "a-file").write_text("x")
+    assert cli_main(["train", "--out", str(tmp_path / "a-file"), "--data", str(tmp_path / "no-data")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_divergence_before_the_first_checkpoint_ends_in_an_error_with_the_initial_weights_kept(tmp_path):
+    cfg = tiny_cfg(lr=10.0, warmup_steps=1, max_steps=60, checkpoint_every=5, max_bad_steps=2, max_recoveries=3)
+    t = Trainer(cfg, tmp_path, blobs(256, 0), blobs(64, 1), log=lambda *a: None)
+    initial = {k: v.clone() for k, v in t.model.state_dict().items()}
+    real = t.train_model
+
+    def exploding(x, y=None, noise=None):  # whatever the learning rate: this run cannot recover
+        out = real(x, y, noise=noise)
+        return out._replace(bits_per_dim=out.bits_per_dim * float("inf")) if t.step >= 1 else out
+
+    t.train_model = exploding
+    with pytest.raises(Exception, match="training diverged.*resume it with a lower --lr") as e:
+        t.run()
+    assert type(e.value).__name__ == "TrainingDiverged"
+    events = [json.loads(r).get("event") for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert events.count("recovered") == 3 and events[-1] == "diverged"
+    saved = raw_params(tmp_path)  # the initial weights, to restart from
+    assert all(torch.equal(saved[k], initial[k]) for k in saved if k in initial)
+    assert not t.lock.held
+
+
+def test_cli_divergence_exits_non_zero_with_one_message(tmp_path, capsys, fake_fashion):
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text("dataset: fashion-mnist\nmodel: {image_shape: [1, 28, 28], levels: 2, steps: 1, "
+                      "hidden_channels: 8}\nbatch_size: 16\ninit_batch_size: 32\ndevice: cpu\n")
+    code = cli_main(["train", "--preset", str(preset), "--data", str(fake_fashion), "--out", str(tmp_path / "r"),
+                     "--lr", "1e9", "--max-steps", "200", "--no-progress", "--set", "warmup_steps=1",
+                     "--set", "max_recoveries=2", "--set", "max_bad_steps=2"])
+    err = capsys.readouterr().err
+    assert code == 3 and "training diverged" in err and "Traceback" not in err
+    assert Glow.from_pretrained(tmp_path / "r").initialized  # the initial weights are there
+
+
+def test_a_skipped_last_step_still_saves_and_evaluates(tmp_path):
+    cfg = tiny_cfg(max_steps=7, checkpoint_every=5, eval_every=1000)
+    t = Trainer(cfg, tmp_path, blobs(256, 0), blobs(64, 1), log=lambda *a: None)
+    real = t.train_model
+
+    def last_fails(x, y=None, noise=None):
+        out = real(x, y, noise=noise)
+        return out._replace(bits_per_dim=out.bits_per_dim * float("nan")) if t.step == 6 else out
+
+    t.train_model = last_fails
+    summary = t.run()
+    assert summary["steps"] == 7 and "test_bits_per_dim" in summary
+    assert int(torch.load(tmp_path / ckpt.CHECKPOINT_DIR / "trainer.pt", weights_only=True)["step"]) == 7
+
+
+def test_a_second_training_on_the_same_directory_is_refused_while_the_first_runs(tmp_path):
+    first = Trainer(tiny_cfg(max_steps=4), tmp_path, blobs(256, 0), None, log=lambda *a: None)
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_train import tiny_cfg, blobs
+        from glowflow.train import Trainer
+        Trainer(tiny_cfg(max_steps=4), {str(tmp_path)!r}, blobs(256, 0), None, resume=True, log=print)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "is in use by another training" in proc.stderr and f"pid" in proc.stderr
+    first.run()  # released at the end of the run
+    again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_a_lock_left_by_a_dead_process_does_not_block(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import os
+        from glowflow.io import DirectoryLock
+        DirectoryLock({str(tmp_path)!r}).acquire()
+        os._exit(0)  # no release: the process just ends
+    """)], timeout=60)
+    assert proc.returncode == 0 and (tmp_path / ".lock").read_text().startswith("pid")
+    run(tiny_cfg(max_steps=2), tmp_path)
+
+
+def test_temporary_checkpoints_of_dead_writers_are_removed(tmp_path):
+    run(tiny_cfg(max_steps=5), tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".checkpoint.tmp-{dead.stdout.strip()}-abc123"
+    older_style = tmp_path / ".checkpoint.tmp-q8x7zz"
+    for d in (stale, older_style):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 1000)
+    live = tmp_path / f".checkpoint.tmp-{os.getpid()}-inuse"  # a writer that is still alive is left alone
+    live.mkdir()
+    run(tiny_cfg(max_steps=8), tmp_path, resume=True)
+    assert not stale.exists() and not older_style.exists() and live.exists()

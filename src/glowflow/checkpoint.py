@@ -49,8 +49,10 @@ def checkpoint_directory(path):
             write_checksums(tmp)
     except OSError as e:
         raise CheckpointError(io.describe_os_error(e, path)) from e
-    except (RuntimeError, SafetensorError) as e:  # safetensors reports a failed write its own way
-        raise CheckpointError(f"could not write the checkpoint {path}: {e}") from e
+    except (RuntimeError, SafetensorError) as e:  # torch.save and safetensors report failed writes their own way
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"could not write the checkpoint {path} ({first[:200]}): is the disk full, or a "
+                              "file-size limit (ulimit -f) in force?") from e
 
 
 def resolve_checkpoint_dir(path) -> Path:

@@ -80,7 +80,10 @@ def open_image(source, max_pixels: int = DEFAULT_MAX_PIXELS, draft: tuple[int, i
                 return ImageOps.exif_transpose(img)
     except ImageError:
         raise
-    except (Image.UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{name}: declares too many pixels to decode safely (a decompression bomb?); "
+                         f"the limit is {max_pixels}") from None
+    except Image.UnidentifiedImageError as e:
         raise ImageError(f"{name}: not a readable image ({type(e).__name__}); expected a {_FORMAT_TEXT} "
                          "file") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated or corrupt image data

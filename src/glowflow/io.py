@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 __all__ = ["atomic_file", "atomic_write_text", "atomic_write_json", "atomic_directory", "read_json",
            "write_json", "file_sha256", "default_permissions", "remove_stale_temporaries", "pid_alive",
-           "describe_os_error"]
+           "describe_os_error", "DirectoryLock", "LockedError"]
 
 # Temporary names carry the writer's pid, so that a later writer can tell a dead writer's leftovers
 # (removed) from a live one's (kept): ".<name>.tmp-<pid>-<random>".
@@ -202,3 +205,59 @@ def atomic_directory(path):
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+class LockedError(RuntimeError):
+    """Another live process holds the lock of a directory."""
+
+
+class DirectoryLock:
+    """An exclusive lock on a directory (``<dir>/.lock``, ``flock``): one writer at a time.
+
+    The operating system releases it when its holder exits, however it exits, so a lock left by
+    a dead process never blocks; the file's content (pid, host, time) only serves the message.
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, directory, what: str = "this directory"):
+        self.path = Path(directory) / self.NAME
+        self.what = what
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self) -> "DirectoryLock":
+        if self._fd is not None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise LockedError(f"{self.path.parent} is in use by {self.what} ({holder}); wait for it to "
+                              "finish, or use another directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __del__(self):
+        self.release()

@@ -8,6 +8,14 @@ Attribute directions follow the paper (section 5.2): encode labelled images and 
 ``encode(x) + alpha * direction``. Labels are a matrix ``[N, A]`` with +1 (has the attribute), -1
 (does not) and 0 (unknown: left out of both means).
 
+Stable decoding. An edit moves the latent off the data, and there the affine couplings' inverse
+(a division by their sigmoid scale) can overflow: a float64 decode of the same latent overflows
+too, so it is the map, not rounding. With ``stable=True`` (the default) the editing functions decode
+with the coupling scales floored at :data:`STABLE_SCALE_FLOOR` (far below those data produce, so
+reconstructions are exact) and, for directions, rescale each level's block of the edited latent to
+the norm of the image's own (at ``alpha = 0`` nothing changes); docs/results.md measures both. A
+decode that still is not finite raises :class:`DecodeError` naming the alphas or frames.
+
 Directions are stored beside the checkpoint as ``directions.safetensors`` (the ``[A, D]`` vectors,
 with names and counts in its metadata; the file the loader reads) and ``directions.json`` (a readable
 copy of the same metadata).
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +39,7 @@ from .images import load_image
 from .io import atomic_file, atomic_write_text
 from .numerics import to_unit
 
-__all__ = ["interpolate", "reconstruct", "manipulate", "edit", "lerp", "slerp", "Directions",
+__all__ = ["interpolate", "reconstruct", "manipulate", "edit", "DecodeError", "STABLE_SCALE_FLOOR", "DECODE_BATCH", "lerp", "slerp", "Directions",
            "DirectionAccumulator", "attribute_directions", "directions_from_images", "class_attributes",
            "pair_attributes", "resolve_class", "AttributeTable", "parse_attribute_file", "parse_attribute_csv",
            "parse_celeba_attributes", "table_image_paths", "directions_dir", "save_directions", "load_directions",
@@ -40,6 +49,19 @@ DIRECTIONS_WEIGHTS = "directions.safetensors"
 DIRECTIONS_JSON = "directions.json"
 DIRECTIONS_FORMAT = "glowflow-directions/1"
 INTERPOLATIONS = ("linear", "spherical")
+# The coupling-scale floor of stable decoding: below every scale the trained models here show on
+# their test images (docs/results.md), so that it changes only decodes far from the data.
+STABLE_SCALE_FLOOR = 1e-3
+DECODE_BATCH = 64  # latents decoded at a time: memory bounded whatever the number of frames
+
+
+class DecodeError(ValueError):
+    """Latents decoded to NaN or inf: they lie where the model's inverse overflows. ``rows`` are
+    their positions in the batch."""
+
+    def __init__(self, message: str, rows: list[int]):
+        super().__init__(message)
+        self.rows = rows
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -78,8 +100,36 @@ def _onehot_path(model, y1, y2, t: torch.Tensor) -> torch.Tensor | None:
     return (1 - t)[:, None] * a + t[:, None] * b
 
 
-def _decode(model, eps: torch.Tensor, y=None) -> torch.Tensor:
-    return model.decode(eps, y).clamp_(0.0, 1.0)
+def _decode(model, eps: torch.Tensor, y=None, stable: bool = True, what=None) -> torch.Tensor:
+    """Decode ``eps [N, D]`` batch by batch, clamped to [0, 1]; :class:`DecodeError` if any row is
+    not finite. ``what(i)`` names row ``i`` in the message ("alpha 1.5", "frame 7 of 8")."""
+    floor = STABLE_SCALE_FLOOR if stable else 0.0
+    out, bad = [], []
+    for start in range(0, eps.shape[0], DECODE_BATCH):
+        stop = min(start + DECODE_BATCH, eps.shape[0])
+        yb = y[start:stop] if isinstance(y, torch.Tensor) and y.dim() >= 1 and y.shape[0] == eps.shape[0] else y
+        x = model.decode(eps[start:stop], yb, scale_floor=floor)
+        finite = torch.isfinite(x.flatten(1)).all(1)
+        bad += [start + int(i) for i in (~finite).nonzero().flatten()]
+        out.append(x.clamp_(0.0, 1.0))
+    if bad:
+        names = ", ".join(what(i) if what else f"latent {i}" for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        hint = ("" if stable else "; stable=True (the default) decodes most such edits")
+        raise DecodeError(f"the decode of {names} is not finite (NaN or inf): the latent lies where the model's "
+                          f"inverse overflows; a smaller step (alpha) keeps closer to the data{hint}", bad)
+    return torch.cat(out)
+
+
+def _keep_norms(model, z: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``z [N, D]`` with each level's block rescaled to the norm of that block of ``reference``
+    (``[N, D]`` or ``[D]``): an edit then changes what a latent says, not how far from the mode it is."""
+    sizes = [math.prod(s) for s in model.latent_shapes]
+    reference = reference.expand_as(z)
+    blocks = []
+    for b, r in zip(torch.split(z, sizes, 1), torch.split(reference, sizes, 1)):
+        norm = b.norm(dim=1, keepdim=True)
+        blocks.append(torch.where(norm > 0, b * (r.norm(dim=1, keepdim=True) / norm.clamp_min(1e-30)), b))
+    return torch.cat(blocks, 1)
 
 
 # ------------------------------------------------------------------------------ interpolation
@@ -120,7 +170,7 @@ def _path(z1, z2, t, method: str) -> torch.Tensor:
 
 @torch.no_grad()
 def interpolate(model, x1: torch.Tensor, x2: torch.Tensor, steps: int = 8, method: str = "linear",
-                y1=None, y2=None) -> torch.Tensor:
+                y1=None, y2=None, stable: bool = True) -> torch.Tensor:
     """Decode ``steps`` evenly spaced points from ``encode(x1)`` to ``encode(x2)``.
 
     ``x1, x2``: one image each, ``[C, H, W]`` or ``[1, C, H, W]`` in [0, 1]. Returns ``[steps, C, H, W]``
@@ -137,16 +187,17 @@ def interpolate(model, x1: torch.Tensor, x2: torch.Tensor, steps: int = 8, metho
     onehots = _onehot_path(model, y1, y2, t)
     z1 = model.encode(x1, _labels(model, y1, 1))[0]
     z2 = model.encode(x2, _labels(model, y2 if y2 is not None else y1, 1))[0]
-    return _decode(model, _path(z1, z2, t.to(z1), method), onehots)
+    return _decode(model, _path(z1, z2, t.to(z1), method), onehots, stable,
+                   what=lambda i: f"frame {i + 1} of {int(steps)}")
 
 
 @torch.no_grad()
-def reconstruct(model, x: torch.Tensor, y=None) -> torch.Tensor:
+def reconstruct(model, x: torch.Tensor, y=None, stable: bool = True) -> torch.Tensor:
     """``decode(encode(x))`` clamped to [0, 1]: ``[B, C, H, W]`` (or ``[C, H, W]``) -> ``[B, C, H, W]``."""
     model.require_initialized()
     x = _as_batch(x, "x")
     y = _labels(model, y, x.shape[0])
-    return _decode(model, model.encode(x, y), y)
+    return _decode(model, model.encode(x, y), y, stable, what=lambda i: f"image {i}")
 
 
 # ------------------------------------------------------------------------- attribute directions
@@ -331,13 +382,16 @@ def directions_from_images(model, images, attributes: torch.Tensor, names: Seque
 # --------------------------------------------------------------------------------- manipulation
 
 @torch.no_grad()
-def manipulate(model, x: torch.Tensor, direction: torch.Tensor, alpha=1.0, y=None) -> torch.Tensor:
+def manipulate(model, x: torch.Tensor, direction: torch.Tensor, alpha=1.0, y=None,
+               stable: bool = True) -> torch.Tensor:
     """Decode ``encode(x) + alpha * direction``, clamped to [0, 1].
 
     ``x`` ``[B, C, H, W]`` or ``[C, H, W]``; ``direction`` ``[D]``; ``alpha`` a float or a sequence
     of T floats. With one image and T alphas the result is the strip ``[T, C, H, W]``; with B images
     and one alpha it is ``[B, C, H, W]``; with B images and B alphas, one alpha per image.
-    ``alpha = 0`` gives the reconstruction ``decode(encode(x))``.
+    ``alpha = 0`` gives the reconstruction ``decode(encode(x))``. ``stable`` (module docstring)
+    keeps each level's latent norm and floors the coupling scales; ``False`` is the paper's formula
+    as it stands. A decode that is not finite raises :class:`DecodeError` naming the alpha.
     """
     model.require_initialized()
     x = _as_batch(x, "x")
@@ -351,21 +405,26 @@ def manipulate(model, x: torch.Tensor, direction: torch.Tensor, alpha=1.0, y=Non
     if b != 1 and t != 1 and b != t:
         raise ValueError(f"got {b} images and {t} alphas; pass one image, one alpha, or as many of each")
     y = _labels(model, y, b)
-    z = model.encode(x, y)
-    z = z + alphas.to(z)[:, None] * direction.to(z)[None, :]
+    z0 = model.encode(x, y)
+    z = z0 + alphas.to(z0)[:, None] * direction.to(z0)[None, :]
+    if stable:
+        z = _keep_norms(model, z, z0)
     if y is not None and z.shape[0] != y.shape[0]:
         y = y.expand(z.shape[0])
-    return _decode(model, z, y)
+    per_row = alphas.expand(z.shape[0]).tolist()
+    return _decode(model, z, y, stable,
+                   what=lambda i: f"alpha {per_row[i]:g}" + (f" (image {i})" if b > 1 else ""))
 
 
 @torch.no_grad()
 def edit(model, x: torch.Tensor, directions: Directions | None = None,
          alphas: Mapping[str, float] | None = None, mix: torch.Tensor | None = None, blend: float = 0.0,
-         method: str = "linear", y=None, y_mix=None) -> torch.Tensor:
+         method: str = "linear", y=None, y_mix=None, stable: bool = True) -> torch.Tensor:
     """One image moved along several directions and blended with a second one (the demo's view).
 
     ``eps = path(encode(x), encode(mix), blend) + sum_name alphas[name] * directions[name]``, decoded
-    and clamped: ``[1, C, H, W]``. ``blend`` 0 is ``x``, 1 is ``mix``; ``method`` "linear" or "spherical".
+    and clamped: ``[1, C, H, W]``. ``blend`` 0 is ``x``, 1 is ``mix``; ``method`` "linear" or
+    "spherical". ``stable``: as :func:`manipulate`, the norms those of the blended point.
     """
     model.require_initialized()
     x = _as_batch(x, "x")
@@ -383,8 +442,12 @@ def edit(model, x: torch.Tensor, directions: Directions | None = None,
     if alphas:
         if directions is None:
             raise ValueError("alphas were given but no directions")
-        z = z + directions.combine(alphas).to(z)
-    return _decode(model, z[None], onehot)
+        moved = z + directions.combine(alphas).to(z)
+        z = _keep_norms(model, moved[None], z)[0] if stable else moved
+    moves = ", ".join(f"{k} {v:g}" for k, v in (alphas or {}).items() if v)
+    return _decode(model, z[None], onehot, stable,
+                   what=lambda i: "this edit" + (f" ({moves}" + (f", blend {blend:g}" if mix is not None else "") + ")"
+                                                 if moves else ""))
 
 
 # ------------------------------------------------------------------------- attribute file parsers

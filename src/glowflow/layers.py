@@ -8,6 +8,9 @@ log-determinants; :class:`FlowStep` and :class:`Level` are chains.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -19,7 +22,7 @@ from .memory import run_layers
 
 __all__ = ["InvertibleLayer", "Chain", "ActNorm", "InvConv1x1", "Permute", "Coupling", "CouplingNet",
            "ZeroConv2d", "Squeeze", "FlowStep", "SplitPrior", "Level", "TopPrior", "random_rotation",
-           "LOGSCALE_FACTOR"]
+           "inverse_scale_floor", "LOGSCALE_FACTOR"]
 
 # Scale on the zero-initialised layers' learned log-scale, as in the official code: lets the
 # output scale move quickly while starting at exactly 1.
@@ -27,6 +30,24 @@ LOGSCALE_FACTOR = 3.0
 # The affine coupling's scale is sigmoid(h + COUPLING_SCALE_SHIFT): in (0, 1), so the forward map
 # never amplifies, and about 0.88 at initialisation (h = 0), as in the official code.
 COUPLING_SCALE_SHIFT = 2.0
+# The affine coupling's inverse divides by that scale. At latents far from any data the scale can
+# reach 1e-6 and below, and the division overflows: inverse_scale_floor bounds it for a block.
+_SCALE_FLOOR = contextvars.ContextVar("glowflow_inverse_scale_floor", default=0.0)
+
+
+@contextlib.contextmanager
+def inverse_scale_floor(floor: float):
+    """Within the block, affine couplings invert with ``scale = max(scale, floor)``. The forward map
+    is untouched, and so is any inverse whose scales are all above ``floor`` (those of data are, for
+    a small enough floor), so ``decode(encode(x))`` stays exact; latents off the data decode to
+    finite images instead of overflowing."""
+    if not floor >= 0.0:
+        raise ValueError(f"the scale floor must be >= 0, got {floor}")
+    token = _SCALE_FLOOR.set(float(floor))
+    try:
+        yield
+    finally:
+        _SCALE_FLOOR.reset(token)
 
 
 class InvertibleLayer(nn.Module):
@@ -377,8 +398,11 @@ class Coupling(InvertibleLayer):
 
     @staticmethod
     def uncouple(y2: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        """The inverse of :meth:`couple`."""
-        return y2 - shift if scale is None else y2 / scale - shift
+        """The inverse of :meth:`couple` (see :func:`inverse_scale_floor`)."""
+        if scale is None:
+            return y2 - shift
+        floor = _SCALE_FLOOR.get()
+        return y2 / (scale.clamp_min(floor) if floor > 0.0 else scale) - shift
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x1, x2 = self.split(x)

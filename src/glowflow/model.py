@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import numerics
 from .config import MEMORY_MODES, GlowConfig
-from .layers import ActNorm, Level, TopPrior
+from .layers import ActNorm, Level, TopPrior, inverse_scale_floor
 
 __all__ = ["Glow", "GlowConfig", "GlowOutput"]
 
@@ -213,8 +213,12 @@ class Glow(nn.Module):
         eps_list, _, _ = self._encode(x, self._onehot(y, x.shape[0]))
         return self._flatten(eps_list)
 
-    def decode(self, eps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Standardised latents [B, D] -> images [B, C, H, W] (not clamped: the exact inverse)."""
+    def decode(self, eps: torch.Tensor, y: torch.Tensor | None = None, scale_floor: float = 0.0) -> torch.Tensor:
+        """Standardised latents [B, D] -> images [B, C, H, W] (not clamped: the exact inverse).
+
+        ``scale_floor`` > 0 bounds the affine couplings' inverse (:func:`~glowflow.layers.inverse_scale_floor`),
+        for latents far from the data; the latents of data decode as without it.
+        """
         if not isinstance(eps, torch.Tensor):
             raise ValueError(f"latents must be a torch.Tensor [B, D], got {type(eps).__name__}")
         if eps.is_complex() or not (eps.is_floating_point() or eps.dtype in (torch.int32, torch.int64)):
@@ -224,7 +228,8 @@ class Glow(nn.Module):
         if not torch.isfinite(eps).all():
             raise ValueError("latents contain NaN or inf")
         eps_list = self._unflatten(eps)
-        return self._decode(eps_list, self._onehot(y, eps.shape[0]))
+        with inverse_scale_floor(scale_floor):
+            return self._decode(eps_list, self._onehot(y, eps.shape[0]))
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 0.7, y: torch.Tensor | None = None,

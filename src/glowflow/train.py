@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -28,13 +29,15 @@ from .plots import plot_curves
 from .progress import Progress
 
 __all__ = ["Trainer", "TrainConfig", "EMA", "train", "evaluate", "learning_rate", "run_progress",
-           "batch_indices", "step_generator", "load_split", "LR_DECAYS", "TRAINER_STATE", "RAW_WEIGHTS",
-           "TRAIN_CONFIG", "METRICS"]
+           "batch_indices", "step_generator", "load_split", "check_run_dir", "TrainingDiverged", "LR_DECAYS",
+           "TRAINER_STATE", "RAW_WEIGHTS", "TRAIN_CONFIG", "METRICS", "RUN_FILES"]
 
 TRAINER_STATE = "trainer.pt"
 RAW_WEIGHTS = "raw.safetensors"
 TRAIN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
+# what a run writes into its directory (and --overwrite removes; nothing else there is touched)
+RUN_FILES = (ckpt.CHECKPOINT_DIR, ckpt.CHECKPOINT_DIR + ".old", METRICS, "samples.png", "curve.png", "tb")
 
 # The random streams of a training step: each its own generator, seeded by (seed, step, stream).
 STREAM_BATCH_ORDER = 0  # the permutation of an epoch (seeded by the epoch, not the step)
@@ -43,6 +46,46 @@ STREAM_DEQUANTIZATION = 2  # the uniform noise added to the integer pixel values
 STREAM_FLIP = 3  # augment_flip
 # The data-dependent init batch is drawn under seed + INIT_SEED_OFFSET, so it is not step 0's batch.
 INIT_SEED_OFFSET = 7919
+
+
+class TrainingDiverged(RuntimeError):
+    """Training kept producing non-finite losses after every restore the budget allowed."""
+
+
+def _existing_run(out: Path) -> str | None:
+    """What in ``out`` shows that a run already lives there, or None."""
+    try:
+        ckpt.resolve_checkpoint_dir(out)
+        return "a checkpoint"
+    except ckpt.CheckpointError:
+        pass
+    metrics = out / METRICS
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        return f"a {METRICS}"
+    return None
+
+
+def check_run_dir(out, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse, before any work, what would lose work or cannot be written: ``out`` being a file,
+    or holding a run that is neither resumed nor explicitly overwritten."""
+    out = Path(out)
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"the run directory {out} is a file; pass a directory (it is created if missing)")
+    found = None if (resume or overwrite) else _existing_run(out)
+    if found:
+        raise ValueError(f"{out} already holds a training run ({found}); pass --resume to continue it, or "
+                         "--overwrite to start over (its checkpoint, metrics and pictures are deleted)")
+
+
+def _clear_run(out: Path) -> None:
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
 
 
 def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
@@ -118,13 +161,28 @@ class Trainer:
     """Holds the model, EMA, optimizer and data of one run; ``run()`` trains until done."""
 
     def __init__(self, cfg: TrainConfig, out_dir, train_data: ImageDataset, test_data: ImageDataset | None = None,
-                 resume: bool = False, dist: dist_utils.DistInfo | None = None, log=print):
+                 resume: bool = False, dist: dist_utils.DistInfo | None = None, log=print, overwrite: bool = False):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.dist = dist or dist_utils.DistInfo(device=dist_utils.resolve_device(cfg.device))
         self.device = self.dist.device
         self.train_data, self.test_data = train_data, test_data
         self.log = log if self.dist.is_main else (lambda *a, **k: None)
+        self.lock = io.DirectoryLock(self.out, "another training")
+        if self.dist.is_main:  # the other ranks write nothing
+            check_run_dir(self.out, resume, overwrite)
+            self.lock.acquire()  # released when run() ends, or with the process
+            if overwrite:
+                _clear_run(self.out)
+            io.remove_stale_temporaries(self.out / ckpt.CHECKPOINT_DIR)
+        try:
+            self._setup(resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _setup(self, resume: bool) -> None:
+        cfg, train_data = self.cfg, self.train_data
         if tuple(train_data.image_shape) != tuple(cfg.model.image_shape):
             raise ValueError(f"data images are {tuple(train_data.image_shape)} but the model expects "
                              f"{tuple(cfg.model.image_shape)}: set model.image_shape to match")
@@ -223,17 +281,31 @@ class Trainer:
                 "grad_norm": grad_norm, "skipped": not finite}
 
     def _recover(self) -> None:
-        """After repeated non-finite steps: back to the last good checkpoint with a lower learning rate."""
-        target = self.lr_scale * self.cfg.lr_backoff
+        """After repeated non-finite steps: back to the last good checkpoint (at worst the initial
+        weights, saved before the first step) with a lower learning rate; give up after
+        ``max_recoveries`` restores."""
+        cfg = self.cfg
+        if self.recoveries >= cfg.max_recoveries:
+            good = f"the last good checkpoint (step {self.step}) is in {self.out / ckpt.CHECKPOINT_DIR}; " \
+                if self._has_checkpoint() else ""
+            message = (f"training diverged: {cfg.max_bad_steps} non-finite losses or gradients in a row, again "
+                       f"after each of {self.recoveries} restores with the learning rate scaled by "
+                       f"{cfg.lr_backoff:g} (down to {self.lr_scale * cfg.lr:.3g}). {good}resume it with a lower "
+                       "--lr, a longer warm-up (--set warmup_steps=N) or a tighter --set grad_clip=X, or start "
+                       "over with --overwrite")
+            self._record({"event": "diverged", "step": self.step, "message": message})
+            raise TrainingDiverged(message)
+        self.recoveries += 1
+        target = self.lr_scale * cfg.lr_backoff
         if self._has_checkpoint():
             self._load_state()
             where = f"restored the checkpoint of step {self.step}"
-        else:
-            where = "no checkpoint yet: kept the current weights"
+        else:  # another rank's view of a checkpoint it cannot see
+            where = "no checkpoint to restore: kept the current weights"
         self.lr_scale = target
         self.bad_steps = 0
-        msg = (f"warning: {self.cfg.max_bad_steps} consecutive non-finite losses/gradients; {where}; "
-               f"learning rate scaled to {self.lr_scale:g} x {self.cfg.lr:g}")
+        msg = (f"warning: {cfg.max_bad_steps} consecutive non-finite losses/gradients; {where}; "
+               f"learning rate scaled to {self.lr_scale:g} x {cfg.lr:g}")
         self.log(msg)
         self._record({"event": "recovered", "step": self.step, "lr_scale": self.lr_scale, "message": msg})
 
@@ -372,23 +444,36 @@ class Trainer:
             self.write_pictures()
 
     def run(self) -> dict:
-        self._begin()
-        while not self._done():
-            row = self.train_step()
-            self._tick(self._seconds0 + time.perf_counter() - self._t0)
-            self.bar.update(1)
-            self._update_bar_total()
-            if row["skipped"]:
-                self._skipped(row)
-                continue
-            self._log_step(row)
-            self._periodic(last=self._done())
-        return self._finish()
+        try:
+            self._begin()
+            if self.step == 0 and not self._has_checkpoint():
+                self.save_checkpoint()  # the initial weights: what a run that diverges early restores
+            while not self._done():
+                row = self.train_step()
+                self._tick(self._seconds0 + time.perf_counter() - self._t0)
+                self.bar.update(1)
+                self._update_bar_total()
+                if row["skipped"]:
+                    self._skipped(row)
+                else:
+                    self._log_step(row)
+                if not row["skipped"] or self._done():  # the last step saves and evaluates, skipped or not
+                    self._periodic(last=self._done())
+            return self._finish()
+        finally:
+            self.close()
 
-    def _finish(self) -> dict:
-        self.bar.close()
+    def close(self) -> None:
+        """Release the run directory (and the progress bar and TensorBoard writer)."""
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+        self.lock.release()
+
+    def _finish(self) -> dict:
+        self.close()
         stop_reason = "max_minutes" if self.step < self.cfg.max_steps and self._out_of_time() else "max_steps"
         return self.summary(stop_reason, time.perf_counter() - self._t0)
 
@@ -446,14 +531,20 @@ def load_split(name: str, root, split: str, image_shape, limit: int | None = Non
                        channels=c if folder else None)
 
 
-def train(cfg: TrainConfig, out_dir, resume: bool = False, log=print) -> dict:
-    """Train ``cfg`` into ``out_dir`` (one process, or one rank under torchrun); returns a summary."""
+def train(cfg: TrainConfig, out_dir, resume: bool = False, log=print, overwrite: bool = False) -> dict:
+    """Train ``cfg`` into ``out_dir`` (one process, or one rank under torchrun); returns a summary.
+
+    A directory that already holds a run is refused unless ``resume`` (continue it) or
+    ``overwrite`` (replace it); one that another training is writing is refused.
+    """
+    check_run_dir(out_dir, resume, overwrite)  # before minutes of data loading
     dist = dist_utils.setup(cfg.device)
     try:
         shape = cfg.model.image_shape
         train_data = load_split(cfg.dataset, cfg.data, "train", shape, cfg.train_limit)
         test_data = load_split(cfg.dataset, cfg.data, "test", shape, cfg.test_limit)
-        trainer = Trainer(cfg, out_dir, train_data, test_data, resume=resume, dist=dist, log=log)
+        trainer = Trainer(cfg, out_dir, train_data, test_data, resume=resume, dist=dist, log=log,
+                          overwrite=overwrite)
         summary = trainer.run()
         # ranks leave together: one that tears its Gloo group down while rank 0 still writes the
         # final checkpoint and samples can close connections the other still holds

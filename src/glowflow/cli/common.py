@@ -19,6 +19,9 @@ from ..distributed import resolve_device
 from ..model import Glow
 from ..train import TRAIN_CONFIG
 
+# Images one command may put into one picture without --allow-large: bounds its time and memory.
+MAX_IMAGES = 4096
+
 # argparse takes "-1,-0.5,0" for an option flag; this lets such number lists through as values.
 _NUMBER_LIST = re.compile(r"^-\.?\d")
 
@@ -75,6 +78,17 @@ def allow_negative_number_lists(parser: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------------- arguments
+def add_allow_large(p) -> None:
+    p.add_argument("--allow-large", action="store_true", help=f"allow more than {MAX_IMAGES} images in one picture")
+
+
+def check_count(args, count: int, what: str) -> None:
+    """Refuse a picture of more than MAX_IMAGES images unless --allow-large."""
+    if count > MAX_IMAGES and not getattr(args, "allow_large", False):
+        raise ValueError(f"{what}: {count} images is more than the {MAX_IMAGES} one picture takes by default "
+                         "(time and memory grow with it); pass --allow-large to make it anyway")
+
+
 def add_json(p) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON line last")
 

@@ -14,8 +14,9 @@ from pathlib import Path
 from .. import data, latent
 from ..checkpoint import CheckpointError, weights_sha256
 from ..images import load_image, save_grid
-from .common import (add_checkpoint, add_dataset, add_json, allow_negative_number_lists, dataset_of, emit,
-                     float_list, load_model, positive_int, resolve_positionals, warn)
+from .common import (add_allow_large, add_checkpoint, add_dataset, add_json, allow_negative_number_lists,
+                     check_count, dataset_of, emit, float_list, int_between, load_model, positive_int,
+                     resolve_positionals, warn)
 
 
 def load_directions(model, checkpoint: Path, folder: Path | None) -> latent.Directions:
@@ -32,10 +33,12 @@ def load_directions(model, checkpoint: Path, folder: Path | None) -> latent.Dire
 
 def cmd_interpolate(args) -> int:
     resolve_positionals(args)
+    check_count(args, args.steps, "interpolate --steps")
     model = load_model(args)
     shape = model.config.image_shape
     x1, x2 = load_image(args.image_a, shape), load_image(args.image_b, shape)
-    images = latent.interpolate(model, x1, x2, args.steps, args.method, args.label_a, args.label_b)
+    images = latent.interpolate(model, x1, x2, args.steps, args.method, args.label_a, args.label_b,
+                                stable=not args.raw)
     save_grid(images, args.out, nrow=args.steps, scale=args.scale)
     emit(args, {"out": str(args.out), "steps": args.steps, "method": args.method})
     return 0
@@ -43,10 +46,11 @@ def cmd_interpolate(args) -> int:
 
 def cmd_manipulate(args) -> int:
     resolve_positionals(args)
+    check_count(args, len(args.alphas), "manipulate --alphas")
     model = load_model(args)
     directions = load_directions(model, args.checkpoint, args.directions)
     x = load_image(args.image, model.config.image_shape)
-    strip = latent.manipulate(model, x, directions[args.attribute], args.alphas, args.label)
+    strip = latent.manipulate(model, x, directions[args.attribute], args.alphas, args.label, stable=not args.raw)
     save_grid(strip, args.out, nrow=len(args.alphas), scale=args.scale)
     emit(args, {"out": str(args.out), "attribute": args.attribute, "alphas": args.alphas})
     return 0
@@ -115,15 +119,24 @@ def _attribute_file(model, args):
     return paths, table.values, list(table.names), None, str(args.attributes.name)
 
 
+def _add_raw(p) -> None:
+    p.add_argument("--raw", action="store_true", help="decode the edited latent as it stands (by default the "
+                                                      "coupling scales are floored and, for directions, each "
+                                                      "level keeps its norm: see glowflow.latent)")
+
+
 def register(sub) -> None:
     p = sub.add_parser("interpolate", help="decode a straight (or spherical) latent path between two images")
     add_checkpoint(p, "IMAGE_A", "IMAGE_B")
-    p.add_argument("--steps", type=int, default=8, help="images on the path, ends included (default 8)")
+    p.add_argument("--steps", type=int_between(2, None, "an integer >= 2"), default=8,
+                   help="images on the path, ends included (default 8)")
     p.add_argument("--method", choices=latent.INTERPOLATIONS, default="linear")
     p.add_argument("--label-a", type=int, help="class of A (class-conditional models only)")
     p.add_argument("--label-b", type=int, help="class of B (default: that of A)")
     p.add_argument("--scale", type=positive_int, default=1, help="enlarge each image this many times")
     p.add_argument("--out", type=Path, required=True, help="PNG grid to write")
+    _add_raw(p)
+    add_allow_large(p)
     add_json(p)
     p.set_defaults(func=cmd_interpolate)
 
@@ -155,5 +168,7 @@ def register(sub) -> None:
     p.add_argument("--label", type=int, help="class of the image (class-conditional models only)")
     p.add_argument("--scale", type=positive_int, default=1, help="enlarge each image this many times")
     p.add_argument("--out", type=Path, required=True, help="PNG strip to write")
+    _add_raw(p)
+    add_allow_large(p)
     add_json(p)
     p.set_defaults(func=cmd_manipulate)

@@ -6,18 +6,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..images import load_image, save_grid
-from .common import add_checkpoint, add_json, emit, float_list, load_model, positive_int
+from ..images import as_uint8, load_image, save_grid
+from .common import (add_allow_large, add_checkpoint, add_json, check_count, emit, float_list, load_model,
+                     positive_int)
+
+# images decoded at a time: memory stays bounded whatever --n is
+SAMPLE_BATCH = 256
+
+
+def _labels(model, label: int | None, n: int) -> torch.Tensor | None:
+    k = model.config.num_classes
+    if not k:
+        if label is not None:
+            raise ValueError("--label is for class-conditional models; this one has no classes")
+        return None
+    if label is not None and not 0 <= label < k:
+        raise ValueError(f"--label must lie in [0, {k}), got {label}")
+    return torch.full((n,), label) if label is not None else torch.arange(n) % k
 
 
 def cmd_sample(args) -> int:
+    check_count(args, args.n * len(args.temperature), "sample")
+    if any(t < 0 for t in args.temperature):
+        raise ValueError(f"temperatures must be >= 0, got {args.temperature}")
     model = load_model(args)
     gen = torch.Generator().manual_seed(args.seed)
-    y = None
-    if model.config.num_classes:
-        y = (torch.full((args.n,), args.label) if args.label is not None
-             else torch.arange(args.n) % model.config.num_classes)
-    rows = [model.sample(args.n, temperature=t, y=y, generator=gen) for t in args.temperature]
+    y = _labels(model, args.label, args.n)
+    rows = []
+    for t in args.temperature:
+        for start in range(0, args.n, SAMPLE_BATCH):
+            stop = min(args.n, start + SAMPLE_BATCH)
+            batch_y = None if y is None else y[start:stop]
+            rows.append(as_uint8(model.sample(stop - start, temperature=t, y=batch_y, generator=gen)))
     images = torch.cat(rows)
     nrow = args.n if len(args.temperature) > 1 else args.nrow
     path = save_grid(images, args.out, nrow=nrow, scale=args.scale)
@@ -28,7 +48,7 @@ def cmd_sample(args) -> int:
 def cmd_encode(args) -> int:
     model = load_model(args)
     x = torch.stack([load_image(p, model.config.image_shape) for p in args.images])
-    y = torch.full((len(x),), args.label) if args.label is not None else None
+    y = _labels(model, args.label, len(x)) if args.label is not None or model.config.num_classes else None
     with torch.no_grad():
         eps = model.encode(x, y)
     np.save(args.out, eps.double().cpu().numpy())
@@ -38,17 +58,34 @@ def cmd_encode(args) -> int:
 
 def cmd_decode(args) -> int:
     model = load_model(args)
-    try:
-        arr = np.load(args.latents, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise ValueError(f"{args.latents} is not a readable .npy array of latents: {e}") from e
-    eps = torch.from_numpy(np.atleast_2d(arr))
-    y = torch.full((len(eps),), args.label) if args.label is not None else None
+    eps = _read_latents(args.latents, model.num_dims)
+    check_count(args, len(eps), "decode")
+    y = _labels(model, args.label, len(eps)) if args.label is not None or model.config.num_classes else None
     with torch.no_grad():
         x = model.decode(eps, y).clamp(0, 1)
     path = save_grid(x, args.out, nrow=args.nrow, scale=args.scale)
     emit(args, {"out": str(path), "n": len(x)})
     return 0
+
+
+def _read_latents(path: Path, num_dims: int) -> torch.Tensor:
+    """A ``.npy`` array of latents ``[N, D]`` (or one ``[D]``), refused with a message if it is not."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path} is not a readable .npy array of latents ({e})") from None
+    if isinstance(arr, np.lib.npyio.NpzFile):
+        names = ", ".join(arr.files[:5]) or "nothing"
+        arr.close()
+        raise ValueError(f"{path} is an .npz archive (holding {names}); expected one .npy array [N, {num_dims}] "
+                         "as `glowflow encode` writes")
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"{path} holds {arr.dtype} values; expected real numbers, an array [N, {num_dims}]")
+    arr = np.atleast_2d(arr)
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] != num_dims:
+        raise ValueError(f"{path} holds an array of shape {list(arr.shape)}; expected latents [N, {num_dims}] "
+                         "with N >= 1")
+    return torch.from_numpy(arr.astype(np.float64))
 
 
 def register(sub) -> None:
@@ -61,6 +98,7 @@ def register(sub) -> None:
     p.add_argument("--nrow", type=positive_int, default=8)
     p.add_argument("--scale", type=positive_int, default=1, help="enlarge each image this many times")
     p.add_argument("--out", type=Path, default=Path("samples.png"))
+    add_allow_large(p)
     add_json(p)
     p.set_defaults(func=cmd_sample)
 
@@ -79,5 +117,6 @@ def register(sub) -> None:
     p.add_argument("--nrow", type=positive_int, default=8)
     p.add_argument("--scale", type=positive_int, default=1, help="enlarge each image this many times")
     p.add_argument("--out", type=Path, default=Path("decoded.png"))
+    add_allow_large(p)
     add_json(p)
     p.set_defaults(func=cmd_decode)

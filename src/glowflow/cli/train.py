@@ -25,7 +25,7 @@ def cmd_train(args) -> int:
     if args.no_progress:
         overrides.append("progress=false")
     cfg = build_train_config(args.preset, overrides)
-    summary = train(cfg, args.out, resume=args.resume)
+    summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
         emit(args, summary)
     return 0
@@ -56,6 +56,8 @@ def register(sub) -> None:
     p.add_argument("--preset", default="fashion-mnist-cpu", help="preset name or a JSON/YAML file")
     p.add_argument("--out", required=True, help="run directory (checkpoint, metrics, pictures)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out (its checkpoint, metrics "
+                                                            "and pictures are deleted)")
     add_dataset(p)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--max-minutes", type=float)

@@ -45,10 +45,13 @@ PAGE = Path(__file__).with_name("index.html")
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; img-src 'self' data: blob:; connect-src 'self' data:; "
                                "script-src 'unsafe-inline'; style-src 'unsafe-inline'; base-uri 'none'; "
-                               "form-action 'none'",
+                               "form-action 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
 }
+NAME_ECHO = 40  # characters of an unknown name an error message repeats
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]", "::1")
 
 Alpha = Annotated[float, Field(ge=-MAX_ALPHA, le=MAX_ALPHA, allow_inf_nan=False)]
 
@@ -123,7 +126,10 @@ class DemoState:
 
     def run(self, fn, *args, **kwargs):
         with self.lock, torch.no_grad():
-            return fn(*args, **kwargs)
+            try:
+                return fn(*args, **kwargs)
+            except latent.DecodeError as e:  # an edit the model cannot invert: say so, don't draw black
+                raise DemoError(422, f"{e}. Move the sliders back towards 0.") from None
 
     def read_image(self, data: bytes, field: str = "image") -> torch.Tensor:
         if len(data) > self.max_upload_bytes:
@@ -147,18 +153,59 @@ class DemoState:
         return label
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, kind: str = "upload") -> bytes:
     """The request body, refused with 413 as soon as it passes ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise DemoError(413, f"upload is {_mb(int(declared))}, larger than the {_mb(limit)} limit")
+        raise DemoError(413, f"{kind} is {_mb(int(declared))}, larger than the {_mb(limit)} limit")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise DemoError(413, f"upload is larger than the {_mb(limit)} limit")
+            raise DemoError(413, f"{kind} is larger than the {_mb(limit)} limit")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _read_json(request: Request, model_cls, limit: int):
+    """A JSON request body: only with ``Content-Type: application/json``, which a cross-site form or
+    ``text/plain`` fetch cannot send without the browser asking first."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise DemoError(415, f"expected Content-Type: application/json, got {media_type[:NAME_ECHO] or 'none'}")
+    return _parse(model_cls, await _read_body(request, limit, kind="request"))
+
+
+def _short(name: str) -> str:
+    return repr(name if len(name) <= NAME_ECHO else name[:NAME_ECHO] + "...")
+
+
+def _split_host(header: str) -> tuple[str, int | None]:
+    """``"name:port"`` / ``"[::1]:port"`` / ``"name"`` -> (name, port or None)."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        name, _, rest = header[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    else:
+        name, _, port = header.partition(":")
+    return name, int(port) if port.isdigit() else None
+
+
+def host_check(host: str | None, port: int | None):
+    """A predicate on ``Host`` headers for a server bound to ``host``: its own name (and, on
+    loopback, the usual names of loopback), on ``port`` if given. None (answer any) when ``host`` is
+    None or every interface, where the operator chose to be reachable under whatever name. It stops
+    DNS rebinding: a page on another site that resolves its own name to 127.0.0.1 to read the demo."""
+    if host is None or host in ("0.0.0.0", "::", ""):
+        return None
+    names = {host.strip("[]").lower()}
+    if names & set(LOOPBACK_NAMES):
+        names.update(n.strip("[]") for n in LOOPBACK_NAMES)
+
+    def allowed(header: str) -> bool:
+        name, header_port = _split_host(header)
+        return name in names and (port is None or header_port in (None, port))
+    return allowed
 
 
 def _parse(model_cls, body: bytes):
@@ -173,12 +220,14 @@ def _parse(model_cls, body: bytes):
 def create_app(model, directions: latent.Directions | None = None, test_images: torch.Tensor | None = None,
                test_names: list[str] | None = None, class_names: list[str] | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
-               alpha_max: float = 1.0) -> FastAPI:
+               alpha_max: float = 1.0, host: str | None = "127.0.0.1", port: int | None = None) -> FastAPI:
     """The demo app for ``model`` (a trained, initialised Glow).
 
     ``directions``: the sliders. ``test_images`` ``[N, C, H, W]`` (uint8 or float in [0, 1]) with
     ``test_names``: images to pick instead of uploading. ``class_names``: labels of a
-    class-conditional model. ``alpha_max``: the sliders' range is ``[-alpha_max, alpha_max]``.
+    class-conditional model. ``alpha_max``: the sliders' range is ``[-alpha_max, alpha_max]``, and
+    the server refuses more. ``host``/``port``: where it is served; requests whose ``Host`` header
+    names anything else are refused (:func:`host_check`); ``host=None`` answers any.
     """
     model.require_initialized()
     if directions is not None and directions.num_dims != model.num_dims:
@@ -204,6 +253,7 @@ def create_app(model, directions: latent.Directions | None = None, test_images: 
 
     app = FastAPI(title="glowflow demo", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.demo = state
+    host_allowed = host_check(host, port)
 
     @app.exception_handler(DemoError)
     async def _demo_error(request: Request, exc: DemoError):
@@ -216,7 +266,11 @@ def create_app(model, directions: latent.Directions | None = None, test_images: 
 
     @app.middleware("http")
     async def _headers(request: Request, call_next):
-        response = await call_next(request)
+        if host_allowed is not None and not host_allowed(request.headers.get("host", "")):
+            response = JSONResponse({"error": "unknown Host header: this demo answers only the address it "
+                                              "serves on"}, status_code=421)
+        else:
+            response = await call_next(request)
         for k, v in SECURITY_HEADERS.items():
             response.headers.setdefault(k, v)
         return response
@@ -258,7 +312,7 @@ def create_app(model, directions: latent.Directions | None = None, test_images: 
 
     @app.post("/api/edit")
     async def edit(request: Request):
-        req = _parse(EditRequest, await _read_body(request, json_limit))
+        req = await _read_json(request, EditRequest, json_limit)
         x = state.read_image(_decode_data_url(req.image, "image", max_upload_bytes), "image")
         mix = None
         if req.mix is not None:
@@ -266,8 +320,14 @@ def create_app(model, directions: latent.Directions | None = None, test_images: 
         alphas = {k: v for k, v in req.alphas.items() if v != 0.0}
         unknown = [k for k in alphas if directions is None or k not in directions]
         if unknown:
-            raise DemoError(400, f"unknown attribute(s) {unknown}; this model has "
-                                 f"{', '.join(directions.names) if directions else 'no directions'}")
+            more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+            raise DemoError(400, f"unknown attribute(s) {', '.join(_short(k) for k in unknown[:3])}{more}; this "
+                                 f"model has {', '.join(directions.names) if directions else 'no directions'}")
+        too_far = {k: v for k, v in alphas.items() if abs(v) > state.alpha_max}
+        if too_far:
+            name, value = next(iter(too_far.items()))
+            raise DemoError(422, f"alpha for {_short(name)} is {value:g}; the sliders span "
+                                 f"[{-state.alpha_max:g}, {state.alpha_max:g}]")
         label = state.label(req.label)
         mix_label = state.label(req.mix_label) if mix is not None else None
         out = await run_in_threadpool(state.run, latent.edit, model, x, directions, alphas, mix,
@@ -276,7 +336,7 @@ def create_app(model, directions: latent.Directions | None = None, test_images: 
 
     @app.post("/api/sample")
     async def sample(request: Request):
-        req = _parse(SampleRequest, await _read_body(request, 64 * 1024))
+        req = await _read_json(request, SampleRequest, 64 * 1024)
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         label = state.label(req.label)
         y = None if label is None else torch.full((req.n,), label, dtype=torch.long)
