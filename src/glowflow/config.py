@@ -223,6 +223,7 @@ class TrainConfig:
     train_limit: int | None = None
     test_limit: int | None = None  # test images used for evaluations during training
     augment_shift: int = 0  # random translations up to this many pixels (CIFAR-10: 2)
+    augment_flip: bool = False  # mirror a random half of each batch left-right (faces)
     batch_size: int = 64  # global, over all ranks
     init_batch_size: int = 512  # data-dependent init batch (global)
     optimizer: str = "adam"

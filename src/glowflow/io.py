@@ -189,9 +189,13 @@ def atomic_directory(path):
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), dir=path.parent))
     try:
         yield tmp
-        for f in tmp.iterdir():
-            default_permissions(f)
-            _fsync_file(f)
+        for f in sorted(tmp.rglob("*"), reverse=True):  # files before the folders holding them
+            if f.is_dir():
+                default_permissions(f, directory=True)
+                _fsync_dir(f)
+            else:
+                default_permissions(f)
+                _fsync_file(f)
         default_permissions(tmp, directory=True)
         _fsync_dir(tmp)
     except BaseException:

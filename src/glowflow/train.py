@@ -20,7 +20,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from . import io
 from .config import LR_DECAYS, GlowConfig, TrainConfig
-from .data import ImageDataset, get_dataset, random_flip, random_translate
+from .data import ImageDataset, flip, flip_mask, get_dataset, translate, translation_offsets
 from .images import save_grid
 from .likelihood import score, summarize_bits_per_dim
 from .model import Glow
@@ -221,18 +221,25 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def global_batch(self, step: int, batch_size: int | None = None, seed: int | None = None):
-        """Images (float [0,1]), labels and dequantisation noise of this rank's slice of ``step``'s batch."""
+        """Images (float [0,1]), labels and dequantisation noise of this rank's slice of ``step``'s batch.
+
+        Every random draw is made for the whole global batch and sliced, so the slices of N ranks
+        are the batch of one process; only this rank's rows are read from the dataset.
+        """
         cfg, data = self.cfg, self.train_data
         n = batch_size or cfg.batch_size
         seed = cfg.seed if seed is None else seed
-        idx = batch_indices(len(data), n, step, seed)
+        part = self.dist.shard(n)
+        idx = batch_indices(len(data), n, step, seed)[part]
         x = to_unit(data.batch(idx))
         if cfg.augment_shift:
-            x = random_translate(x, cfg.augment_shift, step_generator(seed, step, STREAM_TRANSLATION))
-        noise = torch.rand(x.shape, generator=step_generator(seed, step, STREAM_DEQUANTIZATION))
+            offsets = translation_offsets(n, cfg.augment_shift, step_generator(seed, step, STREAM_TRANSLATION))
+            x = translate(x, offsets[:, part], cfg.augment_shift)
+        if cfg.augment_flip:
+            x = flip(x, flip_mask(n, step_generator(seed, step, STREAM_FLIP))[part])
+        noise = torch.rand((n, *x.shape[1:]), generator=step_generator(seed, step, STREAM_DEQUANTIZATION))[part]
         y = data.labels[idx] if (cfg.model.num_classes and data.labels is not None) else None
-        part = self.dist.shard(n)
-        to = lambda t: None if t is None else t[part].to(self.device)  # noqa: E731
+        to = lambda t: None if t is None else t.to(self.device)  # noqa: E731
         return to(x), to(y), to(noise)
 
     def _data_dependent_init(self) -> None:

@@ -17,11 +17,12 @@ from .download import download_files
 from .folder import DEFAULT_TEST_FRACTION, in_test_split, load_folder
 from .idx import FASHION_MNIST_CLASSES, IDX_FILES, MNIST_CLASSES, load_idx, load_idx_dataset
 from .imagenet import load_imagenet_npz
-from .transforms import adapt, random_flip, random_translate
+from .transforms import adapt, flip, flip_mask, random_flip, random_translate, translate, translation_offsets
 
 __all__ = ["ImageDataset", "get_dataset", "default_root", "canonical_name", "DATASET_NAMES", "SPLITS",
            "FASHION_MNIST_CLASSES", "MNIST_CLASSES", "CIFAR10_CLASSES", "IDX_FILES", "load_idx",
-           "random_translate", "random_flip", "adapt", "download_files", "in_test_split"]
+           "random_translate", "random_flip", "translate", "translation_offsets", "flip", "flip_mask", "adapt",
+           "download_files", "in_test_split"]
 
 DATASET_NAMES = ("fashion-mnist", "mnist", "cifar10", "imagenet32", "imagenet64", "folder")
 SPLITS = ("train", "test")
@@ -38,13 +39,14 @@ def canonical_name(name: str) -> str:
 
 
 def default_root(name: str) -> Path | None:
-    """Where ``name`` is found without being told: ``$GLOWFLOW_DATA/<name>`` or
-    ``/usr/share/datasets/<name>`` (Debian's dataset-fashion-mnist package), if it exists."""
+    """Where ``name`` is found without being told: ``$GLOWFLOW_DATA/<name>``, ``data/<name>`` under
+    the current directory (where ``glowflow download`` puts it), or ``/usr/share/datasets/<name>``
+    (Debian's dataset-fashion-mnist package), the first that exists."""
     name = canonical_name(name)
     candidates = []
     if os.environ.get("GLOWFLOW_DATA"):
         candidates.append(Path(os.environ["GLOWFLOW_DATA"]) / name)
-    candidates.append(Path("/usr/share/datasets") / name)
+    candidates += [Path("data") / name, Path("/usr/share/datasets") / name]
     return next((c for c in candidates if c.is_dir()), None)
 
 

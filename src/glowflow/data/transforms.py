@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["adapt", "random_translate", "random_flip"]
+__all__ = ["adapt", "random_translate", "random_flip", "translate", "translation_offsets", "flip", "flip_mask"]
 
 
 def adapt(images: torch.Tensor, image_size: int | None, channels: int | None) -> torch.Tensor:
@@ -38,6 +38,29 @@ def adapt(images: torch.Tensor, image_size: int | None, channels: int | None) ->
     return images
 
 
+def translation_offsets(batch: int, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-image integer shifts for :func:`translate`: ``[2, batch]`` (rows, columns), each in
+    ``[0, 2 max_shift]`` (``max_shift`` means no shift)."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randint(0, 2 * max_shift + 1, (2, batch), generator=generator, device=gen_device)
+
+
+def translate(x: torch.Tensor, offsets: torch.Tensor, max_shift: int, mode: str = "replicate") -> torch.Tensor:
+    """Shift image ``i`` of ``x`` ``[B, C, H, W]`` by ``offsets[:, i] - max_shift`` pixels."""
+    b, c, h, w = x.shape
+    if mode == "reflect" and max_shift >= min(h, w):
+        raise ValueError(f"reflect padding needs max_shift < image side, got {max_shift} for {h}x{w}")
+    s = max_shift
+    offsets = offsets.to(x.device)
+    work = x if x.is_floating_point() else x.float()
+    padded = F.pad(work, (s, s, s, s), mode=mode)
+    rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    bi = torch.arange(b, device=x.device)[:, None, None, None]
+    ci = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[bi, ci, rows, cols].to(x.dtype)
+
+
 def random_translate(x: torch.Tensor, max_shift: int, generator: torch.Generator | None = None,
                      mode: str = "replicate") -> torch.Tensor:
     """Shift each image of ``x`` ``[B, C, H, W]`` by its own integer (dy, dx) in [-max_shift, max_shift].
@@ -54,25 +77,22 @@ def random_translate(x: torch.Tensor, max_shift: int, generator: torch.Generator
         raise ValueError(f"mode must be 'replicate' or 'reflect', got {mode!r}")
     if max_shift == 0:
         return x
-    b, c, h, w = x.shape
-    if mode == "reflect" and max_shift >= min(h, w):
-        raise ValueError(f"reflect padding needs max_shift < image side, got {max_shift} for {h}x{w}")
-    s = max_shift
+    return translate(x, translation_offsets(x.shape[0], max_shift, generator), max_shift, mode)
+
+
+def flip_mask(batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Which images :func:`random_flip` mirrors: ``[batch]`` booleans, each true with probability 1/2."""
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    offsets = torch.randint(0, 2 * s + 1, (2, b), generator=generator, device=gen_device).to(x.device)
-    work = x if x.is_floating_point() else x.float()
-    padded = F.pad(work, (s, s, s, s), mode=mode)
-    rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    bi = torch.arange(b, device=x.device)[:, None, None, None]
-    ci = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[bi, ci, rows, cols].to(x.dtype)
+    return torch.rand(batch, generator=generator, device=gen_device) < 0.5
+
+
+def flip(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right the images of ``x`` ``[B, C, H, W]`` where ``mask`` ``[B]`` is true."""
+    return torch.where(mask.to(x.device)[:, None, None, None], x.flip(3), x)
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Mirror each image of ``x`` ``[B, C, H, W]`` left-right with probability 1/2 (its own coin)."""
     if x.dim() != 4:
         raise ValueError(f"x must be [B, C, H, W], got shape {tuple(x.shape)}")
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    flip = (torch.rand(x.shape[0], generator=generator, device=gen_device) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    return flip(x, flip_mask(x.shape[0], generator))
