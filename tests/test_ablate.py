@@ -180,3 +180,30 @@ def test_cli_registers_ablate():
 
     args = build_parser().parse_args(["ablate", "--data", "mnist", "--budget-steps", "5", "--seeds", "2"])
     assert (args.data, args.budget_steps, args.seeds, args.func) == ("mnist", 5, 2, cli_ablate.cmd_ablate)
+
+
+def test_variants_are_paired_by_seed_and_compared_with_the_baseline(tmp_path):
+    from glowflow import variants
+
+    base = TrainConfig.from_dict({"model": {"image_shape": [1, 8, 8], "levels": 2, "steps": 1, "hidden_channels": 4},
+                                  "batch_size": 8, "init_batch_size": 16, "max_steps": 4, "eval_every": 2,
+                                  "test_limit": 8, "device": "cpu", "progress": False})
+    g = torch.Generator().manual_seed(0)
+    data = ImageDataset(torch.randint(0, 256, (32, 1, 8, 8), generator=g, dtype=torch.uint8))
+    vs = [variants.parse_variant("base:"), variants.parse_variant("wider:model.hidden_channels=8 lr=0.002")]
+    assert vs[1].overrides == ("model.hidden_channels=8", "lr=0.002")
+    res = variants.run_variants(base, tmp_path, vs, seeds=2, train_data=data, test_data=data, progress=False,
+                                log=lambda *a: None)
+    rows = {r["variant"]: r for r in res["summary"]["table"]}
+    runs = {(r["variant"], r["seed"]): r for r in res["runs"]}
+    diffs = [runs["wider", s]["final_test_bits_per_dim"] - runs["base", s]["final_test_bits_per_dim"] for s in (0, 1)]
+    assert rows["wider"]["difference_from_baseline"] == pytest.approx(sum(diffs) / 2)
+    assert rows["wider"]["seeds_lower"] == sum(d < 0 for d in diffs) and "difference_from_baseline" not in rows["base"]
+    assert runs["wider", 0]["config"]["model"]["hidden_channels"] == 8 and runs["wider", 0]["config"]["lr"] == 0.002
+    assert runs["base", 1]["config"]["seed"] == 1 == runs["base", 1]["config"]["model"]["seed"]
+    assert (tmp_path / "table.md").read_text().count("\n|") >= 3 and (tmp_path / "figure.png").is_file()
+    again = variants.run_variants(base, tmp_path, vs, seeds=2, train_data=data, test_data=data, progress=False)
+    assert again["summary"] == res["summary"]  # finished runs are read, not repeated
+    with pytest.raises(ValueError, match="variant 'bad'.*unknown"):
+        variants.run_variants(base, tmp_path / "x", [variants.parse_variant("bad:no_such_key=1")], seeds=1,
+                              train_data=data, test_data=data, progress=False)

@@ -70,25 +70,32 @@ class RunSpec:
     def name(self) -> str:
         return f"{self.coupling}-{self.permutation}-seed{self.seed}"
 
+    def fields(self) -> dict:
+        return {"coupling": self.coupling, "permutation": self.permutation, "seed": self.seed}
 
-def run_config(base: TrainConfig, spec: RunSpec, budget_steps: int | None = None,
-               budget_minutes: float | None = None, eval_every: int | None = None) -> TrainConfig:
-    """``base`` with only the permutation, coupling, seed and budget changed.
 
-    With neither budget given, ``base.max_steps`` / ``base.max_minutes`` are the budget; with one
-    or both given they replace it (a missing one means no limit of that kind).
-    """
+def with_budget(cfg: TrainConfig, seed: int, budget_steps: int | None = None, budget_minutes: float | None = None,
+                eval_every: int | None = None) -> TrainConfig:
+    """``cfg`` as one run of a comparison: ``seed`` for both the initial weights and the data order,
+    and the budget. With neither budget given, ``cfg.max_steps`` / ``cfg.max_minutes`` are the
+    budget; with one or both given they replace it (a missing one means no limit of that kind)."""
     if budget_steps is None and budget_minutes is None:
-        max_steps, max_minutes = base.max_steps, base.max_minutes
+        max_steps, max_minutes = cfg.max_steps, cfg.max_minutes
     else:
         max_steps = _NO_STEP_LIMIT if budget_steps is None else int(budget_steps)
         max_minutes = budget_minutes
-    every = int(eval_every or base.eval_every)
-    model = dataclasses.replace(base.model, coupling=spec.coupling, permutation=spec.permutation, seed=spec.seed)
+    every = int(eval_every or cfg.eval_every)
     # checkpoints and sample grids only at the last step: they cost time and are not what is compared
-    return dataclasses.replace(base, model=model, seed=spec.seed, max_steps=max_steps, max_minutes=max_minutes,
-                               eval_every=every, checkpoint_every=_NO_STEP_LIMIT, sample_every=_NO_STEP_LIMIT,
-                               progress=False)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, seed=seed), seed=seed, max_steps=max_steps,
+                               max_minutes=max_minutes, eval_every=every, checkpoint_every=_NO_STEP_LIMIT,
+                               sample_every=_NO_STEP_LIMIT, progress=False)
+
+
+def run_config(base: TrainConfig, spec: RunSpec, budget_steps: int | None = None,
+               budget_minutes: float | None = None, eval_every: int | None = None) -> TrainConfig:
+    """``base`` with only the permutation, coupling, seed and budget changed (:func:`with_budget`)."""
+    model = dataclasses.replace(base.model, coupling=spec.coupling, permutation=spec.permutation)
+    return with_budget(dataclasses.replace(base, model=model), spec.seed, budget_steps, budget_minutes, eval_every)
 
 
 class _TimedTrainer(Trainer):
@@ -112,7 +119,7 @@ def _comparable(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k not in ("progress", "device")}
 
 
-def _read_result(path: Path, cfg: TrainConfig) -> dict | None:
+def read_result(path: Path, cfg: TrainConfig) -> dict | None:
     if not path.is_file():
         return None
     try:
@@ -125,10 +132,14 @@ def _read_result(path: Path, cfg: TrainConfig) -> dict | None:
     return result
 
 
-def train_one(cfg: TrainConfig, spec: RunSpec, run_dir, train_data, test_data, log=None) -> dict:
-    """Train one cell and write its ``result.json``: the test curve, the train curve, the time."""
+def train_one(cfg: TrainConfig, spec, run_dir, train_data, test_data, log=None) -> dict:
+    """Train one cell and write its ``result.json``: the test curve, the train curve, the time.
+
+    ``spec`` (a :class:`RunSpec`, or any object with ``fields()``) names the cell in the result.
+    A cell directory without ``result.json`` holds an interrupted run: it is trained again from the
+    start (``overwrite``)."""
     run_dir = Path(run_dir)
-    trainer = _TimedTrainer(cfg, run_dir, train_data, test_data, log=log or (lambda *a, **k: None))
+    trainer = _TimedTrainer(cfg, run_dir, train_data, test_data, log=log or (lambda *a, **k: None), overwrite=True)
     summary = trainer.run()
     history = trainer.history
     curve = [{k: r[k] for k in ("step", "seconds", "train_seconds", "test_bits_per_dim", "test_bits_per_dim_se")}
@@ -136,7 +147,7 @@ def train_one(cfg: TrainConfig, spec: RunSpec, run_dir, train_data, test_data, l
     train_curve = [[r["step"], round(r["bits_per_dim"], 4)] for r in history
                    if "bits_per_dim" in r and "event" not in r and math.isfinite(r["bits_per_dim"])]
     result = {
-        "coupling": spec.coupling, "permutation": spec.permutation, "seed": spec.seed,
+        **spec.fields(),
         "steps": summary["steps"], "seconds": summary["seconds"], "stop_reason": summary["stop_reason"],
         "final_test_bits_per_dim": curve[-1]["test_bits_per_dim"] if curve else None,
         "nonfinite_events": sum(1 for r in history if r.get("event") in ("skipped", "recovered")),
@@ -147,7 +158,7 @@ def train_one(cfg: TrainConfig, spec: RunSpec, run_dir, train_data, test_data, l
 
 
 # ------------------------------------------------------------------------------------ statistics
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
     n = len(values)
     mean = sum(values) / n
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
@@ -165,13 +176,13 @@ def check_ordering(finals: Mapping[str, Sequence[float]], order: Sequence[str] =
     missing = [name for name in order if name not in finals or not len(finals[name])]
     if missing:
         return {"order": list(order), "holds": None, "missing": missing}
-    means = {name: _mean_std(list(finals[name]))[0] for name in order}
+    means = {name: mean_std(list(finals[name]))[0] for name in order}
     pairs = []
     for better, worse in zip(order, order[1:]):
         b, w = list(finals[better]), list(finals[worse])
         diffs = [y - x for x, y in zip(b, w)]
         pairs.append({"better": better, "worse": worse, "gap": means[worse] - means[better],
-                      "gap_std": _mean_std(diffs)[1], "seeds_agreeing": sum(d > 0 for d in diffs),
+                      "gap_std": mean_std(diffs)[1], "seeds_agreeing": sum(d > 0 for d in diffs),
                       "seeds": len(diffs)})
     return {"order": list(order), "holds": all(p["gap"] > 0 for p in pairs),
             "observed": sorted(order, key=lambda name: means[name]), "means": means, "pairs": pairs}
@@ -190,11 +201,11 @@ def summarize(runs: Sequence[dict]) -> dict:
         cells.setdefault((r["coupling"], r["permutation"]), []).append(r)
     rows = []
     for (coupling, permutation), rs in cells.items():
-        mean, std = _mean_std([r["final_test_bits_per_dim"] for r in rs])
+        mean, std = mean_std([r["final_test_bits_per_dim"] for r in rs])
         rows.append({"coupling": coupling, "permutation": permutation, "seeds": [r["seed"] for r in rs],
                      "final_test_bits_per_dim_mean": mean, "final_test_bits_per_dim_std": std,
                      "steps_min": min(r["steps"] for r in rs), "steps_max": max(r["steps"] for r in rs),
-                     "seconds_mean": _mean_std([r["seconds"] for r in rs])[0]})
+                     "seconds_mean": mean_std([r["seconds"] for r in rs])[0]})
     couplings = [c for c in PANEL_COUPLINGS if any(k[0] == c for k in cells)]
     permutations = sorted({k[1] for k in cells}, key=lambda p: (list(LABELS).index(p) if p in LABELS else 99))
     finals = {k: {r["seed"]: r["final_test_bits_per_dim"] for r in rs} for k, rs in cells.items()}
@@ -252,11 +263,11 @@ def _mean_curve(runs: Sequence[dict]) -> tuple[list[float], list[float], list[fl
     common = sorted(set.intersection(*(set(c) for c in curves)))
     xs, means, stds = [], [], []
     for s in common:
-        m, sd = _mean_std([c[s] for c in curves])
+        m, sd = mean_std([c[s] for c in curves])
         xs.append(s), means.append(m), stds.append(sd)
     last_steps = [max(c) for c in curves]
     if len(set(last_steps)) > 1:
-        m, sd = _mean_std([c[max(c)] for c in curves])
+        m, sd = mean_std([c[max(c)] for c in curves])
         xs.append(sum(last_steps) / len(last_steps)), means.append(m), stds.append(sd)
     return xs, means, stds
 
@@ -299,12 +310,12 @@ def plot_ablation(runs: Sequence[dict], path, title: str = "") -> None:
 
 
 # ------------------------------------------------------------------------------------ the runner
-def _machine(device) -> dict:
+def machine_info(device) -> dict:
     return {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
 
 
-def _budget_text(cfg: TrainConfig) -> str:
+def budget_text(cfg: TrainConfig) -> str:
     parts = []
     if cfg.max_steps < _NO_STEP_LIMIT:
         parts.append(f"{cfg.max_steps} steps")
@@ -348,13 +359,13 @@ def run_ablation(base: TrainConfig, out_dir, seeds: int | Sequence[int] = 3,
     runs, skipped = [], 0
     first_cfg = run_config(base, specs[0], budget_steps, budget_minutes, eval_every)
     meta = {"dataset": base.dataset, "test_images": min(len(test_data), first_cfg.test_limit or len(test_data)),
-            "train_images": len(train_data), "budget": _budget_text(first_cfg),
+            "train_images": len(train_data), "budget": budget_text(first_cfg),
             "evaluated_weights": WEIGHTS_EVALUATED, "eval_every": first_cfg.eval_every, "seeds": seed_list,
             "permutations": list(permutations), "couplings": list(couplings)}
 
     def write_outputs():
         summary = summarize(runs)
-        results = {"meta": {**meta, "machine": _machine(first_cfg.device if first_cfg.device != "auto" else
+        results = {"meta": {**meta, "machine": machine_info(first_cfg.device if first_cfg.device != "auto" else
                                                         ("cuda" if torch.cuda.is_available() else "cpu"))},
                    "summary": summary, "runs": runs}
         atomic_write_json(out / RESULTS, results, indent=1)
@@ -367,7 +378,7 @@ def run_ablation(base: TrainConfig, out_dir, seeds: int | Sequence[int] = 3,
     for i, spec in enumerate(specs, 1):
         cfg = run_config(base, spec, budget_steps, budget_minutes, eval_every)
         run_dir = out / spec.name
-        result = _read_result(run_dir / RUN_RESULT, cfg)
+        result = read_result(run_dir / RUN_RESULT, cfg)
         if result is not None:
             skipped += 1
             runs.append(result)

@@ -11,6 +11,7 @@ from ..ablation import (DEFAULT_PERMUTATIONS, DEFAULT_PRESET, FIGURE, PANEL_COUP
                         run_ablation)
 from ..config import build_train_config
 from ..data import canonical_name, get_dataset
+from ..variants import parse_variant, run_variants
 from .common import add_dataset, add_json, deprecated, emit, positive_int
 
 
@@ -59,6 +60,8 @@ def cmd_ablate(args) -> int:
         # the preset was written for another dataset: keep its architecture, take the data's shape
         base = dataclasses.replace(base, model=dataclasses.replace(base.model, image_shape=train_data.image_shape))
     out = Path(args.out or Path("runs") / "ablation" / base.dataset)
+    if args.variant:
+        return _variants(args, base, out, train_data, test_data)
     results = run_ablation(base, out, seeds=args.seeds, permutations=_names(args.permutations),
                            couplings=_names(args.couplings), budget_steps=args.budget_steps,
                            budget_minutes=args.budget_minutes, eval_every=args.eval_every,
@@ -73,6 +76,22 @@ def cmd_ablate(args) -> int:
                                     for r in summary["table"]},
         "paper_ordering_holds": {c: v["holds"] for c, v in summary["permutation_ordering"].items()},
     })
+    return 0
+
+
+def _variants(args, base, out: Path, train_data, test_data) -> int:
+    variants = [parse_variant(v) for v in args.variant]
+    results = run_variants(base, out, variants, seeds=args.seeds, budget_steps=args.budget_steps,
+                           budget_minutes=args.budget_minutes, eval_every=args.eval_every, train_data=train_data,
+                           test_data=test_data, progress=not args.no_progress)
+    if not args.json:
+        print((out / TABLE).read_text())
+    rows = results["summary"]["table"]
+    emit(args, {"out": str(out), "results": str(out / RESULTS), "table": str(out / TABLE), "figure": str(out / FIGURE),
+                "budget": results["meta"]["budget"],
+                "final_test_bits_per_dim": {r["variant"]: round(r["final_test_bits_per_dim_mean"], 4) for r in rows},
+                "difference_from_baseline": {r["variant"]: round(r["difference_from_baseline"], 4)
+                                             for r in rows if "difference_from_baseline" in r}})
     return 0
 
 
@@ -96,6 +115,10 @@ def register(sub) -> None:
                    help="comma-separated subset of reverse,shuffle,invconv,invconv_lu")
     p.add_argument("--couplings", default=",".join(PANEL_COUPLINGS), help="comma-separated subset of additive,affine")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a preset setting, e.g. model.steps=8")
+    p.add_argument("--variant", action="append", metavar="NAME:KEY=VALUE ...",
+                   help="instead of the permutation x coupling grid: compare named variants of the preset, the "
+                        "first the baseline, e.g. --variant base: --variant wide:'model.hidden_channels=96 "
+                        "model.steps=8' (paired by seed)")
     p.add_argument("--device", help="auto, cpu, cuda, ...")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (1 is often fastest on a busy machine)")
     p.add_argument("--no-progress", action="store_true")
