@@ -21,6 +21,8 @@ OLD_CHECKPOINT = Path(__file__).parent / "data" / "checkpoint-v0.1"
     dict(image_shape=(1, 28, 28), levels=2, steps=3, hidden_channels=8, permutation="invconv_lu",
          split_prior="conv+position", num_classes=10),
     dict(image_shape=(3, 8, 8), levels=1, steps=2, hidden_channels=5, learn_top=False, permutation="shuffle"),
+    dict(image_shape=(1, 8, 8), levels=2, steps=1, hidden_channels=4, dequantization="variational",
+         dequant_hidden_channels=6, dequant_steps=3),
 ])
 def test_num_parameters_counts_what_the_model_builds(cfg):
     config = GlowConfig(**cfg)

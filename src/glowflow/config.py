@@ -20,12 +20,13 @@ from . import numerics
 
 __all__ = ["GlowConfig", "TrainConfig", "config_from_dict", "list_presets", "load_preset", "apply_overrides",
            "build_train_config", "COUPLINGS", "PERMUTATIONS", "SPLIT_PRIORS", "MEMORY_MODES", "LR_DECAYS",
-           "OPTIMIZERS", "PRECISIONS", "MAX_PARAMETERS", "MAX_FLOW_STEPS"]
+           "OPTIMIZERS", "PRECISIONS", "DEQUANTIZATIONS", "MAX_PARAMETERS", "MAX_FLOW_STEPS"]
 
 COUPLINGS = ("affine", "additive")
 PERMUTATIONS = ("invconv", "invconv_lu", "shuffle", "reverse")
 SPLIT_PRIORS = ("conv", "conv+position")  # the paper's; and one with a learned per-position term
 MEMORY_MODES = ("none", "checkpoint", "invertible")  # see memory.py
+DEQUANTIZATIONS = ("uniform", "variational")  # see dequantization.py
 LR_DECAYS = ("none", "linear", "cosine")  # the learning rate after warm-up (see train.learning_rate)
 OPTIMIZERS = ("adam", "adamax")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -141,6 +142,9 @@ class GlowConfig:
     n_bits: int = 8
     seed: int = 0  # initial weights
     class_loss_weight: float = 0.01
+    dequantization: str = "uniform"  # "uniform" or "variational" (a learned q(u|x), Flow++)
+    dequant_hidden_channels: int = 32  # width of the variational dequantizer's networks
+    dequant_steps: int = 2  # its conditional couplings
 
     def __post_init__(self):
         shape = self.image_shape
@@ -160,6 +164,10 @@ class GlowConfig:
         _choice("coupling", self.coupling, COUPLINGS)
         _choice("permutation", self.permutation, PERMUTATIONS)
         _choice("split_prior", self.split_prior, SPLIT_PRIORS)
+        _choice("dequantization", self.dequantization, DEQUANTIZATIONS)
+        if self.dequant_hidden_channels < 1 or self.dequant_steps < 1:
+            raise ValueError(f"dequant_hidden_channels and dequant_steps must be >= 1, got "
+                             f"{self.dequant_hidden_channels}, {self.dequant_steps}")
         if self.num_classes is not None and (isinstance(self.num_classes, bool) or self.num_classes < 1):
             raise ValueError(f"num_classes must be None or >= 1, got {self.num_classes}")
         numerics.n_bins(self.n_bits)
@@ -198,6 +206,13 @@ class GlowConfig:
             total += 2 * c * h * w
         if self.num_classes:
             total += (self.num_classes + 1) * 2 * c + (c + 1) * self.num_classes
+        if self.dequantization == "variational":
+            c4, h = 4 * self.image_shape[0], self.dequant_hidden_channels
+            total += 9 * c4 * h + h + 9 * h * h + h  # the context network
+            for i in range(self.dequant_steps):
+                passed = c4 // 2 if i % 2 == 1 else c4 - c4 // 2
+                out = 2 * (c4 - passed)
+                total += 9 * (passed + h) * h + 2 * h + h * h + 2 * h + 9 * h * out + 2 * out
         return total
 
     def to_dict(self) -> dict:

@@ -16,15 +16,17 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import numerics
 from .config import MEMORY_MODES, GlowConfig
+from .dequantization import VariationalDequantizer, gaussian_from_uniform
 from .layers import ActNorm, Level, TopPrior, inverse_scale_floor
 
 __all__ = ["Glow", "GlowConfig", "GlowOutput"]
 
 
 class GlowOutput(NamedTuple):
-    bits_per_dim: torch.Tensor  # [B], of the dequantised discrete images
+    bits_per_dim: torch.Tensor  # [B], of the dequantised discrete images (a bound: see numerics)
     log_prob: torch.Tensor  # [B], nats, density of the dequantised images on [0,1]^D
     class_logits: torch.Tensor | None  # [B, num_classes] from the top latent, or None
+    dequant_log_prob: torch.Tensor | None = None  # [B], log q(u | x) of a variational dequantizer
 
 
 class Glow(nn.Module):
@@ -72,6 +74,9 @@ class Glow(nn.Module):
             self.class_head = nn.Linear(c, cfg.num_classes)
             nn.init.zeros_(self.class_head.weight)
             nn.init.zeros_(self.class_head.bias)
+        self.dequantizer = None
+        if cfg.dequantization == "variational":
+            self.dequantizer = VariationalDequantizer(cfg.image_shape[0], cfg.dequant_hidden_channels, cfg.dequant_steps)
         self.memory = memory
 
     # ------------------------------------------------------------------ settings
@@ -185,16 +190,28 @@ class Glow(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> GlowOutput:
         """The training objective's pieces for 8-bit images x in [0, 1]: quantised to n_bits, then
-        uniformly dequantised with ``noise`` in [0, 1) (shape of x) or noise drawn from ``generator``."""
+        dequantised with ``noise`` in [0, 1) (shape of x) or noise drawn from ``generator``: uniformly
+        (``x_bins + noise``), or with ``dequantization="variational"`` through the learned q(u | x),
+        whose Gaussian noise is made from the same uniform draws."""
         x = self._check_images(x)
         n_bits = self.config.n_bits
-        x = numerics.dequantize(numerics.quantize(x, n_bits), n_bits, generator, noise)
+        x_bins = numerics.quantize(x, n_bits)
+        log_q = None
+        if self.dequantizer is None:
+            x = numerics.dequantize(x_bins, n_bits, generator, noise)
+        else:
+            if noise is None:
+                gen_device = generator.device if generator is not None else x.device
+                noise = torch.rand(x.shape, generator=generator, device=gen_device, dtype=x.dtype)
+            u, log_q = self.dequantizer(x_bins / numerics.n_bins(n_bits) - 0.5,
+                                        gaussian_from_uniform(noise.to(device=x.device, dtype=x.dtype)))
+            x = numerics.dequantize(x_bins, n_bits, noise=u)
         y_onehot = self._onehot(y, x.shape[0])
         eps_list, logdet, z_top = self._encode(x, y_onehot)
         log_prob = numerics.gaussian_log_prob(self._flatten(eps_list)) + logdet
-        bpd = numerics.bits_per_dim(log_prob, self.num_dims, n_bits)
+        bpd = numerics.bits_per_dim(log_prob, self.num_dims, n_bits, log_q)
         logits = self.class_head(z_top.mean((2, 3))) if self.class_head is not None else None
-        return GlowOutput(bpd, log_prob, logits)
+        return GlowOutput(bpd, log_prob, logits, log_q)
 
     def log_prob(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Log-density in nats of continuous images x in [0,1]^D: [B, C, H, W] -> [B]."""

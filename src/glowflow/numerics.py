@@ -53,18 +53,22 @@ def dequantize(x_bins: torch.Tensor, n_bits: int, generator: torch.Generator | N
     return (x_bins + noise) / n_bins(n_bits)
 
 
-def discrete_log_likelihood(log_prob: torch.Tensor, num_dims: int, n_bits: int) -> torch.Tensor:
+def discrete_log_likelihood(log_prob: torch.Tensor, num_dims: int, n_bits: int,
+                            log_q: torch.Tensor | None = None) -> torch.Tensor:
     """Density of dequantised data in [0,1]^D -> log-probability of the discrete image (nats).
 
-    Each bin has volume (1 / n_bins)^D, so log P(bin) >= log p(x + u) - D log(n_bins) in expectation
-    (the variational bound of uniform dequantisation).
+    Each bin has volume (1 / n_bins)^D, so log P(bin) >= log p(x + u) - D log(n_bins) - log q(u)
+    in expectation over the dequantisation noise u ~ q (the variational bound; uniform noise has
+    log q = 0, the default).
     """
-    return log_prob - num_dims * math.log(n_bins(n_bits))
+    out = log_prob - num_dims * math.log(n_bins(n_bits))
+    return out if log_q is None else out - log_q
 
 
-def bits_per_dim(log_prob: torch.Tensor, num_dims: int, n_bits: int) -> torch.Tensor:
-    """The paper's metric: -log P(discrete image) / (D ln 2), from a density on [0,1]^D."""
-    return -discrete_log_likelihood(log_prob, num_dims, n_bits) / (num_dims * math.log(2.0))
+def bits_per_dim(log_prob: torch.Tensor, num_dims: int, n_bits: int, log_q: torch.Tensor | None = None) -> torch.Tensor:
+    """The paper's metric: -log P(discrete image) / (D ln 2), from a density on [0,1]^D (and, for a
+    learned dequantization, the log-density ``log_q`` of its noise)."""
+    return -discrete_log_likelihood(log_prob, num_dims, n_bits, log_q) / (num_dims * math.log(2.0))
 
 
 def gaussian_log_prob(eps: torch.Tensor) -> torch.Tensor:

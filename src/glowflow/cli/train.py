@@ -42,7 +42,8 @@ def cmd_eval(args) -> int:
                          f"{tuple(model.config.image_shape)}")
     res = evaluate(model, data, batch_size=args.batch_size, seed=args.seed,
                    device=next(model.parameters()).device, progress=not args.no_progress)
-    emit(args, {"dataset": name, "split": args.split, "n_bits": model.config.n_bits, **res})
+    bound = f"{model.config.dequantization} dequantization"  # which upper bound on bits/dim this is
+    emit(args, {"dataset": name, "split": args.split, "n_bits": model.config.n_bits, "bound": bound, **res})
     return 0
 
 
