@@ -38,7 +38,7 @@ import statistics
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -568,6 +568,39 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
+# The --grid configurations: image shape, levels, K, width and batch size, spanning 1x28x28 and
+# 3x32x32, K = 8 and 32, width 64 and 128, batch 16 to 64.
+GRID = (
+    ((1, 28, 28), 2, 8, 128, 32),   # the default configuration
+    ((1, 28, 28), 2, 8, 64, 16),
+    ((1, 28, 28), 2, 32, 64, 16),
+    ((1, 28, 28), 2, 32, 128, 64),
+    ((3, 32, 32), 3, 8, 128, 64),
+    ((3, 32, 32), 3, 32, 64, 16),
+)
+
+
+def run_grid(base: BenchConfig, grid=GRID) -> dict:
+    """The speed comparison at each configuration of ``grid``, and the smallest training ratio."""
+    rows = []
+    for shape, levels, steps, width, batch in grid:
+        cfg = replace(base, image_shape=shape, levels=levels, steps=steps, hidden_channels=width, batch_size=batch,
+                      sample_batch=batch)
+        models = {"glowflow": build_glowflow(cfg), "normflows": build_normflows(cfg)}
+        params = {name: count_params(m) for name, m in models.items()}
+        row = {"image_shape": list(shape), "levels": levels, "steps": steps, "hidden_channels": width,
+               "batch_size": batch, "params": params, "train": time_training(models, cfg),
+               "sample": time_sampling(models, cfg)}
+        rows.append(row)
+        print(f"{shape} L={levels} K={steps} width {width} batch {batch}: training ratio "
+              f"{row['train']['ratio_steps_per_s_glowflow_over_normflows']} (paired "
+              f"{row['train']['ratio_paired_median']}), sampling "
+              f"{row['sample']['ratio_ms_glowflow_over_normflows']}", file=sys.stderr, flush=True)
+    return {"configs": rows,
+            "min_training_ratio": min(r["train"]["ratio_steps_per_s_glowflow_over_normflows"] for r in rows),
+            "min_training_ratio_paired": min(r["train"]["ratio_paired_median"] for r in rows)}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     d = BenchConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -595,6 +628,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST IDX directory")
     p.add_argument("--eval-images", type=int, default=10000, help="first N test images scored (all: 10000)")
     p.add_argument("--skip-speed", action="store_true", help="budget mode only: skip the timing part")
+    p.add_argument("--grid", action="store_true",
+                   help="time training and sampling at each of the GRID configurations instead of one")
     p.add_argument("--output", default=None, help="also write the JSON here")
     return p.parse_args(argv)
 
@@ -624,7 +659,9 @@ def main(argv=None) -> dict:
                                                            "coupling": "affine", "permutation": "invconv_lu",
                                                            "dtype": "float32", "device": "cpu"},
               "versions": versions(), "machine": machine_info(), "params": params}
-    if not args.skip_speed:
+    if args.grid:
+        result["grid"] = run_grid(cfg)
+    elif not args.skip_speed:
         result["train"] = time_training(models, cfg)
         result["sample"] = time_sampling(models, cfg)
     if args.budget_seconds is not None:

@@ -169,3 +169,15 @@ def test_budget_recipe_clips_the_gradient_norm_and_records_it(bench, tiny, name)
     assert off.grad_norms == []
     with pytest.raises(ValueError, match="grad_clip"):
         replace(tiny, grad_clip=-1.0)
+
+
+def test_grid_times_every_configuration(bench, tiny):
+    grid = (((1, 8, 8), 2, 1, 4, 2), ((3, 8, 8), 1, 2, 4, 4))
+    cfg = bench.BenchConfig(**{**tiny.__dict__, "warmup": 1, "iters": 2, "sample_repeats": 2})
+    res = bench.run_grid(cfg, grid)
+    assert [(r["image_shape"], r["steps"], r["batch_size"]) for r in res["configs"]] == [([1, 8, 8], 1, 2),
+                                                                                       ([3, 8, 8], 2, 4)]
+    ratios = [r["train"]["ratio_steps_per_s_glowflow_over_normflows"] for r in res["configs"]]
+    assert res["min_training_ratio"] == min(ratios) > 0
+    assert len(bench.GRID) >= 4 and {g[0] for g in bench.GRID} == {(1, 28, 28), (3, 32, 32)}
+    assert {g[2] for g in bench.GRID} >= {8, 32} and {g[3] for g in bench.GRID} >= {64, 128}
