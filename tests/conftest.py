@@ -30,6 +30,21 @@ def _perturb_all(module: nn.Module, std: float = 0.05, seed: int = 1) -> nn.Modu
     return module
 
 
+def awake_glow(image_shape, init_images: torch.Tensor, levels: int = 2, steps: int = 2, hidden_channels: int = 8):
+    """A small Glow in eval mode, its zero-initialised branches woken (N(0, 0.05^2), so every part of
+    the flow acts) and data-dependent init run on ``init_images`` (float in [0, 1])."""
+    from glowflow import Glow
+
+    model = Glow(image_shape=image_shape, levels=levels, steps=steps, hidden_channels=hidden_channels)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if bool((p == 0).all()):
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    model.initialize(init_images)
+    return model.eval()
+
+
 @pytest.fixture
 def perturb_zero_init():
     return _perturb_zero_init

@@ -23,6 +23,7 @@ from PIL import Image  # noqa: E402
 from glowflow import Glow, latent  # noqa: E402
 from glowflow.demo.server import create_app  # noqa: E402
 from glowflow.images import png_bytes  # noqa: E402
+from conftest import awake_glow  # noqa: E402
 
 SHAPE = (1, 8, 8)
 MAX_UPLOAD = 16 * 1024
@@ -33,14 +34,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 def _tiny_model() -> Glow:
-    model = Glow(image_shape=SHAPE, levels=2, steps=2, hidden_channels=8)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # wake the zero-initialised branches so every part of the flow acts
-        for p in model.parameters():
-            if bool((p == 0).all()):
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    model.initialize(0.25 + 0.5 * torch.rand(32, *SHAPE, generator=torch.Generator().manual_seed(0)))
-    return model.eval()
+    return awake_glow(SHAPE, 0.25 + 0.5 * torch.rand(32, *SHAPE, generator=torch.Generator().manual_seed(0)))
 
 
 @contextmanager
@@ -261,6 +255,17 @@ def browser():
         b.close()
 
 
+def open_page(browser, url: str):
+    """A new page on the demo, loaded and ready; ``page.errors`` collects its script errors."""
+    page = browser.new_page()
+    page.set_default_timeout(20_000)
+    page.errors = []
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    page.goto(url)
+    page.wait_for_selector("body[data-ready=true]")
+    return page
+
+
 def _src(page, selector: str) -> str:
     return page.eval_on_selector(selector, "el => el.getAttribute('src') || ''")
 
@@ -278,12 +283,8 @@ def test_browser_upload_slider_blend_samples_and_errors(demo, browser, tmp_path)
     image_a.write_bytes(png_bytes(x[4]))
     image_b.write_bytes(png_bytes(x[5]))
     not_image.write_text("this is not a picture")
-    page = browser.new_page()
-    page.set_default_timeout(20_000)
-    errors = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto(url)
-    page.wait_for_selector("body[data-ready=true]")
+    page = open_page(browser, url)
+    errors = page.errors
     assert page.locator(".attr-slider").count() == 2
 
     page.set_input_files("#file-a", str(image_a))

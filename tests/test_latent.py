@@ -268,6 +268,7 @@ def test_parse_attribute_csv(tmp_path):
     ("filename,smiling\n,1\n", "line 2: empty filename"),
     ("filename,smiling,smiling\na.png,1,1\n", "duplicate attribute names"),
     ("filename,smiling\na.png,1\na.png,0\n", "'a.png' appears more than once"),
+    ("filename,smiling\n\na.png,1\nb.png,maybe\n", "line 4, column 'smiling'"),  # blank lines count
 ])
 def test_parse_attribute_csv_rejects_malformed_files(tmp_path, text, message):
     f = tmp_path / "attrs.csv"

@@ -239,6 +239,7 @@ class TrainConfig:
     test_limit: int | None = None  # test images used for evaluations during training
     augment_shift: int = 0  # random translations up to this many pixels (CIFAR-10: 2)
     augment_flip: bool = False  # mirror a random half of each batch left-right (faces)
+    perturb_rate: float = 0.0  # each pixel replaced by a uniform random value with this probability (Ren et al. 2019)
     batch_size: int = 64  # global, over all ranks
     init_batch_size: int = 512  # data-dependent init batch (global)
     optimizer: str = "adam"
@@ -286,6 +287,8 @@ class TrainConfig:
             raise ValueError(f"max_minutes must be > 0 or null, got {self.max_minutes}")
         if self.augment_shift < 0 or self.max_recoveries < 0:
             raise ValueError("augment_shift and max_recoveries must be >= 0")
+        if not 0.0 <= self.perturb_rate < 1.0:
+            raise ValueError(f"perturb_rate must be in [0, 1) (a probability per pixel), got {self.perturb_rate}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
 

@@ -35,6 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import CHECKPOINT_DIR, CheckpointError, resolve_checkpoint_dir, weights_sha256
+from .data import ImageDataset
 from .images import load_image
 from .io import atomic_file, atomic_write_text
 from .numerics import to_unit
@@ -354,8 +355,9 @@ def directions_from_images(model, images, attributes: torch.Tensor, names: Seque
                            source: str = "", progress=None) -> Directions:
     """Encode ``images`` batch by batch and average their latents per attribute.
 
-    ``images``: a tensor ``[N, C, H, W]`` (uint8, or float in [0, 1]) or a sequence of N image paths
-    (read and resized to the model's ``image_shape``). ``attributes [N, A]`` in {+1, -1, 0}.
+    ``images``: a tensor ``[N, C, H, W]`` (uint8, or float in [0, 1]), an :class:`ImageDataset`
+    (read a batch at a time, so a memory-mapped set is never loaded whole) or a sequence of N image
+    paths (read and resized to the model's ``image_shape``). ``attributes [N, A]`` in {+1, -1, 0}.
     ``labels [N]`` only for class-conditional models. ``progress(done, total)`` is called per batch.
     """
     model.require_initialized()
@@ -370,6 +372,8 @@ def directions_from_images(model, images, attributes: torch.Tensor, names: Seque
         stop = min(start + batch_size, n)
         if isinstance(images, torch.Tensor):
             x = _as_batch(images[start:stop], "images")
+        elif isinstance(images, ImageDataset):
+            x = to_unit(images.batch(slice(start, stop)))
         else:
             x = torch.stack([load_image(p, model.config.image_shape) for p in images[start:stop]])
         y = None if labels is None else labels[start:stop]
@@ -555,21 +559,23 @@ def parse_attribute_csv(path) -> AttributeTable:
         raise FileNotFoundError(f"attribute file not found: {path}")
     try:
         with open(path, newline="") as f:
-            rows = [r for r in csv.reader(f) if any(c.strip() for c in r)]
+            reader = csv.reader(f)  # line numbers as the file counts them, blank lines included
+            rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
     except (UnicodeDecodeError, csv.Error) as e:
         raise ValueError(f"{path}: not a readable CSV file ({e})") from e
     if not rows:
         raise ValueError(f"{path}: empty; expected a header row 'filename,attr1,attr2,...'")
-    header = [c.strip() for c in rows[0]]
+    header_line, header_row = rows[0]
+    header = [c.strip() for c in header_row]
     if len(header) < 2:
-        raise ValueError(f"{path}, line 1: expected a header 'filename,attr1,...' with at least one "
-                         f"attribute column, got {rows[0]}")
+        raise ValueError(f"{path}, line {header_line}: expected a header 'filename,attr1,...' with at least one "
+                         f"attribute column, got {header_row}")
     names = header[1:]
-    _check_names(names, f"{path}, line 1")
+    _check_names(names, f"{path}, line {header_line}")
     if len(rows) < 2:
         raise ValueError(f"{path}: a header but no image rows")
     filenames, values = [], []
-    for lineno, row in enumerate(rows[1:], start=2):
+    for lineno, row in rows[1:]:
         if len(row) != len(header):
             raise ValueError(f"{path}, line {lineno}: expected {len(header)} columns like the header, "
                              f"got {len(row)}")

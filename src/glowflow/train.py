@@ -20,7 +20,7 @@ from . import checkpoint as ckpt
 from . import distributed as dist_utils
 from . import io
 from .config import LR_DECAYS, GlowConfig, TrainConfig
-from .data import ImageDataset, flip, flip_mask, get_dataset, translate, translation_offsets
+from .data import ImageDataset, flip, flip_mask, get_dataset, is_prepared, translate, translation_offsets
 from .images import save_grid
 from .likelihood import score, summarize_bits_per_dim
 from .model import Glow
@@ -44,6 +44,7 @@ STREAM_BATCH_ORDER = 0  # the permutation of an epoch (seeded by the epoch, not 
 STREAM_TRANSLATION = 1  # augment_shift
 STREAM_DEQUANTIZATION = 2  # the uniform noise added to the integer pixel values
 STREAM_FLIP = 3  # augment_flip
+STREAM_PERTURB = 4  # perturb_rate: which pixels are replaced, and by what
 # The data-dependent init batch is drawn under seed + INIT_SEED_OFFSET, so it is not step 0's batch.
 INIT_SEED_OFFSET = 7919
 
@@ -237,6 +238,11 @@ class Trainer:
             x = translate(x, offsets[:, part], cfg.augment_shift)
         if cfg.augment_flip:
             x = flip(x, flip_mask(n, step_generator(seed, step, STREAM_FLIP))[part])
+        if cfg.perturb_rate:  # a background model (Ren et al. 2019): pixels become uniform random 8-bit values
+            gen = step_generator(seed, step, STREAM_PERTURB)
+            replace = (torch.rand((n, *x.shape[1:]), generator=gen) < cfg.perturb_rate)[part]
+            values = torch.randint(0, 256, (n, *x.shape[1:]), generator=gen, dtype=torch.uint8)[part]
+            x = torch.where(replace, to_unit(values), x)
         noise = torch.rand((n, *x.shape[1:]), generator=step_generator(seed, step, STREAM_DEQUANTIZATION))[part]
         y = data.labels[idx] if (cfg.model.num_classes and data.labels is not None) else None
         to = lambda t: None if t is None else t.to(self.device)  # noqa: E731
@@ -531,11 +537,12 @@ def _read_history(path: Path, upto: int) -> list[dict]:
 
 def load_split(name: str, root, split: str, image_shape, limit: int | None = None) -> ImageDataset:
     """A dataset split for a model of ``image_shape`` = (C, H, W): image folders are resized and
-    converted to it; fixed-size datasets load as they are (the caller checks the shape)."""
+    converted to it; a prepared set (memory-mapped) is checked against it, with a message saying
+    how to prepare it again; fixed-size datasets load as they are (the caller checks the shape)."""
     c, h, _ = image_shape
-    folder = name == "folder"
-    return get_dataset(name, root, split, limit=limit, image_size=h if folder else None,
-                       channels=c if folder else None)
+    sized = name in ("folder", "prepared", "orl-faces", "orl-faces-by-person") or is_prepared(root)
+    return get_dataset(name, root, split, limit=limit, image_size=h if sized else None,
+                       channels=c if sized else None)
 
 
 def train(cfg: TrainConfig, out_dir, resume: bool = False, log=print, overwrite: bool = False) -> dict:

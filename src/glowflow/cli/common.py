@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .. import checkpoint as ckpt
+from ..data import DATASET_NAMES
 from ..distributed import resolve_device
 from ..model import Glow
 from ..train import TRAIN_CONFIG
@@ -129,8 +130,7 @@ def resolve_positionals(args) -> None:
 
 def add_dataset(p, required: bool = False, default_help: str = "") -> None:
     """``--dataset NAME --data DIR``, spelled the same by every command."""
-    p.add_argument("--dataset", required=required, help="dataset name: fashion-mnist, mnist, cifar10, imagenet32, "
-                                                       "imagenet64, folder" + default_help)
+    p.add_argument("--dataset", required=required, help=f"dataset name: {', '.join(DATASET_NAMES)}" + default_help)
     p.add_argument("--data", help="dataset root directory (default: the dataset's usual place" +
                                   (", or the one used for training)" if default_help else ")"))
 

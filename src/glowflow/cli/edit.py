@@ -59,10 +59,11 @@ def cmd_manipulate(args) -> int:
 def cmd_directions(args) -> int:
     if (args.positive is None) != (args.negative is None):
         raise ValueError("--positive and --negative go together")
-    if (args.dataset is None) == (args.attributes is None):
-        raise ValueError("give one source of labels: --dataset NAME (its classes) or --attributes FILE")
+    if args.dataset is None and args.attributes is None:
+        raise ValueError("give a source of labels: --dataset NAME (its classes) or --attributes FILE "
+                         "(with --dataset: only the rows of that dataset's --split images)")
     model = load_model(args)
-    if args.dataset:
+    if args.attributes is None:
         images, attributes, names, labels, source = _class_labelled(model, args)
     else:
         images, attributes, names, labels, source = _attribute_file(model, args)
@@ -103,7 +104,7 @@ def _class_labelled(model, args):
     else:
         attributes, names = latent.class_attributes(ds.labels, ds.class_names), list(ds.class_names)
     labels = ds.labels if model.config.num_classes else None
-    return ds.images, attributes, names, labels, f"{name} {args.split} classes"
+    return ds, attributes, names, labels, f"{name} {args.split} classes"  # read a batch at a time
 
 
 def _attribute_file(model, args):
@@ -114,9 +115,33 @@ def _attribute_file(model, args):
                          "encode with, use an unconditional model")
     table = latent.parse_attribute_file(args.attributes)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
-    table = table.select(only).head(args.limit)
+    table = table.select(only)
+    if args.dataset:  # e.g. only the training faces enter the means
+        images, values = _split_rows(model, table, args)
+        source = f"{args.attributes.name}, {args.dataset} {args.split} images"
+        return images[:args.limit], values[:args.limit], list(table.names), None, source
+    table = table.head(args.limit)
     paths = latent.table_image_paths(table, args.images or args.attributes.parent)
     return paths, table.values, list(table.names), None, str(args.attributes.name)
+
+
+def _split_rows(model, table, args):
+    """The images of the ``--dataset`` split that ``table`` has rows for, decoded as that dataset
+    decodes them, and those rows' values."""
+    if args.images:
+        raise ValueError("--images is for --attributes alone; with --dataset the images are that dataset's")
+    c, h, _ = model.config.image_shape
+    name, root = dataset_of(args, saved={})
+    ds = data.get_dataset(name, root, split=args.split, image_size=h, channels=c)
+    if ds.filenames is None:
+        raise ValueError(f"{name} does not name its images, so the rows of {args.attributes} cannot be matched "
+                         "to them; use --images DIR instead of --dataset")
+    index = {f: i for i, f in enumerate(ds.filenames)}
+    rows = [i for i, f in enumerate(table.filenames) if f in index]
+    if not rows:
+        raise ValueError(f"none of the {len(table)} rows of {args.attributes} names an image of {name}'s "
+                         f"{args.split} split (its {len(ds)} files are named like {ds.filenames[:1]})")
+    return ds.batch([index[table.filenames[i]] for i in rows]), table.values[rows]
 
 
 def _add_raw(p) -> None:
@@ -143,8 +168,9 @@ def register(sub) -> None:
     p = sub.add_parser("directions", help="compute attribute directions mean(z|attr) - mean(z|not attr)")
     add_checkpoint(p)
     add_dataset(p)
-    p.add_argument("--attributes", type=Path, help="instead of --dataset: CelebA list_attr_celeba.txt, or a CSV "
-                                                   "filename,attr1,attr2,... (by the .csv suffix)")
+    p.add_argument("--attributes", type=Path, help="CelebA list_attr_celeba.txt, or a CSV filename,attr1,attr2,... "
+                                                   "(by the .csv suffix); with --dataset, only the rows of that "
+                                                   "dataset's --split images are used (e.g. the training faces)")
     p.add_argument("--split", default="train", choices=("train", "test"))
     p.add_argument("--images", type=Path, help="image folder for --attributes (default: the file's folder)")
     p.add_argument("--only", help="comma-separated attribute names to keep (--attributes)")

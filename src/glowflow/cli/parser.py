@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from . import ablate, data, demo, edit, generate, train
+from . import ablate, data, demo, edit, generate, prepare, score, train
 
 __all__ = ["build_parser", "COMMAND_GROUPS"]
 
-COMMAND_GROUPS = (train, generate, edit, demo, ablate, data)
+COMMAND_GROUPS = (train, generate, edit, demo, ablate, data, score, prepare)
 
 DESCRIPTION = """Glow (Kingma & Dhariwal, 2018): train a flow on images, read its exact likelihood,
 sample it and edit images through its latent space. With --json the last stdout line of every

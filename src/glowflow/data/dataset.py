@@ -20,7 +20,9 @@ class ImageDataset(torch.utils.data.Dataset):
     def __init__(self, images, labels: torch.Tensor | None = None,
                  class_names: list[str] | None = None, name: str = "",
                  filenames: list[str] | None = None):
-        is_array = isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4
+        # a numpy array (a memmap), or an array-like with numpy indexing (a prepared set's ShardedImages)
+        is_array = (not isinstance(images, torch.Tensor) and hasattr(images, "__getitem__")
+                    and getattr(images, "dtype", None) == np.uint8 and getattr(images, "ndim", None) == 4)
         if not is_array and (not isinstance(images, torch.Tensor) or images.dtype != torch.uint8
                              or images.dim() != 4):
             got = (f"{images.dtype} array of shape {tuple(images.shape)}"
