@@ -35,11 +35,11 @@ import torch
 from .config import COUPLINGS, PERMUTATIONS, TrainConfig
 from .data import get_dataset
 from .io import atomic_write_json, atomic_write_text
-from .plots import pyplot
+from .plots import pyplot, save_figure
 from .progress import Progress
 from .train import Trainer
 
-__all__ = ["RunSpec", "run_config", "run_ablation", "train_one", "summarize", "check_ordering", "format_table",
+__all__ = ["Cell", "RunSpec", "run_config", "run_ablation", "train_one", "summarize", "check_ordering", "format_table",
            "plot_ablation", "DEFAULT_PRESET", "DEFAULT_PERMUTATIONS", "PANEL_COUPLINGS", "PAPER_ORDER",
            "RESULTS", "FIGURE", "TABLE", "RUN_RESULT"]
 
@@ -59,19 +59,34 @@ _NO_STEP_LIMIT = 2**62  # a minutes-only budget
 
 
 @dataclass(frozen=True)
-class RunSpec:
-    """One cell of the ablation grid."""
+class Cell:
+    """One run of a comparison: its labels (field -> value, in order) and its seed. The labels name
+    its directory (``affine-invconv-seed0``) and stand in its result.json."""
 
-    coupling: str
-    permutation: str
+    labels: tuple[tuple[str, str], ...]
     seed: int
 
     @property
     def name(self) -> str:
-        return f"{self.coupling}-{self.permutation}-seed{self.seed}"
+        return "-".join(value for _, value in self.labels) + f"-seed{self.seed}"
 
     def fields(self) -> dict:
-        return {"coupling": self.coupling, "permutation": self.permutation, "seed": self.seed}
+        return {**dict(self.labels), "seed": self.seed}
+
+
+class RunSpec(Cell):
+    """One cell of the paper's grid: a coupling, a permutation, a seed."""
+
+    def __init__(self, coupling: str, permutation: str, seed: int):
+        super().__init__((("coupling", coupling), ("permutation", permutation)), seed)
+
+    @property
+    def coupling(self) -> str:
+        return self.labels[0][1]
+
+    @property
+    def permutation(self) -> str:
+        return self.labels[1][1]
 
 
 def with_budget(cfg: TrainConfig, seed: int, budget_steps: int | None = None, budget_minutes: float | None = None,
@@ -303,13 +318,20 @@ def plot_ablation(runs: Sequence[dict], path, title: str = "") -> None:
         axes[0][0].set_ylim(min(lows) - 0.05 * span, max(highs) + 0.05 * span)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------ the runner
+def comparison_data(base: TrainConfig, train_data=None, test_data=None):
+    """The datasets a comparison trains and scores on: those given, else ``base.dataset`` loaded with
+    ``base.train_limit`` / ``base.test_limit``."""
+    if train_data is None:
+        train_data = get_dataset(base.dataset, base.data, "train", limit=base.train_limit)
+    if test_data is None:
+        test_data = get_dataset(base.dataset, base.data, "test", limit=base.test_limit)
+    return train_data, test_data
+
+
 def machine_info(device) -> dict:
     return {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
@@ -349,10 +371,7 @@ def run_ablation(base: TrainConfig, out_dir, seeds: int | Sequence[int] = 3,
         raise ValueError(f"budget_minutes must be > 0, got {budget_minutes}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if train_data is None:
-        train_data = get_dataset(base.dataset, base.data, "train", limit=base.train_limit)
-    if test_data is None:
-        test_data = get_dataset(base.dataset, base.data, "test", limit=base.test_limit)
+    train_data, test_data = comparison_data(base, train_data, test_data)
     specs = [RunSpec(c, p, s) for s in seed_list for c in couplings for p in permutations]
     bar = Progress(len(specs), "ablation", enabled=progress, unit="run")
     write = bar.write if progress else log

@@ -41,7 +41,7 @@ from . import io
 from .images import to_pil
 from .inputs import InputSet, load_input, parse_set
 from .likelihood import score
-from .plots import pyplot
+from .plots import pyplot, save_figure
 
 __all__ = ["auroc", "aupr", "fpr_at_tpr", "detection_metrics", "typicality_scores", "compressed_bits_per_dim",
            "complexity_scores", "likelihood_ratio_scores", "run_ood", "OODReport", "plot_histogram",
@@ -333,12 +333,7 @@ def plot_histogram(bits_per_dim: dict[str, np.ndarray], path, title: str = "") -
         ax.set_title(title, fontsize=13)
     ax.legend(fontsize=10)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    with io.atomic_file(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(report: OODReport, directory, title: str = "") -> dict:

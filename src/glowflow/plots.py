@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["pyplot", "plot_curves"]
+from . import io
+
+__all__ = ["pyplot", "plot_curves", "save_figure"]
 
 
 def pyplot():
@@ -13,6 +15,16 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path) -> Path:
+    """Lay out ``fig``, write it as a PNG atomically, and close it."""
+    fig.tight_layout()
+    path = Path(path)
+    with io.atomic_file(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    pyplot().close(fig)
+    return path
 
 
 def plot_curves(history: list[dict], path) -> None:
@@ -34,7 +46,4 @@ def plot_curves(history: list[dict], path) -> None:
         ax.set_ylim(lo - 0.1, min(max(values), lo + 3.0))
         ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -22,12 +22,11 @@ from typing import Sequence
 
 import torch
 
-from .ablation import (FIGURE, RESULTS, RUN_RESULT, TABLE, budget_text, machine_info, mean_std, read_result,
-                       train_one, with_budget)
+from .ablation import (FIGURE, RESULTS, RUN_RESULT, TABLE, Cell, budget_text, comparison_data, machine_info,
+                       mean_std, read_result, train_one, with_budget)
 from .config import TrainConfig, apply_overrides
-from .data import get_dataset
 from .io import atomic_write_json, atomic_write_text
-from .plots import pyplot
+from .plots import pyplot, save_figure
 from .progress import Progress
 
 __all__ = ["Variant", "parse_variant", "variant_config", "run_variants", "summarize_variants",
@@ -54,19 +53,6 @@ def parse_variant(text: str) -> Variant:
     ``"base"`` is the base config unchanged."""
     name, _, rest = text.partition(":")
     return Variant(name.strip(), tuple(rest.split()))
-
-
-@dataclass(frozen=True)
-class _Cell:
-    variant: str
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.variant}-seed{self.seed}"
-
-    def fields(self) -> dict:
-        return {"variant": self.variant, "seed": self.seed}
 
 
 def variant_config(base: TrainConfig, variant: Variant, seed: int, budget_steps: int | None = None,
@@ -137,10 +123,7 @@ def plot_variants(runs: Sequence[dict], variants: Sequence[Variant], path, title
     ax.legend()
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_variants(base: TrainConfig, out_dir, variants: Sequence[Variant], seeds: int | Sequence[int] = 3,
@@ -159,21 +142,18 @@ def run_variants(base: TrainConfig, out_dir, variants: Sequence[Variant], seeds:
                for v in variants for s in seed_list}  # every override checked before any training
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if train_data is None:
-        train_data = get_dataset(base.dataset, base.data, "train", limit=base.train_limit)
-    if test_data is None:
-        test_data = get_dataset(base.dataset, base.data, "test", limit=base.test_limit)
+    train_data, test_data = comparison_data(base, train_data, test_data)
     first = configs[names[0], seed_list[0]]
     meta = {"dataset": base.dataset, "test_images": min(len(test_data), first.test_limit or len(test_data)),
             "train_images": len(train_data), "budget": budget_text(first), "seeds": seed_list,
             "variants": [{"name": v.name, "overrides": list(v.overrides)} for v in variants],
             "machine": machine_info("cuda" if torch.cuda.is_available() and first.device != "cpu" else "cpu")}
-    cells = [_Cell(v.name, s) for s in seed_list for v in variants]  # seed-major: pairs finish together
+    cells = [Cell((("variant", v.name),), s) for s in seed_list for v in variants]  # seed-major: pairs finish together
     bar = Progress(len(cells), "variants", enabled=progress, unit="run")
     write = bar.write if progress else log
     runs = []
     for i, cell in enumerate(cells, 1):
-        cfg = configs[cell.variant, cell.seed]
+        cfg = configs[cell.labels[0][1], cell.seed]
         result = read_result(out / cell.name / RUN_RESULT, cfg)
         if result is None:
             result = train_one(cfg, cell, out / cell.name, train_data, test_data)

@@ -90,6 +90,15 @@ def check_count(args, count: int, what: str) -> None:
                          "(time and memory grow with it); pass --allow-large to make it anyway")
 
 
+def add_picture_output(p, default: Path | None = None, what: str = "PNG grid to write") -> None:
+    """The options of a command that writes a picture: ``--scale``, ``--out``, ``--allow-large``, ``--json``."""
+    p.add_argument("--scale", type=positive_int, default=1, help="enlarge each image this many times (nearest "
+                                                                "neighbour, so small images stay crisp)")
+    p.add_argument("--out", type=Path, required=default is None, default=default, help=what)
+    add_allow_large(p)
+    add_json(p)
+
+
 def add_json(p) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON line last")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import data, latent
 from ..checkpoint import CheckpointError, weights_sha256
 from ..images import load_image, save_grid
-from .common import (add_allow_large, add_checkpoint, add_dataset, add_json, allow_negative_number_lists,
+from .common import (add_checkpoint, add_dataset, add_json, add_picture_output, allow_negative_number_lists,
                      check_count, dataset_of, emit, float_list, int_between, load_model, positive_int,
                      resolve_positionals, warn)
 
@@ -158,11 +158,8 @@ def register(sub) -> None:
     p.add_argument("--method", choices=latent.INTERPOLATIONS, default="linear")
     p.add_argument("--label-a", type=int, help="class of A (class-conditional models only)")
     p.add_argument("--label-b", type=int, help="class of B (default: that of A)")
-    p.add_argument("--scale", type=positive_int, default=1, help="enlarge each image this many times")
-    p.add_argument("--out", type=Path, required=True, help="PNG grid to write")
     _add_raw(p)
-    add_allow_large(p)
-    add_json(p)
+    add_picture_output(p, what="PNG grid to write")
     p.set_defaults(func=cmd_interpolate)
 
     p = sub.add_parser("directions", help="compute attribute directions mean(z|attr) - mean(z|not attr)")
@@ -192,9 +189,6 @@ def register(sub) -> None:
     p.add_argument("--directions", type=Path, help="folder with directions.safetensors "
                                                    "(default: next to the checkpoint)")
     p.add_argument("--label", type=int, help="class of the image (class-conditional models only)")
-    p.add_argument("--scale", type=positive_int, default=1, help="enlarge each image this many times")
-    p.add_argument("--out", type=Path, required=True, help="PNG strip to write")
     _add_raw(p)
-    add_allow_large(p)
-    add_json(p)
+    add_picture_output(p, what="PNG strip to write")
     p.set_defaults(func=cmd_manipulate)

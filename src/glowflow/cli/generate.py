@@ -7,8 +7,7 @@ import numpy as np
 import torch
 
 from ..images import as_uint8, load_image, save_grid
-from .common import (add_allow_large, add_checkpoint, add_json, check_count, emit, float_list, load_model,
-                     positive_int)
+from .common import add_checkpoint, add_json, add_picture_output, check_count, emit, float_list, load_model, positive_int
 
 # images decoded at a time: memory stays bounded whatever --n is
 SAMPLE_BATCH = 256
@@ -96,10 +95,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", type=int, help="class for a class-conditional model")
     p.add_argument("--nrow", type=positive_int, default=8)
-    p.add_argument("--scale", type=positive_int, default=1, help="enlarge each image this many times")
-    p.add_argument("--out", type=Path, default=Path("samples.png"))
-    add_allow_large(p)
-    add_json(p)
+    add_picture_output(p, Path("samples.png"))
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("encode", help="images -> standardised latents (.npy, [N, D])")
@@ -115,8 +111,5 @@ def register(sub) -> None:
     p.add_argument("latents", type=Path)
     p.add_argument("--label", type=int)
     p.add_argument("--nrow", type=positive_int, default=8)
-    p.add_argument("--scale", type=positive_int, default=1, help="enlarge each image this many times")
-    p.add_argument("--out", type=Path, default=Path("decoded.png"))
-    add_allow_large(p)
-    add_json(p)
+    add_picture_output(p, Path("decoded.png"))
     p.set_defaults(func=cmd_decode)
