@@ -336,6 +336,17 @@ def test_actnorm_loaded_from_state_dict_does_not_reinit():
     assert torch.equal(loaded.bias, state["bias"]) and torch.equal(loaded.logs, state["logs"])
 
 
+
+def test_actnorm_loading_an_uninitialised_state_resets_its_flag():
+    """The Python-side flag follows the buffer: loading a fresh state makes the next batch initialise."""
+    layer = ActNorm(C).double()
+    layer(_images(seed=1))
+    assert layer.is_initialized
+    layer.load_state_dict(ActNorm(C).double().state_dict())
+    assert not layer.is_initialized
+    y, _ = layer(_images(seed=2) * 3.0 + 1.0)
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(C, dtype=y.dtype), atol=1e-9, rtol=0)
+
 # ---------------------------------------------------------------------------- permutations, seeds
 def test_permute_shuffle_is_a_seeded_permutation():
     n = 16

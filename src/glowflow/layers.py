@@ -166,6 +166,8 @@ class ActNorm(InvertibleLayer):
 
     The first forward pass sets ``bias`` and ``logs`` so that its output has zero mean and unit
     variance per channel. ``initialized`` is a buffer, so a loaded model never re-initialises.
+    Whether init has happened is also kept as a Python flag (:attr:`is_initialized`), so that a
+    forward pass neither reads the buffer back from a GPU nor breaks a ``torch.compile`` graph.
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-6):
@@ -174,6 +176,17 @@ class ActNorm(InvertibleLayer):
         self.logs = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
         self.register_buffer("initialized", torch.tensor(False))
         self.eps = eps
+        self._known_initialized = False
+
+    @property
+    def is_initialized(self) -> bool:
+        if not self._known_initialized:  # the buffer may have been set by a copy (EMA, load_state_dict)
+            self._known_initialized = bool(self.initialized)
+        return self._known_initialized
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._known_initialized = bool(self.initialized)
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
@@ -181,9 +194,10 @@ class ActNorm(InvertibleLayer):
         self.bias.copy_(-mean.view_as(self.bias))
         self.logs.copy_(-0.5 * torch.log(var + self.eps).view_as(self.logs))
         self.initialized.fill_(True)
+        self._known_initialized = True
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not bool(self.initialized):
+        if not self.is_initialized:
             self.initialize(x)
         y = (x + self.bias) * torch.exp(self.logs)
         logdet = self.logs.sum() * (x.shape[2] * x.shape[3])
@@ -337,7 +351,7 @@ class _NormedConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.norm
-        if not bool(norm.initialized):  # data-dependent init needs the convolution's output itself
+        if not norm.is_initialized:  # data-dependent init needs the convolution's output itself
             return F.relu(norm(fast.conv2d_same(x, self.conv.weight))[0])
         return F.relu(fast.scaled_conv(x, self.conv.weight, torch.exp(norm.logs), norm.bias), inplace=True)
 

@@ -100,7 +100,7 @@ class Glow(nn.Module):
     @property
     def initialized(self) -> bool:
         """True once data-dependent init (:meth:`initialize`, or the first forward pass) has run."""
-        return all(bool(m.initialized) for m in self.modules() if isinstance(m, ActNorm))
+        return all(m.is_initialized for m in self.modules() if isinstance(m, ActNorm))
 
     def require_initialized(self) -> None:
         """Raise ``ValueError`` unless data-dependent init has run. Editing and serving need it: an
