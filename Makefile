@@ -80,7 +80,7 @@ clean:
 
 # ------------------------------------------------------------------------------------ faces
 # The AT&T (ORL) faces (docs/faces.md): `make faces-demo` goes from nothing to the demo serving a
-# trained face model: the data, training (20 minutes on 2 CPU cores; skipped once done), the
+# trained face model: the data, training (about 8 minutes on 2 CPU cores; skipped once done), the
 # attribute directions from the training photos' hand labels, then `glowflow demo`.
 # `make faces-figures` draws docs/images/faces-*.png from that model, each image enlarged 3x.
 .PHONY: faces-train faces-directions faces-eval faces-figures faces-demo
@@ -88,8 +88,8 @@ FACES_DATA   := data/orl-faces
 FACES_PRESET ?= orl-faces-64
 FACES_RUN    ?= runs/$(FACES_PRESET)
 FACES_CSV    := src/glowflow/data/orl_faces_attributes.csv
-FACES_ALPHAS := -1.5,-1,-0.5,0,0.5,1,1.5
-FACES_ALPHA_MAX ?= 1.5
+FACES_ALPHAS := -1,-0.67,-0.33,0,0.33,0.67,1
+FACES_ALPHA_MAX ?= 1
 
 # Resuming a finished run returns at once: its time budget is spent.
 faces-train: faces

@@ -38,6 +38,7 @@ from .checkpoint import CHECKPOINT_DIR, CheckpointError, resolve_checkpoint_dir,
 from .data import ImageDataset
 from .images import load_image
 from .io import atomic_file, atomic_write_text
+from .layers import STABLE_SCALE_FLOOR
 from .numerics import to_unit
 
 __all__ = ["interpolate", "reconstruct", "manipulate", "edit", "DecodeError", "STABLE_SCALE_FLOOR", "DECODE_BATCH", "lerp", "slerp", "Directions",
@@ -52,7 +53,6 @@ DIRECTIONS_FORMAT = "glowflow-directions/1"
 INTERPOLATIONS = ("linear", "spherical")
 # The coupling-scale floor of stable decoding: below every scale the trained models here show on
 # their test images (docs/results.md), so that it changes only decodes far from the data.
-STABLE_SCALE_FLOOR = 1e-3
 DECODE_BATCH = 64  # latents decoded at a time: memory bounded whatever the number of frames
 
 

@@ -17,7 +17,7 @@ from . import checkpoint as ckpt
 from . import numerics
 from .config import MEMORY_MODES, GlowConfig
 from .dequantization import VariationalDequantizer, gaussian_from_uniform
-from .layers import ActNorm, Level, TopPrior, inverse_scale_floor
+from .layers import STABLE_SCALE_FLOOR, ActNorm, Level, TopPrior, inverse_scale_floor
 
 __all__ = ["Glow", "GlowConfig", "GlowOutput"]
 
@@ -250,8 +250,14 @@ class Glow(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 0.7, y: torch.Tensor | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """``n`` images [n, C, H, W] in [0, 1]: decode of N(0, temperature^2 I) latents."""
+               generator: torch.Generator | None = None, scale_floor: float = STABLE_SCALE_FLOOR) -> torch.Tensor:
+        """``n`` images [n, C, H, W] in [0, 1]: decode of N(0, temperature^2 I) latents.
+
+        The affine couplings' inverse divides by scales that, at temperatures near 1 on a model that
+        has memorised a small set, fall below 1e-6 for a few latents and overflow the decode to inf.
+        ``scale_floor`` (:data:`~glowflow.layers.STABLE_SCALE_FLOOR`) bounds the division, which
+        changes only such latents' images (those of data decode as without it); 0 decodes exactly.
+        """
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if not temperature >= 0:
@@ -260,7 +266,7 @@ class Glow(nn.Module):
         gen_device = generator.device if generator is not None else device
         eps = torch.randn(n, sum(math.prod(s) for s in self.latent_shapes), generator=generator,
                           device=gen_device, dtype=dtype).to(device)
-        return self.decode(eps * temperature, y).clamp_(0.0, 1.0)
+        return self.decode(eps * temperature, y, scale_floor=scale_floor).clamp_(0.0, 1.0)
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor, y: torch.Tensor | None = None,

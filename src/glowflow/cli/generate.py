@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from ..images import as_uint8, load_image, save_grid
+from ..layers import STABLE_SCALE_FLOOR
 from .common import add_checkpoint, add_json, add_picture_output, check_count, emit, float_list, load_model, positive_int
 
 # images decoded at a time: memory stays bounded whatever --n is
@@ -36,7 +37,8 @@ def cmd_sample(args) -> int:
         for start in range(0, args.n, SAMPLE_BATCH):
             stop = min(args.n, start + SAMPLE_BATCH)
             batch_y = None if y is None else y[start:stop]
-            rows.append(as_uint8(model.sample(stop - start, temperature=t, y=batch_y, generator=gen)))
+            rows.append(as_uint8(model.sample(stop - start, temperature=t, y=batch_y, generator=gen,
+                                              scale_floor=0.0 if args.exact else STABLE_SCALE_FLOOR)))
     images = torch.cat(rows)
     nrow = args.n if len(args.temperature) > 1 else args.nrow
     path = save_grid(images, args.out, nrow=nrow, scale=args.scale)
@@ -95,6 +97,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", type=int, help="class for a class-conditional model")
     p.add_argument("--nrow", type=positive_int, default=8)
+    p.add_argument("--exact", action="store_true",
+                   help="decode without the coupling-scale floor (Glow.sample's scale_floor=0): the exact "
+                        "inverse, which can overflow at temperatures near 1")
     add_picture_output(p, Path("samples.png"))
     p.set_defaults(func=cmd_sample)
 
