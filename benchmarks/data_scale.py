@@ -20,9 +20,9 @@ Each stage runs in its own process, one after another, so each peak is its own:
 
     .venv/bin/python benchmarks/data_scale.py --images 300 --image-size 16 --fit-images 100 \\
         --steps 3 --batch-size 8 --cap-mb 900                       # a check that it runs (tiny)
-    .venv/bin/python benchmarks/data_scale.py --images 400000 --image-size 64 --fit-images 10000 \\
+    .venv/bin/python benchmarks/data_scale.py --images 300000 --image-size 64 --fit-images 10000 \\
         --steps 30 --batch-size 64 --cap-mb 1024 --workdir /tmp/glowflow-data-scale \\
-        --out benchmarks/results/data_scale.json                    # 4.4 GB train split, 4.3x the cap
+        --out benchmarks/results/data_scale.json                    # 3.3 GB train split, 3.1x the cap (docs/results.md)
 
 The cap must hold what training the small Glow needs anyway (torch, activations of one batch) plus,
 for the in-memory comparison, its images; a stage that exceeds it fails with a MemoryError.
