@@ -41,6 +41,11 @@ from .io import atomic_file, atomic_write_text
 from .layers import STABLE_SCALE_FLOOR
 from .numerics import to_unit
 
+# An edit's decode counts as failed when more than this fraction of its values lie more than
+# FAR_OUTSIDE beyond [0, 1] (on the face model a glasses edit at alpha 0.5 reached 1e23, finite).
+FAR_OUTSIDE = 0.5
+MAX_FAR_FRACTION = 0.01
+
 __all__ = ["interpolate", "reconstruct", "manipulate", "edit", "DecodeError", "STABLE_SCALE_FLOOR", "DECODE_BATCH", "lerp", "slerp", "Directions",
            "DirectionAccumulator", "attribute_directions", "directions_from_images", "class_attributes",
            "pair_attributes", "resolve_class", "AttributeTable", "parse_attribute_file", "parse_attribute_csv",
@@ -103,21 +108,27 @@ def _onehot_path(model, y1, y2, t: torch.Tensor) -> torch.Tensor | None:
 
 def _decode(model, eps: torch.Tensor, y=None, stable: bool = True, what=None) -> torch.Tensor:
     """Decode ``eps [N, D]`` batch by batch, clamped to [0, 1]; :class:`DecodeError` if any row is
-    not finite. ``what(i)`` names row ``i`` in the message ("alpha 1.5", "frame 7 of 8")."""
+    not finite, or has more than :data:`MAX_FAR_FRACTION` of its values beyond
+    ``[-FAR_OUTSIDE, 1 + FAR_OUTSIDE]`` (data decode inside [0, 1]; such a row is the overflow of
+    the inverse caught before it reaches inf, and would be drawn as pixel noise). ``what(i)`` names
+    row ``i`` in the message ("alpha 1.5", "frame 7 of 8")."""
     floor = STABLE_SCALE_FLOOR if stable else 0.0
     out, bad = [], []
     for start in range(0, eps.shape[0], DECODE_BATCH):
         stop = min(start + DECODE_BATCH, eps.shape[0])
         yb = y[start:stop] if isinstance(y, torch.Tensor) and y.dim() >= 1 and y.shape[0] == eps.shape[0] else y
         x = model.decode(eps[start:stop], yb, scale_floor=floor)
-        finite = torch.isfinite(x.flatten(1)).all(1)
-        bad += [start + int(i) for i in (~finite).nonzero().flatten()]
+        flat = x.flatten(1)
+        far = ((flat < -FAR_OUTSIDE) | (flat > 1.0 + FAR_OUTSIDE)).float().mean(1)
+        ok = torch.isfinite(flat).all(1) & (far <= MAX_FAR_FRACTION)
+        bad += [start + int(i) for i in (~ok).nonzero().flatten()]
         out.append(x.clamp_(0.0, 1.0))
     if bad:
         names = ", ".join(what(i) if what else f"latent {i}" for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
         hint = ("" if stable else "; stable=True (the default) decodes most such edits")
-        raise DecodeError(f"the decode of {names} is not finite (NaN or inf): the latent lies where the model's "
-                          f"inverse overflows; a smaller step (alpha) keeps closer to the data{hint}", bad)
+        raise DecodeError(f"the decode of {names} is not finite (NaN or inf) or far outside the image range: the "
+                          f"latent lies where the model's inverse leaves the data; a smaller step (alpha) keeps "
+                          f"closer to the data{hint}", bad)
     return torch.cat(out)
 
 
