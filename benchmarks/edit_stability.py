@@ -58,7 +58,8 @@ def _count(model, z, direction, alpha, mode) -> tuple[int, int]:
         e = latent._keep_norms(model, e, z)
     x = model.decode(e, scale_floor=0.0 if mode == "plain" else latent.STABLE_SCALE_FLOOR).flatten(1)
     non_finite = ~torch.isfinite(x).all(1)
-    saturated = ((x > 1.5) | (x < -0.5)).float().mean(1).gt(0.05) & ~non_finite
+    far = (x > 1.0 + latent.FAR_OUTSIDE) | (x < -latent.FAR_OUTSIDE)  # what glowflow.latent calls a failed edit
+    saturated = far.float().mean(1).gt(latent.MAX_FAR_FRACTION) & ~non_finite
     return int(non_finite.sum()), int(saturated.sum())
 
 

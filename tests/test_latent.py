@@ -436,17 +436,18 @@ def test_a_finite_decode_far_outside_the_image_range_is_a_failed_edit(model, mon
     z = torch.zeros(3, model.num_dims, dtype=torch.float64)
     def fake_decode(eps, y=None, scale_floor=0.0):
         x = torch.full((eps.shape[0], *model.config.image_shape), 0.5, dtype=torch.float64)
-        x[0, 0, 0, 0] = 1.3  # overshoot within FAR_OUTSIDE: clamped, fine
+        x[0, 0, 0, :] = 1.3  # overshoot within FAR_OUTSIDE: clamped, fine
+        x[0, 0, 1, :2] = -5.0  # 2 of 64 pixels far outside (3%, within MAX_FAR_FRACTION)
         if eps.shape[0] == 3:
             x[1, 0, 0, :] = 1e23  # 8 of 64 pixels far outside
-            x[2, 0, 0, 0] = 2.0  # 1 of 64 (1.6%, above MAX_FAR_FRACTION)
+            x[2, 0, 0, :4] = 2.0  # 4 of 64 (6%, above MAX_FAR_FRACTION)
         return x
     monkeypatch.setattr(model, "decode", fake_decode)
     with pytest.raises(latent.DecodeError, match="far outside the image range") as e:
         latent._decode(model, z)
     assert e.value.rows == [1, 2]
     out = latent._decode(model, z[:1])
-    assert out.max() == 1.0 and out.min() == 0.5
+    assert out.max() == 1.0 and out.min() == 0.0
 
 def test_sampling_decodes_with_the_stable_floor_unless_told_otherwise(model):
     """Glow.sample is decode(T * eps) with the couplings' scale floored at STABLE_SCALE_FLOOR (on the

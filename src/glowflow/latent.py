@@ -44,7 +44,7 @@ from .numerics import to_unit
 # An edit's decode counts as failed when more than this fraction of its values lie more than
 # FAR_OUTSIDE beyond [0, 1] (on the face model a glasses edit at alpha 0.5 reached 1e23, finite).
 FAR_OUTSIDE = 0.5
-MAX_FAR_FRACTION = 0.01
+MAX_FAR_FRACTION = 0.05
 
 __all__ = ["interpolate", "reconstruct", "manipulate", "edit", "DecodeError", "STABLE_SCALE_FLOOR", "DECODE_BATCH", "lerp", "slerp", "Directions",
            "DirectionAccumulator", "attribute_directions", "directions_from_images", "class_attributes",
