@@ -56,8 +56,6 @@ DIRECTIONS_WEIGHTS = "directions.safetensors"
 DIRECTIONS_JSON = "directions.json"
 DIRECTIONS_FORMAT = "glowflow-directions/1"
 INTERPOLATIONS = ("linear", "spherical")
-# The coupling-scale floor of stable decoding: below every scale the trained models here show on
-# their test images (docs/results.md), so that it changes only decodes far from the data.
 DECODE_BATCH = 64  # latents decoded at a time: memory bounded whatever the number of frames
 
 

@@ -32,10 +32,11 @@ LOGSCALE_FACTOR = 3.0
 COUPLING_SCALE_SHIFT = 2.0
 # The affine coupling's inverse divides by that scale. At latents far from any data the scale can
 # reach 1e-6 and below, and the division overflows: inverse_scale_floor bounds it for a block.
-# The floor sampling and latent edits use: far below any scale data produce (about 6e-3 is the
-# smallest on 2,000 Fashion-MNIST test images), so the latents of data decode exactly as without it.
-STABLE_SCALE_FLOOR = 1e-3
 _SCALE_FLOOR = contextvars.ContextVar("glowflow_inverse_scale_floor", default=0.0)
+# The floor sampling and latent edits use: far below any scale data produce (about 6e-3 is the
+# smallest on 2,000 Fashion-MNIST test images, 0.081 on the 400 faces), so the latents of data
+# decode exactly as without it.
+STABLE_SCALE_FLOOR = 1e-3
 
 
 @contextlib.contextmanager

@@ -45,15 +45,26 @@ def deprecated(old: str, new: str) -> None:
 
 
 # ----------------------------------------------------------------------------------- arg types
-def float_list(text: str) -> list[float]:
-    """An argparse type: ``"-1,-0.5,0,0.5,1"`` -> ``[-1.0, -0.5, 0.0, 0.5, 1.0]`` (finite, non-empty)."""
+def _comma_list(text: str, convert, valid, expected: str) -> list:
+    """``text`` split at commas, each item converted; ArgumentTypeError("expected <expected>")
+    when empty, unconvertible or not ``valid``."""
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [convert(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = []
-    if not values or not all(math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like -1,-0.5,0,0.5,1, got {text!r}")
+    if not values or not all(valid(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return values
+
+
+def float_list(text: str) -> list[float]:
+    """An argparse type: ``"-1,-0.5,0,0.5,1"`` -> ``[-1.0, -0.5, 0.0, 0.5, 1.0]`` (finite, non-empty)."""
+    return _comma_list(text, float, math.isfinite, "comma-separated numbers like -1,-0.5,0,0.5,1")
+
+
+def int_list(text: str) -> list[int]:
+    """An argparse type: ``"1,5"`` -> ``[1, 5]`` (positive integers)."""
+    return _comma_list(text, int, lambda v: v >= 1, "comma-separated positive integers like 1,5")
 
 
 def int_between(low: int, high: int | None, what: str):

@@ -11,7 +11,7 @@ from ..inputs import SET_HELP, parse_set
 from ..likelihood import score_inputs, summarize_rows, write_score_csv
 from ..model import Glow
 from ..ood import COMPRESSORS, REFERENCE_IMAGES, markdown_table, run_ood, write_report
-from .common import add_checkpoint, add_json, emit, load_model, positive_int, train_settings, warn
+from .common import add_checkpoint, add_json, emit, int_list, load_model, positive_int, train_settings, warn
 
 
 # ----------------------------------------------------------------------------------- arguments
@@ -24,17 +24,6 @@ def data_root(text: str) -> tuple[str | None, str]:
         return canonical_name(name), root
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def int_list(text: str) -> list[int]:
-    """An argparse type: ``"1,5"`` -> ``[1, 5]`` (positive integers)."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,5, got {text!r}")
-    return values
 
 
 def compressor_list(text: str) -> list[str]:

@@ -177,11 +177,7 @@ def _write_shard(out: Path, records: Path, split: str, unit: int, shard: int, im
     record = {"unit": unit, "shard": shard, "count": int(len(images)), "sources": sources, "skipped": skipped,
               "labels": labels, "names": names}
     if len(images):  # a shard whose every file was unreadable has a record and no file
-        rel = f"{split}/images-{unit:04d}-{shard:05d}.npy"
-        with atomic_file(out / rel) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, np.ascontiguousarray(images), allow_pickle=False)
-            record.update(file=rel, sha256=file_sha256(tmp))
+        record.update(_save_array(out, f"{split}/images-{unit:04d}-{shard:05d}.npy", np.ascontiguousarray(images)))
     atomic_write_json(_record_path(records, split, unit, shard), record, indent=None)
 
 
