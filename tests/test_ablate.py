@@ -207,3 +207,22 @@ def test_variants_are_paired_by_seed_and_compared_with_the_baseline(tmp_path):
     with pytest.raises(ValueError, match="variant 'bad'.*unknown"):
         variants.run_variants(base, tmp_path / "x", [variants.parse_variant("bad:no_such_key=1")], seeds=1,
                               train_data=data, test_data=data, progress=False)
+
+
+def test_the_variant_figure_shows_every_seed_and_adds_curves_only_when_there_are_any(tmp_path):
+    from PIL import Image
+
+    from glowflow import variants
+
+    vs = [variants.parse_variant("base:"), variants.parse_variant("b32:batch_size=32")]
+
+    def runs(points):
+        return [{"variant": v.name, "seed": s, "final_test_bits_per_dim": 3.8 - 0.1 * i + 0.01 * s,
+                 "test_curve": [{"step": 10 * (k + 1), "train_seconds": 60.0 * (k + 1),
+                                 "test_bits_per_dim": 4.0 - 0.1 * k} for k in range(points)]}
+                for i, v in enumerate(vs) for s in range(3)]
+
+    variants.plot_variants(runs(1), vs, tmp_path / "final.png")  # one evaluation per run: no curve panel
+    variants.plot_variants(runs(3), vs, tmp_path / "curves.png")
+    single, double = (Image.open(tmp_path / n).size for n in ("final.png", "curves.png"))
+    assert single[0] < 900 < 1200 < double[0]

@@ -9,7 +9,7 @@ variant) is a paired comparison. Test bits/dim of the EMA weights on one fixed t
     <variant>-seed<i>/   one run directory each, with result.json
     results.json         every curve, the per-variant summary, the paired differences
     table.md             the summary as a table
-    figure.png           test bits/dim against training time, mean over seeds per variant
+    figure.png           final test bits/dim per variant and seed; curves against training time
 
 A finished run (its result.json, with the same settings) is read, not repeated.
 """
@@ -105,24 +105,43 @@ def format_variant_table(summary: dict, meta: dict) -> str:
 
 
 def plot_variants(runs: Sequence[dict], variants: Sequence[Variant], path, title: str = "") -> None:
-    """Test bits/dim against training seconds: one line per variant, the mean over seeds at each
-    evaluation all seeds reached."""
+    """Final test bits/dim per variant, one dot per seed (seeds joined across variants, since they
+    are paired) and the mean; beside it, when runs were evaluated more than once, test bits/dim
+    against training seconds, one line per variant (the mean over seeds at each evaluation all
+    seeds reached)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    for v in variants:
-        rs = [r for r in runs if r["variant"] == v.name and r["test_curve"]]
-        if not rs:
-            continue
-        n = min(len(r["test_curve"]) for r in rs)
-        xs = [mean_std([r["test_curve"][i]["train_seconds"] for r in rs])[0] for i in range(n)]
-        ys = [mean_std([r["test_curve"][i]["test_bits_per_dim"] for r in rs])[0] for i in range(n)]
-        ax.plot(xs, ys, ".-", label=f"{v.name} (n={len(rs)})")
-    ax.set_xlabel("training seconds")
-    ax.set_ylabel("test bits/dim (EMA weights)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    shown = [(v, [r for r in runs if r["variant"] == v.name and r["test_curve"]]) for v in variants]
+    shown = [(v, rs) for v, rs in shown if rs]
+    curves = any(len(r["test_curve"]) > 1 for _, rs in shown for r in rs)
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(12 if curves else 7, 4.5), dpi=110, squeeze=False)
+    ax = axes[0][0]
+    finals: dict[int, list[tuple[int, float]]] = {}
+    for i, (v, rs) in enumerate(shown):
+        ys = [r["final_test_bits_per_dim"] for r in rs]
+        ax.scatter([i] * len(ys), ys, s=18, color="0.35", zorder=3)
+        ax.plot([i - 0.25, i + 0.25], [mean_std(ys)[0]] * 2, color="C3", linewidth=2.5, zorder=4)
+        for r in rs:
+            finals.setdefault(r["seed"], []).append((i, r["final_test_bits_per_dim"]))
+    for points in finals.values():
+        ax.plot(*zip(*points), color="0.6", linewidth=0.7, zorder=2)
+    ax.set_xticks(range(len(shown)), [f"{v.name}\n(n={len(rs)})" for v, rs in shown])
+    ax.set_xlim(-0.6, len(shown) - 0.4)
+    ax.set_ylabel("final test bits/dim (EMA weights)")
+    ax.set_title("each seed (grey, paired seeds joined) and the mean (red)", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    if curves:
+        ax = axes[0][1]
+        for v, rs in shown:
+            n = min(len(r["test_curve"]) for r in rs)
+            xs = [mean_std([r["test_curve"][i]["train_seconds"] for r in rs])[0] for i in range(n)]
+            ys = [mean_std([r["test_curve"][i]["test_bits_per_dim"] for r in rs])[0] for i in range(n)]
+            ax.plot(xs, ys, ".-", label=f"{v.name} (n={len(rs)})")
+        ax.set_xlabel("training seconds")
+        ax.set_ylabel("test bits/dim (EMA weights), mean over seeds")
+        ax.grid(alpha=0.3)
+        ax.legend()
     if title:
-        ax.set_title(title, fontsize=10)
+        fig.suptitle(title, fontsize=10)
     save_figure(fig, path)
 
 
