@@ -70,7 +70,7 @@ figures: setup data
 	  --out $(FIG)/interpolation.png
 	$(GLOWFLOW) directions $(RUN_DIR) --dataset fashion-mnist --data $(FMNIST) \
 	  --positive Sneaker --negative "Ankle boot"
-	$(GLOWFLOW) manipulate $(RUN_DIR) $(RUN_DIR)/test-0.png --attribute "Sneaker-vs-Ankle boot" \
+	$(GLOWFLOW) manipulate $(RUN_DIR) $(RUN_DIR)/test-0.png --attribute "Sneaker-vs-Ankle boot" --grey-failed \
 	  --alphas -1.5,-1,-0.5,0,0.5,1,1.5 --scale 4 --out $(FIG)/sneaker-vs-ankle-boot.png
 	cp $(RUN_DIR)/samples.png $(FIG)/samples.png
 	cp $(RUN_DIR)/curve.png $(FIG)/curve.png

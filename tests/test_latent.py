@@ -448,6 +448,11 @@ def test_a_finite_decode_far_outside_the_image_range_is_a_failed_edit(model, mon
     assert e.value.rows == [1, 2]
     out = latent._decode(model, z[:1])
     assert out.max() == 1.0 and out.min() == 0.0
+    with pytest.warns(UserWarning, match="latent 1, latent 2 failed .* drawn grey"):
+        grey = latent._decode(model, z, failed="grey")  # a strip keeps its good tiles
+    assert (grey[1:] == 0.5).all() and torch.equal(grey[0], out[0])
+    with pytest.raises(ValueError, match="failed must be one of"):
+        latent._decode(model, z, failed="skip")
 
 def test_sampling_decodes_with_the_stable_floor_unless_told_otherwise(model):
     """Glow.sample is decode(T * eps) with the couplings' scale floored at STABLE_SCALE_FLOOR (on the

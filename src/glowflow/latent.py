@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +46,11 @@ from .numerics import to_unit
 # FAR_OUTSIDE beyond [0, 1] (on the face model a glasses edit at alpha 0.5 reached 1e23, finite).
 FAR_OUTSIDE = 0.5
 MAX_FAR_FRACTION = 0.05
+# What a failed decode does: raise DecodeError, or come back as a grey image (with a warning).
+FAILED_EDITS = ("raise", "grey")
 
-__all__ = ["interpolate", "reconstruct", "manipulate", "edit", "DecodeError", "STABLE_SCALE_FLOOR", "DECODE_BATCH", "lerp", "slerp", "Directions",
+__all__ = ["interpolate", "reconstruct", "manipulate", "edit", "DecodeError", "FAILED_EDITS", "STABLE_SCALE_FLOOR",
+           "DECODE_BATCH", "lerp", "slerp", "Directions",
            "DirectionAccumulator", "attribute_directions", "directions_from_images", "class_attributes",
            "pair_attributes", "resolve_class", "AttributeTable", "parse_attribute_file", "parse_attribute_csv",
            "parse_celeba_attributes", "table_image_paths", "directions_dir", "save_directions", "load_directions",
@@ -104,12 +108,15 @@ def _onehot_path(model, y1, y2, t: torch.Tensor) -> torch.Tensor | None:
     return (1 - t)[:, None] * a + t[:, None] * b
 
 
-def _decode(model, eps: torch.Tensor, y=None, stable: bool = True, what=None) -> torch.Tensor:
+def _decode(model, eps: torch.Tensor, y=None, stable: bool = True, what=None, failed: str = "raise") -> torch.Tensor:
     """Decode ``eps [N, D]`` batch by batch, clamped to [0, 1]; :class:`DecodeError` if any row is
     not finite, or has more than :data:`MAX_FAR_FRACTION` of its values beyond
     ``[-FAR_OUTSIDE, 1 + FAR_OUTSIDE]`` (data decode inside [0, 1]; such a row is the overflow of
     the inverse caught before it reaches inf, and would be drawn as pixel noise). ``what(i)`` names
-    row ``i`` in the message ("alpha 1.5", "frame 7 of 8")."""
+    row ``i`` in the message ("alpha 1.5", "frame 7 of 8"). ``failed="grey"``: such rows come back
+    as a uniform grey image (0.5) with a warning naming them, instead of the error."""
+    if failed not in FAILED_EDITS:
+        raise ValueError(f"failed must be one of {FAILED_EDITS}, got {failed!r}")
     floor = STABLE_SCALE_FLOOR if stable else 0.0
     out, bad = [], []
     for start in range(0, eps.shape[0], DECODE_BATCH):
@@ -123,6 +130,12 @@ def _decode(model, eps: torch.Tensor, y=None, stable: bool = True, what=None) ->
         out.append(x.clamp_(0.0, 1.0))
     if bad:
         names = ", ".join(what(i) if what else f"latent {i}" for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        if failed == "grey":
+            x = torch.cat(out)
+            x[bad] = 0.5
+            warnings.warn(f"the decode of {names} failed (not finite, or far outside the image range): drawn grey",
+                          stacklevel=3)
+            return x
         hint = ("" if stable else "; stable=True (the default) decodes most such edits")
         raise DecodeError(f"the decode of {names} is not finite (NaN or inf) or far outside the image range: the "
                           f"latent lies where the model's inverse leaves the data; a smaller step (alpha) keeps "
@@ -396,7 +409,7 @@ def directions_from_images(model, images, attributes: torch.Tensor, names: Seque
 
 @torch.no_grad()
 def manipulate(model, x: torch.Tensor, direction: torch.Tensor, alpha=1.0, y=None,
-               stable: bool = True) -> torch.Tensor:
+               stable: bool = True, failed: str = "raise") -> torch.Tensor:
     """Decode ``encode(x) + alpha * direction``, clamped to [0, 1].
 
     ``x`` ``[B, C, H, W]`` or ``[C, H, W]``; ``direction`` ``[D]``; ``alpha`` a float or a sequence
@@ -404,7 +417,8 @@ def manipulate(model, x: torch.Tensor, direction: torch.Tensor, alpha=1.0, y=Non
     and one alpha it is ``[B, C, H, W]``; with B images and B alphas, one alpha per image.
     ``alpha = 0`` gives the reconstruction ``decode(encode(x))``. ``stable`` (module docstring)
     keeps each level's latent norm and floors the coupling scales; ``False`` is the paper's formula
-    as it stands. A decode that is not finite raises :class:`DecodeError` naming the alpha.
+    as it stands. A failed decode (see :func:`_decode`) raises :class:`DecodeError` naming the
+    alpha; ``failed="grey"`` draws it as a grey image instead, with a warning.
     """
     model.require_initialized()
     x = _as_batch(x, "x")
@@ -426,7 +440,7 @@ def manipulate(model, x: torch.Tensor, direction: torch.Tensor, alpha=1.0, y=Non
         y = y.expand(z.shape[0])
     per_row = alphas.expand(z.shape[0]).tolist()
     return _decode(model, z, y, stable,
-                   what=lambda i: f"alpha {per_row[i]:g}" + (f" (image {i})" if b > 1 else ""))
+                   what=lambda i: f"alpha {per_row[i]:g}" + (f" (image {i})" if b > 1 else ""), failed=failed)
 
 
 @torch.no_grad()

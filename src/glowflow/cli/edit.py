@@ -50,7 +50,8 @@ def cmd_manipulate(args) -> int:
     model = load_model(args)
     directions = load_directions(model, args.checkpoint, args.directions)
     x = load_image(args.image, model.config.image_shape)
-    strip = latent.manipulate(model, x, directions[args.attribute], args.alphas, args.label, stable=not args.raw)
+    strip = latent.manipulate(model, x, directions[args.attribute], args.alphas, args.label, stable=not args.raw,
+                              failed="grey" if args.grey_failed else "raise")
     save_grid(strip, args.out, nrow=len(args.alphas), scale=args.scale)
     emit(args, {"out": str(args.out), "attribute": args.attribute, "alphas": args.alphas})
     return 0
@@ -189,6 +190,8 @@ def register(sub) -> None:
     p.add_argument("--directions", type=Path, help="folder with directions.safetensors "
                                                    "(default: next to the checkpoint)")
     p.add_argument("--label", type=int, help="class of the image (class-conditional models only)")
+    p.add_argument("--grey-failed", action="store_true",
+                   help="draw an alpha whose decode fails as a grey tile, with a warning, instead of stopping")
     _add_raw(p)
     add_picture_output(p, what="PNG strip to write")
     p.set_defaults(func=cmd_manipulate)
