@@ -383,6 +383,29 @@ def test_cli_directions_manipulate_interpolate(run_dir, capsys):
         run_cli(["manipulate", folder / "0.png", "-c", run, "--attribute", "smiling", "--out", out])
 
 
+def test_cli_manipulate_grey_failed_draws_a_failed_alpha_grey_and_keeps_the_rest(run_dir, monkeypatch):
+    run, folder = run_dir
+    assert run_cli(["directions", run, "--attributes", folder / "attrs.csv"]) == 0
+    decode = Glow.decode
+
+    def overflowing_last_row(self, eps, *args, **kwargs):  # the inverse overflowing at the last alpha
+        x = decode(self, eps, *args, **kwargs)
+        x[-1] = 1e23
+        return x
+
+    monkeypatch.setattr(Glow, "decode", overflowing_last_row)
+    out = run.parent / "strip.png"
+    argv = ["manipulate", run, folder / "0.png", "--attribute", "odd", "--alphas", "-1,0,1", "--out", out]
+    with pytest.raises(latent.DecodeError, match="alpha 1 is not finite"):
+        run_cli(argv)
+    assert not out.exists()
+    with pytest.warns(UserWarning, match="alpha 1 failed .* drawn grey"):
+        assert run_cli(argv + ["--grey-failed"]) == 0
+    strip = load_image(out, (1, 12, 3 * 10 + 2))[0]
+    tiles = [strip[2:10, 2 + 10 * i: 10 + 10 * i] for i in range(3)]  # 8x8 tiles, 2-pixel padding
+    assert (tiles[2] - 128 / 255).abs().max() < 1e-6 and (tiles[1] - 128 / 255).abs().max() > 0.01
+
+
 def test_cli_directions_reports_missing_images(run_dir):
     run, folder = run_dir
     (folder / "3.png").unlink()
