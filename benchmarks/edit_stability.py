@@ -58,8 +58,7 @@ def _count(model, z, direction, alpha, mode) -> tuple[int, int]:
         e = latent._keep_norms(model, e, z)
     x = model.decode(e, scale_floor=0.0 if mode == "plain" else latent.STABLE_SCALE_FLOOR).flatten(1)
     non_finite = ~torch.isfinite(x).all(1)
-    far = (x > 1.0 + latent.FAR_OUTSIDE) | (x < -latent.FAR_OUTSIDE)  # what glowflow.latent calls a failed edit
-    saturated = far.float().mean(1).gt(latent.MAX_FAR_FRACTION) & ~non_finite
+    saturated = latent.far_outside(x) & ~non_finite  # with non_finite: what glowflow.latent calls a failed edit
     return int(non_finite.sum()), int(saturated.sum())
 
 

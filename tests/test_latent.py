@@ -451,8 +451,6 @@ def test_a_diverged_edit_is_an_error_naming_the_alpha_not_a_black_image(model):
     assert e.value.rows == [1]
 
 
-
-
 def test_a_finite_decode_far_outside_the_image_range_is_a_failed_edit(model, monkeypatch):
     """The inverse's overflow is caught before it reaches inf: values of 1e23 (seen on the face
     model) are a failed edit, not an image of clamped pixel noise; a little overshoot is not."""
@@ -476,6 +474,7 @@ def test_a_finite_decode_far_outside_the_image_range_is_a_failed_edit(model, mon
     assert (grey[1:] == 0.5).all() and torch.equal(grey[0], out[0])
     with pytest.raises(ValueError, match="failed must be one of"):
         latent._decode(model, z, failed="skip")
+
 
 def test_sampling_decodes_with_the_stable_floor_unless_told_otherwise(model):
     """Glow.sample is decode(T * eps) with the couplings' scale floored at STABLE_SCALE_FLOOR (on the

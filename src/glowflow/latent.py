@@ -50,7 +50,7 @@ MAX_FAR_FRACTION = 0.05
 FAILED_EDITS = ("raise", "grey")
 
 __all__ = ["interpolate", "reconstruct", "manipulate", "edit", "DecodeError", "FAILED_EDITS", "STABLE_SCALE_FLOOR",
-           "DECODE_BATCH", "lerp", "slerp", "Directions",
+           "DECODE_BATCH", "far_outside", "lerp", "slerp", "Directions",
            "DirectionAccumulator", "attribute_directions", "directions_from_images", "class_attributes",
            "pair_attributes", "resolve_class", "AttributeTable", "parse_attribute_file", "parse_attribute_csv",
            "parse_celeba_attributes", "table_image_paths", "directions_dir", "save_directions", "load_directions",
@@ -108,6 +108,14 @@ def _onehot_path(model, y1, y2, t: torch.Tensor) -> torch.Tensor | None:
     return (1 - t)[:, None] * a + t[:, None] * b
 
 
+def far_outside(x: torch.Tensor) -> torch.Tensor:
+    """``[N]`` bool: which decoded images ``x [N, ...]`` have more than :data:`MAX_FAR_FRACTION` of
+    their values beyond ``[-FAR_OUTSIDE, 1 + FAR_OUTSIDE]`` (one half of a failed edit; the other
+    is a value that is not finite)."""
+    flat = x.flatten(1)
+    return ((flat < -FAR_OUTSIDE) | (flat > 1.0 + FAR_OUTSIDE)).float().mean(1) > MAX_FAR_FRACTION
+
+
 def _decode(model, eps: torch.Tensor, y=None, stable: bool = True, what=None, failed: str = "raise") -> torch.Tensor:
     """Decode ``eps [N, D]`` batch by batch, clamped to [0, 1]; :class:`DecodeError` if any row is
     not finite, or has more than :data:`MAX_FAR_FRACTION` of its values beyond
@@ -123,24 +131,22 @@ def _decode(model, eps: torch.Tensor, y=None, stable: bool = True, what=None, fa
         stop = min(start + DECODE_BATCH, eps.shape[0])
         yb = y[start:stop] if isinstance(y, torch.Tensor) and y.dim() >= 1 and y.shape[0] == eps.shape[0] else y
         x = model.decode(eps[start:stop], yb, scale_floor=floor)
-        flat = x.flatten(1)
-        far = ((flat < -FAR_OUTSIDE) | (flat > 1.0 + FAR_OUTSIDE)).float().mean(1)
-        ok = torch.isfinite(flat).all(1) & (far <= MAX_FAR_FRACTION)
+        ok = torch.isfinite(x.flatten(1)).all(1) & ~far_outside(x)
         bad += [start + int(i) for i in (~ok).nonzero().flatten()]
         out.append(x.clamp_(0.0, 1.0))
+    images = torch.cat(out)
     if bad:
         names = ", ".join(what(i) if what else f"latent {i}" for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
         if failed == "grey":
-            x = torch.cat(out)
-            x[bad] = 0.5
+            images[bad] = 0.5
             warnings.warn(f"the decode of {names} failed (not finite, or far outside the image range): drawn grey",
                           stacklevel=3)
-            return x
+            return images
         hint = ("" if stable else "; stable=True (the default) decodes most such edits")
         raise DecodeError(f"the decode of {names} is not finite (NaN or inf) or far outside the image range: the "
                           f"latent lies where the model's inverse leaves the data; a smaller step (alpha) keeps "
                           f"closer to the data{hint}", bad)
-    return torch.cat(out)
+    return images
 
 
 def _keep_norms(model, z: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
