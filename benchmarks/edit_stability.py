@@ -39,7 +39,7 @@ def _min_coupling_scale(model: Glow, x: torch.Tensor) -> float:
     seen = []
 
     def hook(module, inputs, output):
-        _, scale = module.conditioner(module.split(inputs[0])[0])
+        scale = module.conditioner(module.split(inputs[0])[0])[1]
         if scale is not None:
             seen.append(float(scale.min()))
 

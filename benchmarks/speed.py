@@ -30,7 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--levels", type=int, default=3)
     p.add_argument("--steps", type=int, default=32, help="flow steps per level")
     p.add_argument("--hidden-channels", type=int, default=64)
-    p.add_argument("--coupling", default="affine", choices=["affine", "additive"])
+    p.add_argument("--coupling", default="affine", choices=["affine", "additive", "mixture"])
     p.add_argument("--permutation", default="invconv", choices=["invconv", "invconv_lu", "shuffle", "reverse"])
     p.add_argument("--memory", default="none", choices=["none", "checkpoint", "invertible"])
     p.add_argument("--batch-size", type=int, default=16, help="training and encoding batch")

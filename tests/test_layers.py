@@ -88,7 +88,7 @@ def _coupling(kind: str):
     def build(x, pz, pa):
         layer = pz(Coupling(C, HIDDEN, kind, _generator()).double(), std=0.2)
         layer(x)  # init the actnorms inside the coupling network
-        return _as_bijection(layer, changes_volume=kind == "affine")
+        return _as_bijection(layer, changes_volume=kind != "additive")
     return build
 
 
@@ -96,9 +96,9 @@ def _squeeze(x, pz, pa):
     return _as_bijection(Squeeze(), changes_volume=False)
 
 
-def _flowstep(permutation: str, coupling: str):
+def _flowstep(permutation: str, coupling: str, std: float = 0.2):
     def build(x, pz, pa):
-        layer = pz(FlowStep(C, HIDDEN, coupling, permutation, _generator()).double(), std=0.2)
+        layer = pz(FlowStep(C, HIDDEN, coupling, permutation, _generator()).double(), std=std)
         layer(x)  # data-dependent init
         pa(layer, std=0.05)  # off the init point: nothing is exactly standardised or orthogonal
         return _as_bijection(layer, changes_volume=True)
@@ -147,9 +147,13 @@ LAYERS = {
     "permute_shuffle": _permute("shuffle"),
     "coupling_affine": _coupling("affine"),
     "coupling_additive": _coupling("additive"),
+    "coupling_mixture": _coupling("mixture"),
     "squeeze": _squeeze,
     **{f"flowstep_{p}_{c}": _flowstep(p, c)
        for p in ("invconv", "invconv_lu", "shuffle", "reverse") for c in ("affine", "additive")},
+    # smaller mixture parameters: at 0.2 the component log-scales reach -35 (clamped to -7) and
+    # +32, the map has plateaus of slope ~5e-9, and no float64 output pins the input down to 1e-10
+    "flowstep_invconv_lu_mixture": _flowstep("invconv_lu", "mixture", std=0.05),
     "split_prior": _split_prior,
     "chain": _chain,
     "level": _level(last=False),

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 SHAPE = (2, 8, 8)
 TINY = dict(image_shape=SHAPE, levels=2, steps=3, hidden_channels=8)
-COUPLINGS = ("affine", "additive")
+COUPLINGS = ("affine", "additive", "mixture")
 PERMUTATIONS = ("invconv", "invconv_lu", "shuffle", "reverse")
 
 

@@ -54,9 +54,10 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("variant", [
     dict(coupling="affine"),
     dict(coupling="additive"),
+    dict(coupling="mixture", mixture_components=3),
     dict(coupling="affine", num_classes=NUM_CLASSES),
     dict(coupling="affine", split_prior="conv+position"),
-], ids=["affine", "additive", "class_conditional", "position_split_prior"])
+], ids=["affine", "additive", "mixture", "class_conditional", "position_split_prior"])
 def test_log_prob_is_gaussian_of_encoding_plus_log_det_jacobian(variant, perturb_zero_init):
     model = _tiny_model(perturb_zero_init, **variant)
     batch = 2
@@ -87,7 +88,7 @@ def test_log_prob_is_gaussian_of_encoding_plus_log_det_jacobian(variant, perturb
 
 # ---------------------------------------------------------------------------- exact inverse
 @pytest.mark.parametrize("permutation", ["invconv", "invconv_lu", "shuffle", "reverse"])
-@pytest.mark.parametrize("coupling", ["affine", "additive"])
+@pytest.mark.parametrize("coupling", ["affine", "additive", "mixture"])
 def test_decode_inverts_encode_float64(coupling, permutation, perturb_zero_init):
     model = _tiny_model(perturb_zero_init, coupling=coupling, permutation=permutation)
     x = _images(TINY["image_shape"], 4, seed=2)

@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .config import COUPLINGS, PERMUTATIONS, TrainConfig
+from .config import PERMUTATIONS, TrainConfig
 from .data import get_dataset
 from .io import atomic_write_json, atomic_write_text
 from .plots import pyplot, save_figure
@@ -361,7 +361,7 @@ def run_ablation(base: TrainConfig, out_dir, seeds: int | Sequence[int] = 3,
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seed_list:
         raise ValueError("seeds must be a positive count or a non-empty list of seeds")
-    for name, given, allowed in (("permutation", permutations, PERMUTATIONS), ("coupling", couplings, COUPLINGS)):
+    for name, given, allowed in (("permutation", permutations, PERMUTATIONS), ("coupling", couplings, PANEL_COUPLINGS)):
         bad = [g for g in given if g not in allowed]
         if bad or not given:
             raise ValueError(f"{name}s must be a non-empty subset of {allowed}, got {list(given)}")

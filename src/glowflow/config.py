@@ -20,9 +20,10 @@ from . import numerics
 
 __all__ = ["GlowConfig", "TrainConfig", "config_from_dict", "list_presets", "load_preset", "apply_overrides",
            "build_train_config", "COUPLINGS", "PERMUTATIONS", "SPLIT_PRIORS", "MEMORY_MODES", "LR_DECAYS",
-           "OPTIMIZERS", "PRECISIONS", "DEQUANTIZATIONS", "MAX_PARAMETERS", "MAX_FLOW_STEPS"]
+           "OPTIMIZERS", "PRECISIONS", "DEQUANTIZATIONS", "MAX_PARAMETERS", "MAX_FLOW_STEPS",
+           "coupling_outputs"]
 
-COUPLINGS = ("affine", "additive")
+COUPLINGS = ("affine", "additive", "mixture")  # mixture: Flow++'s mixture-of-logistics coupling
 PERMUTATIONS = ("invconv", "invconv_lu", "shuffle", "reverse")
 SPLIT_PRIORS = ("conv", "conv+position")  # the paper's; and one with a learned per-position term
 MEMORY_MODES = ("none", "checkpoint", "invertible")  # see memory.py
@@ -145,6 +146,7 @@ class GlowConfig:
     dequantization: str = "uniform"  # "uniform" or "variational" (a learned q(u|x), Flow++)
     dequant_hidden_channels: int = 32  # width of the variational dequantizer's networks
     dequant_steps: int = 2  # its conditional couplings
+    mixture_components: int = 4  # logistics per element of a mixture coupling (Flow++ used 32)
 
     def __post_init__(self):
         shape = self.image_shape
@@ -153,7 +155,7 @@ class GlowConfig:
             raise ValueError(f"image_shape must be (C, H, W) of positive ints, got {shape}")
         object.__setattr__(self, "image_shape", tuple(int(s) for s in shape))
         _, h, w = self.image_shape
-        for name in ("levels", "steps", "hidden_channels"):
+        for name in ("levels", "steps", "hidden_channels", "mixture_components"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -192,7 +194,7 @@ class GlowConfig:
         for level in range(self.levels):
             c, h, w = 4 * c, h // 2, w // 2
             passed, changed = c - c // 2, c // 2
-            out = 2 * changed if self.coupling == "affine" else changed
+            out = coupling_outputs(self.coupling, changed, self.mixture_components)
             permutation = {"invconv": c * c, "invconv_lu": 2 * c * c + c}.get(self.permutation, 0)
             net = 9 * passed * width + 2 * width + width * width + 2 * width + 9 * width * out + 2 * out
             total += self.steps * (2 * c + permutation + net)
@@ -308,6 +310,14 @@ class TrainConfig:
 
 
 # -------------------------------------------------------------------------------------- presets
+def coupling_outputs(kind: str, num_change: int, components: int = 4) -> int:
+    """Output channels of the network of a coupling (``kind`` in COUPLINGS) that changes
+    ``num_change`` channels: a shift; a scale unless additive; a mixture's weights, locations and
+    log-scales per component."""
+    per_channel = {"additive": 1, "affine": 2, "mixture": 3 * components + 2}[kind]
+    return per_channel * num_change
+
+
 def list_presets() -> dict[str, str]:
     """Name -> one-line description of every preset shipped with the package."""
     out = {}

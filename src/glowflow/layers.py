@@ -17,8 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import fast
-from .config import COUPLINGS, PERMUTATIONS
+from .config import COUPLINGS, PERMUTATIONS, coupling_outputs
 from .memory import run_layers
+from .mixture import mixture_logit, mixture_logit_inverse
 
 __all__ = ["InvertibleLayer", "Chain", "ActNorm", "InvConv1x1", "Permute", "Coupling", "CouplingNet",
            "ZeroConv2d", "Squeeze", "FlowStep", "SplitPrior", "Level", "TopPrior", "random_rotation",
@@ -27,11 +28,11 @@ __all__ = ["InvertibleLayer", "Chain", "ActNorm", "InvConv1x1", "Permute", "Coup
 # Scale on the zero-initialised layers' learned log-scale, as in the official code: lets the
 # output scale move quickly while starting at exactly 1.
 LOGSCALE_FACTOR = 3.0
-# The affine coupling's scale is sigmoid(h + COUPLING_SCALE_SHIFT): in (0, 1), so the forward map
-# never amplifies, and about 0.88 at initialisation (h = 0), as in the official code.
+# The affine (and mixture) couplings' scale is sigmoid(h + COUPLING_SCALE_SHIFT): in (0, 1), so
+# that step never amplifies, and about 0.88 at initialisation (h = 0), as in the official code.
 COUPLING_SCALE_SHIFT = 2.0
-# The affine coupling's inverse divides by that scale. At latents far from any data the scale can
-# reach 1e-6 and below, and the division overflows: inverse_scale_floor bounds it for a block.
+# Their inverse divides by that scale. At latents far from any data the scale can reach 1e-6
+# and below, and the division overflows: inverse_scale_floor bounds it for a block.
 _SCALE_FLOOR = contextvars.ContextVar("glowflow_inverse_scale_floor", default=0.0)
 # The floor sampling and latent edits use: far below any scale data produce (about 6e-3 is the
 # smallest on 2,000 Fashion-MNIST test images, 0.081 on the 400 faces), so the latents of data
@@ -41,10 +42,10 @@ STABLE_SCALE_FLOOR = 1e-3
 
 @contextlib.contextmanager
 def inverse_scale_floor(floor: float):
-    """Within the block, affine couplings invert with ``scale = max(scale, floor)``. The forward map
-    is untouched, and so is any inverse whose scales are all above ``floor`` (those of data are, for
-    a small enough floor), so ``decode(encode(x))`` stays exact; latents off the data decode to
-    finite images instead of overflowing."""
+    """Within the block, affine and mixture couplings invert with ``scale = max(scale, floor)``.
+    The forward map is untouched, and so is any inverse whose scales are all above ``floor`` (those
+    of data are, for a small enough floor), so ``decode(encode(x))`` stays exact; latents off the
+    data decode to finite images instead of overflowing."""
     if not floor >= 0.0:
         raise ValueError(f"the scale floor must be >= 0, got {floor}")
     token = _SCALE_FLOOR.set(float(floor))
@@ -376,51 +377,71 @@ class CouplingNet(nn.Module):
 
 
 class Coupling(InvertibleLayer):
-    """Affine or additive coupling: the first channel half passes through and conditions the second.
+    """Affine, additive or mixture-of-logistics coupling: the first channel half passes through and
+    conditions the second.
 
-    affine:   y2 = (x2 + shift) * scale,  scale = sigmoid(h + 2) in (0, 1)
+    affine:   y2 = (x2 + shift) * scale,            scale = sigmoid(h + 2) in (0, 1)
     additive: y2 = x2 + shift
-    with ``(shift, h) = net(x1)``. The pieces are public (:meth:`split`, :meth:`conditioner`,
-    :meth:`couple`, :meth:`uncouple`), so forward, inverse and the invertible backward share them.
+    mixture:  y2 = (logit F(x2) + shift) * scale,   F a mixture of ``components`` logistics
+              (Flow++, section 3.2; :mod:`glowflow.mixture`)
+    with ``(shift, h[, mixture parameters]) = net(x1)``. The pieces are public (:meth:`split`,
+    :meth:`conditioner`, :meth:`couple`, :meth:`uncouple`), so forward, inverse and the invertible
+    backward share them: ``couple(x2, *conditioner(x1))``.
     """
 
-    def __init__(self, num_channels: int, hidden_channels: int, kind: str = "affine", generator=None):
+    def __init__(self, num_channels: int, hidden_channels: int, kind: str = "affine", generator=None,
+                 components: int = 4):
         super().__init__()
         if kind not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {kind!r}")
         if num_channels < 2:
             raise ValueError(f"coupling needs at least 2 channels, got {num_channels}")
+        if components < 1:
+            raise ValueError(f"a mixture coupling needs at least 1 component, got {components}")
         self.kind = kind
+        self.components = components
         self.num_pass = num_channels - num_channels // 2
         num_change = num_channels // 2
-        out = 2 * num_change if kind == "affine" else num_change
-        self.net = CouplingNet(self.num_pass, out, hidden_channels, generator)
+        self.net = CouplingNet(self.num_pass, coupling_outputs(kind, num_change, components),
+                               hidden_channels, generator)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x -> (x1, x2)``: the half that passes through, the half that is changed."""
         return x[:, : self.num_pass], x[:, self.num_pass:]
 
-    def conditioner(self, x1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(shift, scale)`` from the pass-through half (``scale`` None for additive coupling)."""
+    def conditioner(self, x1: torch.Tensor) -> tuple:
+        """``(shift, scale)`` from the pass-through half (``scale`` None for additive coupling);
+        for mixture coupling also ``(logit_pi, mu, log_s)``, each ``[B, components, C2, H, W]``."""
         h = self.net(x1).to(x1.dtype)  # back to full precision under autocast
         if self.kind == "additive":
             return h, None
-        return h[:, 0::2], torch.sigmoid(h[:, 1::2] + COUPLING_SCALE_SHIFT)
+        if self.kind == "affine":
+            return h[:, 0::2], torch.sigmoid(h[:, 1::2] + COUPLING_SCALE_SHIFT)
+        k = self.components
+        h = h.unflatten(1, (3 * k + 2, -1))
+        return (h[:, 0], torch.sigmoid(h[:, 1] + COUPLING_SCALE_SHIFT),
+                (h[:, 2: 2 + k], h[:, 2 + k: 2 + 2 * k], h[:, 2 + 2 * k:]))
 
     @staticmethod
-    def couple(x2: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def couple(x2: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor | None,
+               mixture: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The changed half's forward map and its log|det| ``[B]``."""
         if scale is None:
             return x2 + shift, x2.new_zeros(x2.shape[0])
-        return (x2 + shift) * scale, torch.log(scale).flatten(1).sum(1)
+        if mixture is None:
+            return (x2 + shift) * scale, torch.log(scale).flatten(1).sum(1)
+        u, log_slope = mixture_logit(x2, *mixture)
+        return (u + shift) * scale, (torch.log(scale) + log_slope).flatten(1).sum(1)
 
     @staticmethod
-    def uncouple(y2: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    def uncouple(y2: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor | None,
+                 mixture: tuple | None = None) -> torch.Tensor:
         """The inverse of :meth:`couple` (see :func:`inverse_scale_floor`)."""
         if scale is None:
             return y2 - shift
         floor = _SCALE_FLOOR.get()
-        return y2 / (scale.clamp_min(floor) if floor > 0.0 else scale) - shift
+        u = y2 / (scale.clamp_min(floor) if floor > 0.0 else scale) - shift
+        return u if mixture is None else mixture_logit_inverse(u, *mixture)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x1, x2 = self.split(x)
@@ -438,9 +459,10 @@ class Coupling(InvertibleLayer):
         y1, y2 = self.split(y.detach())
         with torch.enable_grad():
             x1 = y1.detach().requires_grad_(True)
-            shift, scale = self.conditioner(x1)
-            x2 = self.uncouple(y2, shift, scale).detach().requires_grad_(True)
-            y2_re, logdet = self.couple(x2, shift, scale)
+            conditioning = self.conditioner(x1)
+            with torch.no_grad():  # the inverse's own graph is never used
+                x2 = self.uncouple(y2, *conditioning).requires_grad_(True)
+            y2_re, logdet = self.couple(x2, *conditioning)
         grad_y1, grad_y2 = self.split(grad_y)
         outputs, grads_out = _differentiable((y2_re, logdet), (grad_y2, grad_logdet))
         g = torch.autograd.grad(outputs, [x1, x2, *params], grads_out, allow_unused=True)
@@ -467,7 +489,8 @@ class FlowStep(Chain):
     """One step of flow: actnorm -> permutation (1x1 conv, shuffle or reverse) -> coupling."""
 
     def __init__(self, num_channels: int, hidden_channels: int, coupling: str = "affine",
-                 permutation: str = "invconv_lu", generator: torch.Generator | None = None):
+                 permutation: str = "invconv_lu", generator: torch.Generator | None = None,
+                 components: int = 4):
         super().__init__()
         if permutation not in PERMUTATIONS:
             raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {permutation!r}")
@@ -476,7 +499,7 @@ class FlowStep(Chain):
             self.permute = InvConv1x1(num_channels, lu=permutation == "invconv_lu", generator=generator)
         else:
             self.permute = Permute(num_channels, permutation, generator)
-        self.coupling = Coupling(num_channels, hidden_channels, coupling, generator)
+        self.coupling = Coupling(num_channels, hidden_channels, coupling, generator, components)
 
 
 class SplitPrior(InvertibleLayer):
@@ -529,11 +552,12 @@ class Level(Chain):
     """
 
     def __init__(self, in_channels: int, steps: int, hidden_channels: int, coupling: str, permutation: str,
-                 last: bool, generator: torch.Generator, spatial: tuple[int, int] | None = None):
+                 last: bool, generator: torch.Generator, spatial: tuple[int, int] | None = None,
+                 components: int = 4):
         super().__init__()
         channels = 4 * in_channels
         self.squeeze = Squeeze()
-        self.steps = Chain(*(FlowStep(channels, hidden_channels, coupling, permutation, generator)
+        self.steps = Chain(*(FlowStep(channels, hidden_channels, coupling, permutation, generator, components)
                              for _ in range(steps)))
         self.split = None if last else SplitPrior(channels, spatial)
         self.out_channels = channels if last else self.split.num_keep  # what goes on to the next level

@@ -62,7 +62,8 @@ class Glow(nn.Module):
             last = i == cfg.levels - 1
             h, w = h // 2, w // 2
             spatial = (h, w) if cfg.split_prior == "conv+position" else None
-            level = Level(c, cfg.steps, cfg.hidden_channels, cfg.coupling, cfg.permutation, last, generator, spatial)
+            level = Level(c, cfg.steps, cfg.hidden_channels, cfg.coupling, cfg.permutation, last, generator, spatial,
+                          cfg.mixture_components)
             if not last:
                 self.latent_shapes.append((level.split.num_out, h, w))
             self.levels.append(level)
@@ -233,8 +234,9 @@ class Glow(nn.Module):
     def decode(self, eps: torch.Tensor, y: torch.Tensor | None = None, scale_floor: float = 0.0) -> torch.Tensor:
         """Standardised latents [B, D] -> images [B, C, H, W] (not clamped: the exact inverse).
 
-        ``scale_floor`` > 0 bounds the affine couplings' inverse (:func:`~glowflow.layers.inverse_scale_floor`),
-        for latents far from the data; the latents of data decode as without it.
+        ``scale_floor`` > 0 bounds the affine and mixture couplings' inverse
+        (:func:`~glowflow.layers.inverse_scale_floor`), for latents far from the data; the latents
+        of data decode as without it.
         """
         if not isinstance(eps, torch.Tensor):
             raise ValueError(f"latents must be a torch.Tensor [B, D], got {type(eps).__name__}")
