@@ -21,9 +21,10 @@ from . import numerics
 __all__ = ["GlowConfig", "TrainConfig", "config_from_dict", "list_presets", "load_preset", "apply_overrides",
            "build_train_config", "COUPLINGS", "PERMUTATIONS", "SPLIT_PRIORS", "MEMORY_MODES", "LR_DECAYS",
            "OPTIMIZERS", "PRECISIONS", "DEQUANTIZATIONS", "MAX_PARAMETERS", "MAX_FLOW_STEPS",
-           "coupling_outputs"]
+           "MIXTURE_COMPONENTS", "coupling_outputs"]
 
 COUPLINGS = ("affine", "additive", "mixture")  # mixture: Flow++'s mixture-of-logistics coupling
+MIXTURE_COMPONENTS = 4  # the default logistics per element of a mixture coupling (Flow++ used 32)
 PERMUTATIONS = ("invconv", "invconv_lu", "shuffle", "reverse")
 SPLIT_PRIORS = ("conv", "conv+position")  # the paper's; and one with a learned per-position term
 MEMORY_MODES = ("none", "checkpoint", "invertible")  # see memory.py
@@ -146,7 +147,7 @@ class GlowConfig:
     dequantization: str = "uniform"  # "uniform" or "variational" (a learned q(u|x), Flow++)
     dequant_hidden_channels: int = 32  # width of the variational dequantizer's networks
     dequant_steps: int = 2  # its conditional couplings
-    mixture_components: int = 4  # logistics per element of a mixture coupling (Flow++ used 32)
+    mixture_components: int = MIXTURE_COMPONENTS  # used only by coupling="mixture"
 
     def __post_init__(self):
         shape = self.image_shape
@@ -310,7 +311,7 @@ class TrainConfig:
 
 
 # -------------------------------------------------------------------------------------- presets
-def coupling_outputs(kind: str, num_change: int, components: int = 4) -> int:
+def coupling_outputs(kind: str, num_change: int, components: int = MIXTURE_COMPONENTS) -> int:
     """Output channels of the network of a coupling (``kind`` in COUPLINGS) that changes
     ``num_change`` channels: a shift; a scale unless additive; a mixture's weights, locations and
     log-scales per component."""

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import fast
-from .config import COUPLINGS, PERMUTATIONS, coupling_outputs
+from .config import COUPLINGS, MIXTURE_COMPONENTS, PERMUTATIONS, coupling_outputs
 from .memory import run_layers
 from .mixture import mixture_logit, mixture_logit_inverse
 
@@ -390,7 +390,7 @@ class Coupling(InvertibleLayer):
     """
 
     def __init__(self, num_channels: int, hidden_channels: int, kind: str = "affine", generator=None,
-                 components: int = 4):
+                 components: int = MIXTURE_COMPONENTS):
         super().__init__()
         if kind not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {kind!r}")
@@ -490,7 +490,7 @@ class FlowStep(Chain):
 
     def __init__(self, num_channels: int, hidden_channels: int, coupling: str = "affine",
                  permutation: str = "invconv_lu", generator: torch.Generator | None = None,
-                 components: int = 4):
+                 components: int = MIXTURE_COMPONENTS):
         super().__init__()
         if permutation not in PERMUTATIONS:
             raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {permutation!r}")
@@ -553,7 +553,7 @@ class Level(Chain):
 
     def __init__(self, in_channels: int, steps: int, hidden_channels: int, coupling: str, permutation: str,
                  last: bool, generator: torch.Generator, spatial: tuple[int, int] | None = None,
-                 components: int = 4):
+                 components: int = MIXTURE_COMPONENTS):
         super().__init__()
         channels = 4 * in_channels
         self.squeeze = Squeeze()

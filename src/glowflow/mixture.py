@@ -44,15 +44,19 @@ def _standardise(x, mu, log_s):
     return (x.unsqueeze(1) - mu) * torch.exp(-log_s)
 
 
+def _log_tails(x, log_pi, mu, log_s):
+    """``(log F(x), log(1 - F(x)), log sigmoid(z), log sigmoid(-z))``, for clamped ``log_s``."""
+    z = _standardise(x, mu, log_s)
+    up, down = F.logsigmoid(z), F.logsigmoid(-z)
+    return torch.logsumexp(log_pi + up, 1), torch.logsumexp(log_pi + down, 1), up, down
+
+
 def mixture_logit(x: torch.Tensor, logit_pi: torch.Tensor, mu: torch.Tensor,
                   log_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logit F(x), log of d logit F / dx)``, both shaped like ``x``."""
     _check(x, logit_pi, mu, log_s)
     log_pi, log_s = F.log_softmax(logit_pi, dim=1), log_s.clamp_min(LOG_SCALE_MIN)
-    z = _standardise(x, mu, log_s)
-    up, down = F.logsigmoid(z), F.logsigmoid(-z)
-    log_cdf = torch.logsumexp(log_pi + up, 1)
-    log_sf = torch.logsumexp(log_pi + down, 1)  # log(1 - F)
+    log_cdf, log_sf, up, down = _log_tails(x, log_pi, mu, log_s)
     log_pdf = torch.logsumexp(log_pi + up + down - log_s, 1)
     return log_cdf - log_sf, log_pdf - log_cdf - log_sf
 
@@ -86,8 +90,8 @@ def _bisect(y, logit_pi, mu, log_s):
         # keep the loop going, and come out as NaN or inf, for the caller to judge.
         if not bool(((hi - lo) > tol * (1.0 + mid.abs())).any()):
             break
-        z = _standardise(mid, mu, log_s)
-        above = torch.logsumexp(log_pi + F.logsigmoid(z), 1) - torch.logsumexp(log_pi + F.logsigmoid(-z), 1) > y
+        log_cdf, log_sf, _, _ = _log_tails(mid, log_pi, mu, log_s)
+        above = log_cdf - log_sf > y
         hi = torch.where(above, mid, hi)
         lo = torch.where(above, lo, mid)
     return 0.5 * (lo + hi)
