@@ -15,7 +15,7 @@ from torch.autograd.functional import jacobian
 
 from glowflow import fast
 from glowflow.layers import (ActNorm, Chain, Coupling, CouplingNet, FlowStep, InvConv1x1, InvertibleLayer, Level,
-                             Permute, SplitPrior, Squeeze, TopPrior)
+                             Permute, SelfAttention, SplitPrior, Squeeze, TopPrior)
 
 B, C, H, W = 2, 4, 4, 4
 HIDDEN = 8
@@ -84,9 +84,9 @@ def _permute(mode: str):
     return build
 
 
-def _coupling(kind: str):
+def _coupling(kind: str, attention_heads: int = 0):
     def build(x, pz, pa):
-        layer = pz(Coupling(C, HIDDEN, kind, _generator()).double(), std=0.2)
+        layer = pz(Coupling(C, HIDDEN, kind, _generator(), attention_heads=attention_heads).double(), std=0.2)
         layer(x)  # init the actnorms inside the coupling network
         return _as_bijection(layer, changes_volume=kind != "additive")
     return build
@@ -148,6 +148,7 @@ LAYERS = {
     "coupling_affine": _coupling("affine"),
     "coupling_additive": _coupling("additive"),
     "coupling_mixture": _coupling("mixture"),
+    "coupling_affine_attention": _coupling("affine", attention_heads=2),
     "squeeze": _squeeze,
     **{f"flowstep_{p}_{c}": _flowstep(p, c)
        for p in ("invconv", "invconv_lu", "shuffle", "reverse") for c in ("affine", "additive")},
@@ -322,6 +323,46 @@ def test_coupling_net_folded_actnorm_equals_conv_then_actnorm(out_channels, hidd
     zero = net.net[2]
     expected = zero.conv(h) * torch.exp(3.0 * zero.logs)
     torch.testing.assert_close(net(x), expected, atol=1e-12, rtol=1e-12)
+
+
+def test_self_attention_equals_written_out_softmax_attention(perturb_zero_init):
+    """Per head: softmax(Q K^T / sqrt(d)) V over the H W positions, then the output map, added to h."""
+    heads, c = 2, 6
+    block = perturb_zero_init(SelfAttention(c, heads, _generator()).double(), std=0.3)
+    h = torch.randn(2, c, 3, 5, dtype=torch.float64, generator=_generator(4))
+    tokens = h.flatten(2).transpose(1, 2)  # [B, HW, C]
+    wq, wk, wv = block.qkv.weight.split(c)
+    d = c // heads
+    attended = []
+    for i in range(heads):
+        q, k, v = (tokens @ w[i * d:(i + 1) * d].T for w in (wq, wk, wv))
+        attended.append(torch.softmax(q @ k.transpose(1, 2) / d ** 0.5, dim=-1) @ v)
+    out = torch.cat(attended, -1) @ block.out.weight.T + block.out.bias
+    expected = h + out.transpose(1, 2).reshape(h.shape)
+    torch.testing.assert_close(block(h), expected, rtol=1e-12, atol=1e-12)
+    assert (block(h) - h).abs().max() > 0.1  # the block acts: the check is not vacuous
+
+
+def test_self_attention_starts_as_identity_and_reaches_every_position(perturb_zero_init):
+    """A new block is the identity (its output map is zero), so a coupling network with it starts
+    where one without it does; once trained, each output position depends on every input position,
+    where the convolutional network (3x3, 1x1, 3x3) sees only a 5x5 neighbourhood."""
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64, generator=_generator(5))
+    plain, attending = (CouplingNet(2, 4, HIDDEN, _generator(), attention_heads=a).double() for a in (0, 2))
+    plain(x), attending(x)  # data-dependent init
+    perturb_zero_init(plain.net[-1], std=0.2)  # wake the last convolution, the same in both
+    attending.net[-1].load_state_dict(plain.net[-1].state_dict())
+    torch.testing.assert_close(attending(x), plain(x), rtol=0, atol=0)
+    assert plain(x).abs().max() > 0.1
+    perturb_zero_init(attending, std=0.2)  # now the attention's output map
+    reach = {}
+    for name, net in (("plain", plain), ("attending", attending)):
+        xi = x.clone().requires_grad_(True)
+        net(xi)[:, :, 0, 0].sum().backward()  # the top-left output ...
+        reach[name] = xi.grad[:, :, 7, 7].abs().max().item()  # ... against the bottom-right input
+    assert reach["plain"] == 0.0 and reach["attending"] > 1e-6
+    with pytest.raises(ValueError, match="divide the hidden channels"):
+        SelfAttention(6, 4)
 
 
 def test_actnorm_loaded_from_state_dict_does_not_reinit():

@@ -148,6 +148,8 @@ class GlowConfig:
     dequant_hidden_channels: int = 32  # width of the variational dequantizer's networks
     dequant_steps: int = 2  # its conditional couplings
     mixture_components: int = MIXTURE_COMPONENTS  # used only by coupling="mixture"
+    attention_levels: int = 0  # the coarsest levels whose coupling networks get self-attention (0: none)
+    attention_heads: int = 4  # its heads; they must divide hidden_channels
 
     def __post_init__(self):
         shape = self.image_shape
@@ -160,6 +162,15 @@ class GlowConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if (isinstance(self.attention_levels, bool) or not isinstance(self.attention_levels, int)
+                or not 0 <= self.attention_levels <= self.levels):
+            raise ValueError(f"attention_levels must be an integer from 0 to levels ({self.levels}), "
+                             f"got {self.attention_levels!r}")
+        heads = self.attention_heads
+        if self.attention_levels and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1
+                                      or self.hidden_channels % heads):
+            raise ValueError(f"attention_heads must be >= 1 and divide hidden_channels ({self.hidden_channels}), "
+                             f"got {self.attention_heads}")
         scale = 2 ** self.levels
         if h % scale or w % scale:
             raise ValueError(f"H and W must be divisible by 2**levels = {scale}; got H={h}, W={w} "
@@ -198,6 +209,8 @@ class GlowConfig:
             out = coupling_outputs(self.coupling, changed, self.mixture_components)
             permutation = {"invconv": c * c, "invconv_lu": 2 * c * c + c}.get(self.permutation, 0)
             net = 9 * passed * width + 2 * width + width * width + 2 * width + 9 * width * out + 2 * out
+            if level >= self.levels - self.attention_levels:
+                net += 4 * width * width + width  # query, key and value maps, output map and its bias
             total += self.steps * (2 * c + permutation + net)
             if level < self.levels - 1:
                 keep, leave = c - c // 2, c // 2

@@ -22,7 +22,7 @@ from .memory import run_layers
 from .mixture import mixture_logit, mixture_logit_inverse
 
 __all__ = ["InvertibleLayer", "Chain", "ActNorm", "InvConv1x1", "Permute", "Coupling", "CouplingNet",
-           "ZeroConv2d", "Squeeze", "FlowStep", "SplitPrior", "Level", "TopPrior", "random_rotation",
+           "ZeroConv2d", "SelfAttention", "Squeeze", "FlowStep", "SplitPrior", "Level", "TopPrior", "random_rotation",
            "inverse_scale_floor", "STABLE_SCALE_FLOOR", "LOGSCALE_FACTOR"]
 
 # Scale on the zero-initialised layers' learned log-scale, as in the official code: lets the
@@ -361,16 +361,47 @@ class _NormedConv(nn.Module):
         return F.relu(fast.scaled_conv(x, self.conv.weight, torch.exp(norm.logs), norm.bias), inplace=True)
 
 
-class CouplingNet(nn.Module):
-    """3x3 conv -> actnorm -> ReLU -> 1x1 conv -> actnorm -> ReLU -> zero-initialised 3x3 conv."""
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over an image's positions, added to its input:
+    ``h + W_out attention(W_q h, W_k h, W_v h)``, ``[B, C, H, W] -> [B, C, H, W]``.
 
-    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int, generator=None):
+    Every position sees every other one, where a 3x3 network sees a 3x3 neighbourhood per
+    convolution. ``W_out`` starts at zero, so the block starts as the identity and a network
+    with it computes what one without it would.
+    """
+
+    def __init__(self, channels: int, heads: int, generator=None):
         super().__init__()
-        self.net = nn.Sequential(
-            _NormedConv(in_channels, hidden_channels, 3, generator),
-            _NormedConv(hidden_channels, hidden_channels, 1, generator),
-            ZeroConv2d(hidden_channels, out_channels, 3),
-        )
+        if heads < 1 or channels % heads:
+            raise ValueError(f"attention heads must divide the hidden channels ({channels}), got {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(channels, 3 * channels, bias=False)
+        self.out = nn.Linear(channels, channels)
+        with torch.no_grad():
+            self.qkv.weight.normal_(0.0, channels ** -0.5, generator=generator)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, c, height, width = h.shape
+        tokens = h.permute(0, 2, 3, 1).reshape(b, height * width, c)  # a view in channels-last layout
+        q, k, v = self.qkv(tokens).view(b, height * width, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, height * width, c)
+        return h + self.out(a).view(b, height, width, c).permute(0, 3, 1, 2)
+
+
+class CouplingNet(nn.Module):
+    """3x3 conv -> actnorm -> ReLU -> 1x1 conv -> actnorm -> ReLU [-> self-attention] ->
+    zero-initialised 3x3 conv. ``attention_heads=0``: no attention block."""
+
+    def __init__(self, in_channels: int, out_channels: int, hidden_channels: int, generator=None,
+                 attention_heads: int = 0):
+        super().__init__()
+        layers = [_NormedConv(in_channels, hidden_channels, 3, generator),
+                  _NormedConv(hidden_channels, hidden_channels, 1, generator)]
+        if attention_heads:
+            layers.append(SelfAttention(hidden_channels, attention_heads, generator))
+        self.net = nn.Sequential(*layers, ZeroConv2d(hidden_channels, out_channels, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(fast.coupling_layout(x))
@@ -390,7 +421,7 @@ class Coupling(InvertibleLayer):
     """
 
     def __init__(self, num_channels: int, hidden_channels: int, kind: str = "affine", generator=None,
-                 components: int = MIXTURE_COMPONENTS):
+                 components: int = MIXTURE_COMPONENTS, attention_heads: int = 0):
         super().__init__()
         if kind not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {kind!r}")
@@ -403,7 +434,7 @@ class Coupling(InvertibleLayer):
         self.num_pass = num_channels - num_channels // 2
         num_change = num_channels // 2
         self.net = CouplingNet(self.num_pass, coupling_outputs(kind, num_change, components),
-                               hidden_channels, generator)
+                               hidden_channels, generator, attention_heads)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x -> (x1, x2)``: the half that passes through, the half that is changed."""
@@ -490,7 +521,7 @@ class FlowStep(Chain):
 
     def __init__(self, num_channels: int, hidden_channels: int, coupling: str = "affine",
                  permutation: str = "invconv_lu", generator: torch.Generator | None = None,
-                 components: int = MIXTURE_COMPONENTS):
+                 components: int = MIXTURE_COMPONENTS, attention_heads: int = 0):
         super().__init__()
         if permutation not in PERMUTATIONS:
             raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {permutation!r}")
@@ -499,7 +530,7 @@ class FlowStep(Chain):
             self.permute = InvConv1x1(num_channels, lu=permutation == "invconv_lu", generator=generator)
         else:
             self.permute = Permute(num_channels, permutation, generator)
-        self.coupling = Coupling(num_channels, hidden_channels, coupling, generator, components)
+        self.coupling = Coupling(num_channels, hidden_channels, coupling, generator, components, attention_heads)
 
 
 class SplitPrior(InvertibleLayer):
@@ -553,11 +584,12 @@ class Level(Chain):
 
     def __init__(self, in_channels: int, steps: int, hidden_channels: int, coupling: str, permutation: str,
                  last: bool, generator: torch.Generator, spatial: tuple[int, int] | None = None,
-                 components: int = MIXTURE_COMPONENTS):
+                 components: int = MIXTURE_COMPONENTS, attention_heads: int = 0):
         super().__init__()
         channels = 4 * in_channels
         self.squeeze = Squeeze()
-        self.steps = Chain(*(FlowStep(channels, hidden_channels, coupling, permutation, generator, components)
+        self.steps = Chain(*(FlowStep(channels, hidden_channels, coupling, permutation, generator, components,
+                                      attention_heads)
                              for _ in range(steps)))
         self.split = None if last else SplitPrior(channels, spatial)
         self.out_channels = channels if last else self.split.num_keep  # what goes on to the next level
