@@ -198,6 +198,11 @@ class GlowConfig:
     def num_dims(self) -> int:
         return math.prod(self.image_shape)
 
+    def level_attention_heads(self, level: int) -> int:
+        """The self-attention heads of level ``level``'s coupling networks (0 = finest): the last
+        ``attention_levels`` levels, the coarsest, get ``attention_heads``; the others none (0)."""
+        return self.attention_heads if level >= self.levels - self.attention_levels else 0
+
     def num_parameters(self) -> int:
         """The number of parameters :class:`~glowflow.model.Glow` builds for this config, counted
         without building it (the tests check it against the built model)."""
@@ -209,7 +214,7 @@ class GlowConfig:
             out = coupling_outputs(self.coupling, changed, self.mixture_components)
             permutation = {"invconv": c * c, "invconv_lu": 2 * c * c + c}.get(self.permutation, 0)
             net = 9 * passed * width + 2 * width + width * width + 2 * width + 9 * width * out + 2 * out
-            if level >= self.levels - self.attention_levels:
+            if self.level_attention_heads(level):
                 net += 4 * width * width + width  # query, key and value maps, output map and its bias
             total += self.steps * (2 * c + permutation + net)
             if level < self.levels - 1:
