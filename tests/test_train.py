@@ -17,7 +17,7 @@ import torch
 from glowflow import Glow, checkpoint as ckpt
 from glowflow.cli import main as cli_main
 from glowflow.data import ImageDataset
-from glowflow.train import RAW_WEIGHTS, TrainConfig, Trainer, learning_rate, run_progress
+from glowflow.train import EMA, RAW_WEIGHTS, TrainConfig, Trainer, learning_rate, run_progress
 
 TINY_MODEL = dict(image_shape=(1, 8, 8), levels=2, steps=2, hidden_channels=8, permutation="invconv_lu")
 
@@ -69,12 +69,45 @@ def test_resume_equals_uninterrupted(tmp_path):
     a, b = raw_params(full), raw_params(half)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    ema = lambda out: ckpt.load_tensors(out / ckpt.CHECKPOINT_DIR / ckpt.WEIGHTS_NAME)  # noqa: E731
+    a, b = ema(full), ema(half)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
     loss = lambda t: [r["loss"] for r in t.history if "loss" in r]  # noqa: E731
     assert loss(t_full) == loss(t_resumed)
     # the metrics log of the resumed directory is one continuous history, no duplicate steps
     steps = [json.loads(l)["step"] for l in (half / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(l)]
     assert steps == list(range(1, 11))
+
+
+def test_ema_is_the_written_out_average_and_follows_weights_loaded_in_place():
+    torch.manual_seed(0)
+    model, other = Glow(**TINY_MODEL), Glow(**TINY_MODEL)
+    ema = EMA(model, decay=0.9)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    names = dict(model.named_parameters())
+
+    def update(source, step):
+        d = min(0.9, (1 + step) / (10 + step))
+        for k, v in source.state_dict().items():
+            expected[k] = d * expected[k] + (1 - d) * v if k in names else v.clone()
+        ema.update(source, step)
+
+    for step in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        update(model, step)
+    model.load_state_dict(other.state_dict())  # a restore copies into the same tensors
+    update(model, 3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    update(other, 4)  # another model: its tensors are averaged in, not the first one's
+    got = ema.model.state_dict()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-6, msg=k)
 
 
 def test_learning_rate_schedules():

@@ -7,6 +7,7 @@ So a resumed run repeats an uninterrupted one exactly, and N processes match one
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import shutil
@@ -100,8 +101,13 @@ def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> t
     if per_epoch == 0:
         raise ValueError(f"batch size {batch_size} is larger than the dataset ({num_examples} examples)")
     epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(num_examples, generator=step_generator(seed, epoch, STREAM_BATCH_ORDER))
-    return perm[i * batch_size:(i + 1) * batch_size]
+    return _epoch_order(num_examples, seed, epoch)[i * batch_size:(i + 1) * batch_size].clone()
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
+    # drawn once per epoch, not once per step (a permutation of 60,000 costs about a millisecond)
+    return torch.randperm(num_examples, generator=step_generator(seed, epoch, STREAM_BATCH_ORDER))
 
 
 def run_progress(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
@@ -149,13 +155,24 @@ class EMA:
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self._bind(model)
+
+    def _bind(self, model: Glow) -> None:
+        # Walking a deep module tree for its tensors costs about a millisecond, each time: the lists
+        # are made once (loading a state dict copies into the same tensors, so they stay valid).
+        self._source = model
+        self._tensors = (list(self.model.parameters()), list(model.parameters()),
+                         list(self.model.buffers()), list(model.buffers()))
 
     @torch.no_grad()
     def update(self, model: Glow, step: int) -> None:
+        if model is not self._source:
+            self._bind(model)
         d = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in model.parameters()], 1 - d)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
+        params, source_params, buffers, source_buffers = self._tensors
+        torch._foreach_lerp_(params, source_params, 1 - d)
+        if buffers:
+            torch._foreach_copy_(buffers, source_buffers)
 
 
 class Trainer:
@@ -208,6 +225,7 @@ class Trainer:
             self._data_dependent_init()
             self.ema = EMA(self.model, cfg.ema_decay)
             self.optimizer = make_optimizer(cfg, self.model)
+        self.parameters = list(self.model.parameters())  # made once: see EMA._bind
         self.train_model = self._wrap(self.model)
         amp = cfg.precision != "fp32" and self.device.type == "cuda"
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if amp else None
@@ -260,7 +278,8 @@ class Trainer:
         lr = learning_rate(cfg, step, self.lr_scale, run_progress(cfg, step, self.seconds))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.model.train()
+        if not self.model.training:  # a walk over every module: only when something changed the mode
+            self.model.train()
         x, y, noise = self.global_batch(step)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             out = self.train_model(x, y, noise=noise)
@@ -275,7 +294,7 @@ class Trainer:
         if finite or self.dist.enabled:  # under DDP every rank joins backward's all-reduce, even to discard it
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, cfg.grad_clip))
             finite = finite and (math.isfinite(grad_norm) or self.scaler.is_enabled())
         if self.dist.enabled:  # every rank must agree to skip
             flag = dist_utils.all_reduce_mean(torch.tensor(float(finite), device=self.device))
