@@ -24,6 +24,9 @@ OLD_CHECKPOINT = Path(__file__).parent / "data" / "checkpoint-v0.1"
     dict(image_shape=(1, 8, 8), levels=2, steps=2, hidden_channels=4, coupling="mixture", mixture_components=3),
     dict(image_shape=(1, 8, 8), levels=2, steps=2, hidden_channels=4, attention_levels=1, attention_heads=2),
     dict(image_shape=(3, 8, 8), levels=3, steps=1, hidden_channels=6, attention_levels=2, attention_heads=3),
+    dict(image_shape=(1, 8, 8), levels=2, steps=2, hidden_channels=4, gated_levels=1),
+    dict(image_shape=(3, 8, 8), levels=3, steps=1, hidden_channels=6, gated_levels=3, attention_levels=1,
+         attention_heads=2),
     dict(image_shape=(1, 8, 8), levels=2, steps=1, hidden_channels=4, dequantization="variational",
          dequant_hidden_channels=6, dequant_steps=3),
 ])
@@ -43,6 +46,8 @@ def test_num_parameters_counts_what_the_model_builds(cfg):
     ({"coupling": "affin"}, "coupling must be one of"),
     ({"mixture_components": 0}, "mixture_components must be an integer >= 1"),
     ({"attention_levels": 3}, "attention_levels must be an integer from 0 to levels"),
+    ({"gated_levels": -1}, "gated_levels must be an integer from 0 to levels"),
+    ({"gated_levels": True}, "gated_levels must be an integer"),
     ({"attention_levels": 1, "attention_heads": 3}, "attention_heads must be >= 1 and divide hidden_channels"),
 ])
 def test_config_json_values_are_checked_before_anything_is_built(tmp_path, changes, message):

@@ -84,9 +84,10 @@ def _permute(mode: str):
     return build
 
 
-def _coupling(kind: str, attention_heads: int = 0):
+def _coupling(kind: str, attention_heads: int = 0, gated: bool = False):
     def build(x, pz, pa):
-        layer = pz(Coupling(C, HIDDEN, kind, _generator(), attention_heads=attention_heads).double(), std=0.2)
+        layer = pz(Coupling(C, HIDDEN, kind, _generator(), attention_heads=attention_heads, gated=gated).double(),
+                   std=0.2)
         layer(x)  # init the actnorms inside the coupling network
         return _as_bijection(layer, changes_volume=kind != "additive")
     return build
@@ -149,6 +150,7 @@ LAYERS = {
     "coupling_additive": _coupling("additive"),
     "coupling_mixture": _coupling("mixture"),
     "coupling_affine_attention": _coupling("affine", attention_heads=2),
+    "coupling_affine_gated": _coupling("affine", gated=True),
     "squeeze": _squeeze,
     **{f"flowstep_{p}_{c}": _flowstep(p, c)
        for p in ("invconv", "invconv_lu", "shuffle", "reverse") for c in ("affine", "additive")},
@@ -302,14 +304,16 @@ def test_actnorm_initialises_from_first_batch_only():
     assert y2.mean((0, 2, 3)).abs().max().item() > 0.5  # not standardised: no re-init
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["relu", "gated"])
 @pytest.mark.parametrize("out_channels,hidden,image", [
     (6, HIDDEN, "small"),
     (2, 128, "10x10"),  # first and last convolutions take convs.py's thin-side routes
 ])
-def test_coupling_net_folded_actnorm_equals_conv_then_actnorm(out_channels, hidden, image):
+def test_coupling_net_folded_actnorm_equals_conv_then_actnorm(out_channels, hidden, image, gated):
     """The hidden layers fold actnorm into the convolution after init and ZeroConv2d scales its
-    weights; both must equal the literal conv -> actnorm -> ReLU -> ... -> conv * exp(3 logs)."""
-    net = CouplingNet(2, out_channels, hidden).double()
+    weights; both must equal the literal conv -> actnorm -> ReLU -> ... -> conv * exp(3 logs), with
+    ``a * sigmoid(b)`` of the two output halves in place of the ReLU when gated."""
+    net = CouplingNet(2, out_channels, hidden, gated=gated).double()
     x = _images(seed=3)[:, :2] if image == "small" else torch.randn(
         3, 2, 10, 10, dtype=torch.float64, generator=_generator(3))
     net(x)  # data-dependent init
@@ -319,7 +323,13 @@ def test_coupling_net_folded_actnorm_equals_conv_then_actnorm(out_channels, hidd
     h = x
     for layer in net.net[:2]:
         h = F.conv2d(h, layer.conv.weight, padding=layer.conv.padding)
-        h = F.relu((h + layer.norm.bias) * torch.exp(layer.norm.logs))
+        h = (h + layer.norm.bias) * torch.exp(layer.norm.logs)
+        if gated:
+            a, b = h[:, :hidden], h[:, hidden:]
+            h = a / (1 + torch.exp(-b))
+        else:
+            h = h.clamp_min(0)
+        assert h.shape[1] == hidden
     zero = net.net[2]
     expected = zero.conv(h) * torch.exp(3.0 * zero.logs)
     torch.testing.assert_close(net(x), expected, atol=1e-12, rtol=1e-12)

@@ -80,9 +80,10 @@ def test_checkpoint_and_invertible_gradients_equal_plain_autograd(coupling, perm
                                             permutation=permutation))
 
 
-def test_checkpoint_and_invertible_gradients_with_attention(perturb_zero_init, perturb_all):
-    _check_memory_modes_match_plain(_models(perturb_zero_init, perturb_all, permutation="invconv_lu",
-                                            attention_levels=TINY["levels"], attention_heads=2))
+@pytest.mark.parametrize("network", [dict(attention_levels=TINY["levels"], attention_heads=2),
+                                     dict(gated_levels=TINY["levels"])], ids=["attention", "gated"])
+def test_checkpoint_and_invertible_gradients_with_other_coupling_networks(network, perturb_zero_init, perturb_all):
+    _check_memory_modes_match_plain(_models(perturb_zero_init, perturb_all, permutation="invconv_lu", **network))
 
 
 def _check_memory_modes_match_plain(models: dict[str, Glow]) -> None:

@@ -150,6 +150,7 @@ class GlowConfig:
     mixture_components: int = MIXTURE_COMPONENTS  # used only by coupling="mixture"
     attention_levels: int = 0  # the coarsest levels whose coupling networks get self-attention (0: none)
     attention_heads: int = 4  # its heads; they must divide hidden_channels
+    gated_levels: int = 0  # the coarsest levels whose coupling networks gate in place of ReLU (0: none)
 
     def __post_init__(self):
         shape = self.image_shape
@@ -162,10 +163,10 @@ class GlowConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if (isinstance(self.attention_levels, bool) or not isinstance(self.attention_levels, int)
-                or not 0 <= self.attention_levels <= self.levels):
-            raise ValueError(f"attention_levels must be an integer from 0 to levels ({self.levels}), "
-                             f"got {self.attention_levels!r}")
+        for name in ("attention_levels", "gated_levels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= self.levels:
+                raise ValueError(f"{name} must be an integer from 0 to levels ({self.levels}), got {value!r}")
         heads = self.attention_heads
         if self.attention_levels and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1
                                       or self.hidden_channels % heads):
@@ -203,6 +204,11 @@ class GlowConfig:
         ``attention_levels`` levels, the coarsest, get ``attention_heads``; the others none (0)."""
         return self.attention_heads if level >= self.levels - self.attention_levels else 0
 
+    def level_gated(self, level: int) -> bool:
+        """Whether level ``level``'s coupling networks are gated (0 = finest): the last
+        ``gated_levels`` levels, the coarsest."""
+        return level >= self.levels - self.gated_levels
+
     def num_parameters(self) -> int:
         """The number of parameters :class:`~glowflow.model.Glow` builds for this config, counted
         without building it (the tests check it against the built model)."""
@@ -213,7 +219,8 @@ class GlowConfig:
             passed, changed = c - c // 2, c // 2
             out = coupling_outputs(self.coupling, changed, self.mixture_components)
             permutation = {"invconv": c * c, "invconv_lu": 2 * c * c + c}.get(self.permutation, 0)
-            net = 9 * passed * width + 2 * width + width * width + 2 * width + 9 * width * out + 2 * out
+            gate = 2 if self.level_gated(level) else 1  # a gated hidden layer has twice the outputs
+            net = gate * (9 * passed * width + 2 * width + width * width + 2 * width) + 9 * width * out + 2 * out
             if self.level_attention_heads(level):
                 net += 4 * width * width + width  # query, key and value maps, output map and its bias
             total += self.steps * (2 * c + permutation + net)

@@ -345,20 +345,29 @@ class ZeroConv2d(nn.Module):
 
 
 class _NormedConv(nn.Module):
-    """Conv (no bias) followed by actnorm and ReLU: the hidden layers of the coupling network."""
+    """Conv (no bias) followed by actnorm and ReLU: the hidden layers of the coupling network.
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, generator=None):
+    ``gated=True``: the convolution has twice the outputs and a gate takes the place of the ReLU,
+    ``a * sigmoid(b)`` for the two halves ``(a, b)`` (a gated linear unit, as in the gated
+    convolutions of PixelCNN and Flow++): each output channel learns how much of itself to pass.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, generator=None, gated: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        conv_out = 2 * out_channels if gated else out_channels
+        self.conv = nn.Conv2d(in_channels, conv_out, kernel_size, padding=kernel_size // 2, bias=False)
         with torch.no_grad():
             self.conv.weight.normal_(0.0, 0.05, generator=generator)
-        self.norm = ActNorm(out_channels)
+        self.norm = ActNorm(conv_out)
+        self.gated = gated
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.norm
         if not norm.is_initialized:  # data-dependent init needs the convolution's output itself
-            return F.relu(norm(fast.conv2d_same(x, self.conv.weight))[0])
-        return F.relu(fast.scaled_conv(x, self.conv.weight, torch.exp(norm.logs), norm.bias), inplace=True)
+            h = norm(fast.conv2d_same(x, self.conv.weight))[0]
+            return F.glu(h, 1) if self.gated else F.relu(h)
+        h = fast.scaled_conv(x, self.conv.weight, torch.exp(norm.logs), norm.bias)
+        return F.glu(h, 1) if self.gated else F.relu(h, inplace=True)
 
 
 class SelfAttention(nn.Module):
@@ -392,13 +401,14 @@ class SelfAttention(nn.Module):
 
 class CouplingNet(nn.Module):
     """3x3 conv -> actnorm -> ReLU -> 1x1 conv -> actnorm -> ReLU [-> self-attention] ->
-    zero-initialised 3x3 conv. ``attention_heads=0``: no attention block."""
+    zero-initialised 3x3 conv. ``attention_heads=0``: no attention block; ``gated=True``: gates
+    in place of both ReLUs (see :class:`_NormedConv`)."""
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int, generator=None,
-                 attention_heads: int = 0):
+                 attention_heads: int = 0, gated: bool = False):
         super().__init__()
-        layers = [_NormedConv(in_channels, hidden_channels, 3, generator),
-                  _NormedConv(hidden_channels, hidden_channels, 1, generator)]
+        layers = [_NormedConv(in_channels, hidden_channels, 3, generator, gated),
+                  _NormedConv(hidden_channels, hidden_channels, 1, generator, gated)]
         if attention_heads:
             layers.append(SelfAttention(hidden_channels, attention_heads, generator))
         self.net = nn.Sequential(*layers, ZeroConv2d(hidden_channels, out_channels, 3))
@@ -421,7 +431,7 @@ class Coupling(InvertibleLayer):
     """
 
     def __init__(self, num_channels: int, hidden_channels: int, kind: str = "affine", generator=None,
-                 components: int = MIXTURE_COMPONENTS, attention_heads: int = 0):
+                 components: int = MIXTURE_COMPONENTS, attention_heads: int = 0, gated: bool = False):
         super().__init__()
         if kind not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {kind!r}")
@@ -434,7 +444,7 @@ class Coupling(InvertibleLayer):
         self.num_pass = num_channels - num_channels // 2
         num_change = num_channels // 2
         self.net = CouplingNet(self.num_pass, coupling_outputs(kind, num_change, components),
-                               hidden_channels, generator, attention_heads)
+                               hidden_channels, generator, attention_heads, gated)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x -> (x1, x2)``: the half that passes through, the half that is changed."""
@@ -521,7 +531,7 @@ class FlowStep(Chain):
 
     def __init__(self, num_channels: int, hidden_channels: int, coupling: str = "affine",
                  permutation: str = "invconv_lu", generator: torch.Generator | None = None,
-                 components: int = MIXTURE_COMPONENTS, attention_heads: int = 0):
+                 components: int = MIXTURE_COMPONENTS, attention_heads: int = 0, gated: bool = False):
         super().__init__()
         if permutation not in PERMUTATIONS:
             raise ValueError(f"permutation must be one of {PERMUTATIONS}, got {permutation!r}")
@@ -530,7 +540,8 @@ class FlowStep(Chain):
             self.permute = InvConv1x1(num_channels, lu=permutation == "invconv_lu", generator=generator)
         else:
             self.permute = Permute(num_channels, permutation, generator)
-        self.coupling = Coupling(num_channels, hidden_channels, coupling, generator, components, attention_heads)
+        self.coupling = Coupling(num_channels, hidden_channels, coupling, generator, components, attention_heads,
+                                 gated)
 
 
 class SplitPrior(InvertibleLayer):
@@ -584,12 +595,12 @@ class Level(Chain):
 
     def __init__(self, in_channels: int, steps: int, hidden_channels: int, coupling: str, permutation: str,
                  last: bool, generator: torch.Generator, spatial: tuple[int, int] | None = None,
-                 components: int = MIXTURE_COMPONENTS, attention_heads: int = 0):
+                 components: int = MIXTURE_COMPONENTS, attention_heads: int = 0, gated: bool = False):
         super().__init__()
         channels = 4 * in_channels
         self.squeeze = Squeeze()
         self.steps = Chain(*(FlowStep(channels, hidden_channels, coupling, permutation, generator, components,
-                                      attention_heads)
+                                      attention_heads, gated)
                              for _ in range(steps)))
         self.split = None if last else SplitPrior(channels, spatial)
         self.out_channels = channels if last else self.split.num_keep  # what goes on to the next level
