@@ -348,8 +348,8 @@ class _NormedConv(nn.Module):
     """Conv (no bias) followed by actnorm and ReLU: the hidden layers of the coupling network.
 
     ``gated=True``: the convolution has twice the outputs and a gate takes the place of the ReLU,
-    ``a * sigmoid(b)`` for the two halves ``(a, b)`` (a gated linear unit, as in the gated
-    convolutions of PixelCNN and Flow++): each output channel learns how much of itself to pass.
+    ``a * sigmoid(b)`` for the two halves ``(a, b)`` (a gated linear unit, Dauphin et al. 2017, as
+    in Flow++'s coupling networks): each output channel learns how much of itself to pass.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, generator=None, gated: bool = False):
