@@ -106,7 +106,7 @@ def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> t
 
 @functools.lru_cache(maxsize=4)
 def _epoch_order(num_examples: int, seed: int, epoch: int) -> torch.Tensor:
-    # drawn once per epoch, not once per step (a permutation of 60,000 costs about a millisecond)
+    # drawn once per epoch, not once per step: a permutation of the whole dataset is not free
     return torch.randperm(num_examples, generator=step_generator(seed, epoch, STREAM_BATCH_ORDER))
 
 
@@ -158,8 +158,8 @@ class EMA:
         self._bind(model)
 
     def _bind(self, model: Glow) -> None:
-        # Walking a deep module tree for its tensors costs about a millisecond, each time: the lists
-        # are made once (loading a state dict copies into the same tensors, so they stay valid).
+        # Walking a deep module tree for its tensors is slow next to a small step, so the lists are
+        # made once (loading a state dict copies into the same tensors, so they stay valid).
         self._source = model
         self._tensors = (list(self.model.parameters()), list(model.parameters()),
                          list(self.model.buffers()), list(model.buffers()))
@@ -225,7 +225,7 @@ class Trainer:
             self._data_dependent_init()
             self.ema = EMA(self.model, cfg.ema_decay)
             self.optimizer = make_optimizer(cfg, self.model)
-        self.parameters = list(self.model.parameters())  # made once: see EMA._bind
+        self._params = list(self.model.parameters())  # made once: see EMA._bind
         self.train_model = self._wrap(self.model)
         amp = cfg.precision != "fp32" and self.device.type == "cuda"
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if amp else None
@@ -294,7 +294,7 @@ class Trainer:
         if finite or self.dist.enabled:  # under DDP every rank joins backward's all-reduce, even to discard it
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, cfg.grad_clip))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip))
             finite = finite and (math.isfinite(grad_norm) or self.scaler.is_enabled())
         if self.dist.enabled:  # every rank must agree to skip
             flag = dist_utils.all_reduce_mean(torch.tensor(float(finite), device=self.device))
