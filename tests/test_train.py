@@ -66,13 +66,11 @@ def test_resume_equals_uninterrupted(tmp_path):
     run(tiny_cfg(max_steps=5), half)
     t_resumed, summary = run(tiny_cfg(max_steps=10), half, resume=True)
     assert summary["steps_this_run"] == 5
-    a, b = raw_params(full), raw_params(half)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    ema = lambda out: ckpt.load_tensors(out / ckpt.CHECKPOINT_DIR / ckpt.WEIGHTS_NAME)  # noqa: E731
-    a, b = ema(full), ema(half)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    ema_params = lambda out: ckpt.load_tensors(out / ckpt.CHECKPOINT_DIR / ckpt.WEIGHTS_NAME)  # noqa: E731
+    for load in (raw_params, ema_params):
+        a, b = load(full), load(half)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (load, k)
     loss = lambda t: [r["loss"] for r in t.history if "loss" in r]  # noqa: E731
     assert loss(t_full) == loss(t_resumed)
     # the metrics log of the resumed directory is one continuous history, no duplicate steps

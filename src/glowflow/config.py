@@ -199,15 +199,18 @@ class GlowConfig:
     def num_dims(self) -> int:
         return math.prod(self.image_shape)
 
+    def _among_coarsest(self, level: int, count: int) -> bool:
+        """Whether level ``level`` (0 = finest) is one of the last ``count``, the coarsest."""
+        return level >= self.levels - count
+
     def level_attention_heads(self, level: int) -> int:
-        """The self-attention heads of level ``level``'s coupling networks (0 = finest): the last
-        ``attention_levels`` levels, the coarsest, get ``attention_heads``; the others none (0)."""
-        return self.attention_heads if level >= self.levels - self.attention_levels else 0
+        """The self-attention heads of level ``level``'s coupling networks: the ``attention_levels``
+        coarsest levels get ``attention_heads``; the others none (0)."""
+        return self.attention_heads if self._among_coarsest(level, self.attention_levels) else 0
 
     def level_gated(self, level: int) -> bool:
-        """Whether level ``level``'s coupling networks are gated (0 = finest): the last
-        ``gated_levels`` levels, the coarsest."""
-        return level >= self.levels - self.gated_levels
+        """Whether level ``level``'s coupling networks are gated: the ``gated_levels`` coarsest."""
+        return self._among_coarsest(level, self.gated_levels)
 
     def num_parameters(self) -> int:
         """The number of parameters :class:`~glowflow.model.Glow` builds for this config, counted

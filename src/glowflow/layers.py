@@ -365,8 +365,8 @@ class _NormedConv(nn.Module):
         norm = self.norm
         if not norm.is_initialized:  # data-dependent init needs the convolution's output itself
             h = norm(fast.conv2d_same(x, self.conv.weight))[0]
-            return F.glu(h, 1) if self.gated else F.relu(h)
-        h = fast.scaled_conv(x, self.conv.weight, torch.exp(norm.logs), norm.bias)
+        else:
+            h = fast.scaled_conv(x, self.conv.weight, torch.exp(norm.logs), norm.bias)
         return F.glu(h, 1) if self.gated else F.relu(h, inplace=True)
 
 
