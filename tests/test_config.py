@@ -11,6 +11,7 @@ import torch
 from glowflow import Glow, GlowConfig, TrainConfig
 from glowflow.checkpoint import CheckpointError
 from glowflow.config import MAX_FLOW_STEPS, apply_overrides, build_train_config
+from glowflow.layers import Coupling
 
 OLD_CHECKPOINT = Path(__file__).parent / "data" / "checkpoint-v0.1"
 
@@ -29,6 +30,9 @@ OLD_CHECKPOINT = Path(__file__).parent / "data" / "checkpoint-v0.1"
          attention_heads=2),
     dict(image_shape=(1, 8, 8), levels=2, steps=1, hidden_channels=4, dequantization="variational",
          dequant_hidden_channels=6, dequant_steps=3),
+    dict(image_shape=(1, 8, 8), levels=2, steps=[1, 3], hidden_channels=[4, 7]),
+    dict(image_shape=(3, 8, 8), levels=3, steps=[2, 1, 2], hidden_channels=[5, 6, 8], attention_levels=2,
+         attention_heads=2, gated_levels=1),
 ])
 def test_num_parameters_counts_what_the_model_builds(cfg):
     config = GlowConfig(**cfg)
@@ -49,6 +53,13 @@ def test_num_parameters_counts_what_the_model_builds(cfg):
     ({"gated_levels": -1}, "gated_levels must be an integer from 0 to levels"),
     ({"gated_levels": True}, "gated_levels must be an integer"),
     ({"attention_levels": 1, "attention_heads": 3}, "attention_heads must be >= 1 and divide hidden_channels"),
+    ({"steps": [1]}, r"steps must be an integer >= 1 or a list of 2 of them \(one per level"),
+    ({"steps": [1, 2, 3]}, "steps must be an integer >= 1 or a list of 2"),
+    ({"hidden_channels": [4, 0]}, "hidden_channels must be an integer >= 1 or a list of 2"),
+    ({"hidden_channels": [4, True]}, r"hidden_channels\[1\] must be an integer"),
+    ({"steps": [1, 1e6]}, "= 1000001 flow steps; the limit"),
+    ({"hidden_channels": [4, 6], "attention_levels": 1, "attention_heads": 4},
+     r"divide hidden_channels \(at the attention levels: \[6\]\)"),
 ])
 def test_config_json_values_are_checked_before_anything_is_built(tmp_path, changes, message):
     d = {**GlowConfig(image_shape=(1, 8, 8), levels=2, steps=1, hidden_channels=4).to_dict(), **changes}
@@ -60,6 +71,29 @@ def test_config_json_values_are_checked_before_anything_is_built(tmp_path, chang
     with pytest.warns(UserWarning, match="unchecked"), pytest.raises(CheckpointError, match=message):
         Glow.from_pretrained(tmp_path)
     assert MAX_FLOW_STEPS < 1e6
+
+
+def test_steps_and_width_per_level(tmp_path):
+    config = GlowConfig(image_shape=(1, 8, 8), levels=2, steps=[1, 3], hidden_channels=[4, 6])
+    model = Glow(config=config)
+    assert [len(level.steps) for level in model.levels] == [1, 3]
+    widths = [{m.net.net[0].conv.out_channels for m in level.modules() if isinstance(m, Coupling)}
+              for level in model.levels]
+    assert widths == [{4}, {6}]
+    # lists in, tuples kept, lists written: config.json round-trips, and a single number stays one
+    assert config.steps == (1, 3) and config.to_dict()["hidden_channels"] == [4, 6]
+    assert GlowConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert GlowConfig(image_shape=(1, 8, 8), levels=2, steps=2, hidden_channels=4).to_dict()["steps"] == 2
+    model.initialize(torch.rand(4, 1, 8, 8))
+    model.save_pretrained(tmp_path)
+    assert Glow.from_pretrained(tmp_path).config == config
+    # one number for every level builds what the same number written per level builds
+    same = GlowConfig(image_shape=(1, 8, 8), levels=2, steps=[2, 2], hidden_channels=[4, 4])
+    plain, listed = Glow(image_shape=(1, 8, 8), levels=2, steps=2, hidden_channels=4), Glow(config=same)
+    assert plain.state_dict().keys() == listed.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), listed.state_dict().values()))
+    cfg = build_train_config("fashion-mnist-cpu", ["model.steps=[8,16]", "model.hidden_channels=[64,128]"])
+    assert cfg.model.level_steps(1) == 16 and cfg.model.level_hidden_channels(0) == 64
 
 
 def test_memory_is_a_runtime_setting_not_architecture():

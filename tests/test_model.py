@@ -59,7 +59,9 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     dict(coupling="affine", split_prior="conv+position"),
     dict(coupling="affine", attention_levels=2, attention_heads=2),
     dict(coupling="affine", gated_levels=1),
-], ids=["affine", "additive", "mixture", "class_conditional", "position_split_prior", "attention", "gated"])
+    dict(coupling="affine", steps=[1, 3], hidden_channels=[3, 6]),
+], ids=["affine", "additive", "mixture", "class_conditional", "position_split_prior", "attention", "gated",
+        "per_level"])
 def test_log_prob_is_gaussian_of_encoding_plus_log_det_jacobian(variant, perturb_zero_init):
     model = _tiny_model(perturb_zero_init, **variant)
     batch = 2

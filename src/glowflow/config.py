@@ -64,12 +64,18 @@ def _coerce(value, tp, key: str):
             try:
                 return _coerce(value, option, key)
             except ValueError as e:
-                errors.append(str(e))
+                # a list is reported against the list form (int | tuple[int, ...]: the bad entry)
+                if isinstance(value, (list, tuple)) and typing.get_origin(option) is tuple:
+                    errors.insert(0, str(e))
+                else:
+                    errors.append(str(e))
         raise ValueError(errors[0] if errors else f"{key} must not be null")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{key} must be a list, got {value!r}")
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]: any length
+            args = (args[0],) * len(value)
         if len(args) != len(value):
             raise ValueError(f"{key} must have {len(args)} entries, got {list(value)}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
@@ -134,8 +140,8 @@ class GlowConfig:
 
     image_shape: tuple[int, int, int] = (3, 32, 32)
     levels: int = 3
-    steps: int = 32  # flow steps per level (the paper's K)
-    hidden_channels: int = 512
+    steps: int | tuple[int, ...] = 32  # flow steps per level (the paper's K), or one count per level, finest first
+    hidden_channels: int | tuple[int, ...] = 512  # coupling network width, or one per level, finest first
     coupling: str = "affine"
     permutation: str = "invconv"
     learn_top: bool = True
@@ -159,19 +165,22 @@ class GlowConfig:
             raise ValueError(f"image_shape must be (C, H, W) of positive ints, got {shape}")
         object.__setattr__(self, "image_shape", tuple(int(s) for s in shape))
         _, h, w = self.image_shape
-        for name in ("levels", "steps", "hidden_channels", "mixture_components"):
+        for name in ("levels", "mixture_components"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("steps", "hidden_channels"):
+            object.__setattr__(self, name, self._per_level(name))
         for name in ("attention_levels", "gated_levels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= self.levels:
                 raise ValueError(f"{name} must be an integer from 0 to levels ({self.levels}), got {value!r}")
         heads = self.attention_heads
-        if self.attention_levels and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1
-                                      or self.hidden_channels % heads):
-            raise ValueError(f"attention_heads must be >= 1 and divide hidden_channels ({self.hidden_channels}), "
-                             f"got {self.attention_heads}")
+        widths = {self.level_hidden_channels(i) for i in range(self.levels) if self.level_attention_heads(i)}
+        if widths and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1
+                       or any(width % heads for width in widths)):
+            raise ValueError(f"attention_heads must be >= 1 and divide hidden_channels (at the attention levels: "
+                             f"{sorted(widths)}), got {self.attention_heads}")
         scale = 2 ** self.levels
         if h % scale or w % scale:
             raise ValueError(f"H and W must be divisible by 2**levels = {scale}; got H={h}, W={w} "
@@ -186,8 +195,9 @@ class GlowConfig:
         if self.num_classes is not None and (isinstance(self.num_classes, bool) or self.num_classes < 1):
             raise ValueError(f"num_classes must be None or >= 1, got {self.num_classes}")
         numerics.n_bins(self.n_bits)
-        if self.levels * self.steps > MAX_FLOW_STEPS:
-            raise ValueError(f"levels x steps = {self.levels * self.steps} flow steps; the limit is "
+        total_steps = sum(self.level_steps(i) for i in range(self.levels))
+        if total_steps > MAX_FLOW_STEPS:
+            raise ValueError(f"steps over all levels = {total_steps} flow steps; the limit is "
                              f"{MAX_FLOW_STEPS} (the paper's largest model has 192)")
         n = self.num_parameters()
         if n > MAX_PARAMETERS:
@@ -198,6 +208,28 @@ class GlowConfig:
     @property
     def num_dims(self) -> int:
         return math.prod(self.image_shape)
+
+    def _per_level(self, name: str) -> int | tuple[int, ...]:
+        """``steps`` or ``hidden_channels`` checked: an integer >= 1 for every level, or a list of
+        them with one entry per level (finest first), kept as a tuple."""
+        value = getattr(self, name)
+        if isinstance(value, (list, tuple)):
+            if len(value) != self.levels or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+                                                for v in value):
+                raise ValueError(f"{name} must be an integer >= 1 or a list of {self.levels} of them (one per "
+                                 f"level, finest first), got {list(value)}")
+            return tuple(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1 (or one per level), got {value!r}")
+        return value
+
+    def level_steps(self, level: int) -> int:
+        """The flow steps (K) of level ``level``, 0 the finest."""
+        return self.steps[level] if isinstance(self.steps, tuple) else self.steps
+
+    def level_hidden_channels(self, level: int) -> int:
+        """The coupling networks' width at level ``level``, 0 the finest."""
+        return self.hidden_channels[level] if isinstance(self.hidden_channels, tuple) else self.hidden_channels
 
     def _among_coarsest(self, level: int, count: int) -> bool:
         """Whether level ``level`` (0 = finest) is one of the last ``count``, the coarsest."""
@@ -216,8 +248,9 @@ class GlowConfig:
         """The number of parameters :class:`~glowflow.model.Glow` builds for this config, counted
         without building it (the tests check it against the built model)."""
         c, h, w = self.image_shape
-        width, total = self.hidden_channels, 0
+        total = 0
         for level in range(self.levels):
+            width = self.level_hidden_channels(level)
             c, h, w = 4 * c, h // 2, w // 2
             passed, changed = c - c // 2, c // 2
             out = coupling_outputs(self.coupling, changed, self.mixture_components)
@@ -226,7 +259,7 @@ class GlowConfig:
             net = gate * (9 * passed * width + 2 * width + width * width + 2 * width) + 9 * width * out + 2 * out
             if self.level_attention_heads(level):
                 net += 4 * width * width + width  # query, key and value maps, output map and its bias
-            total += self.steps * (2 * c + permutation + net)
+            total += self.level_steps(level) * (2 * c + permutation + net)
             if level < self.levels - 1:
                 keep, leave = c - c // 2, c // 2
                 total += 9 * keep * 2 * leave + 2 * 2 * leave
@@ -248,7 +281,9 @@ class GlowConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["image_shape"] = list(self.image_shape)
+        for name in ("image_shape", "steps", "hidden_channels"):
+            if isinstance(d[name], tuple):
+                d[name] = list(d[name])
         return d
 
     @classmethod

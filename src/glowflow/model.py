@@ -62,8 +62,8 @@ class Glow(nn.Module):
             last = i == cfg.levels - 1
             h, w = h // 2, w // 2
             spatial = (h, w) if cfg.split_prior == "conv+position" else None
-            level = Level(c, cfg.steps, cfg.hidden_channels, cfg.coupling, cfg.permutation, last, generator, spatial,
-                          cfg.mixture_components, cfg.level_attention_heads(i), cfg.level_gated(i))
+            level = Level(c, cfg.level_steps(i), cfg.level_hidden_channels(i), cfg.coupling, cfg.permutation, last,
+                          generator, spatial, cfg.mixture_components, cfg.level_attention_heads(i), cfg.level_gated(i))
             if not last:
                 self.latent_shapes.append((level.split.num_out, h, w))
             self.levels.append(level)
