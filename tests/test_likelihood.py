@@ -17,7 +17,8 @@ from glowflow import Glow
 from glowflow.cli import main
 from glowflow.images import read_image, save_grid
 from glowflow.inputs import DEFAULT_SYNTHETIC_COUNT, SetName, evenly_spaced, load_input, parse_set
-from glowflow.likelihood import SCORE_COLUMNS, score, score_inputs, summarize_rows
+from glowflow.likelihood import (SCORE_COLUMNS, describe_outliers, score, score_inputs, summarize_bits_per_dim,
+                                 summarize_rows)
 from glowflow.numerics import to_unit
 
 SHAPE = (1, 8, 8)
@@ -223,3 +224,19 @@ def test_cli_score_readable_output_and_nothing_scorable(run_dir, tmp_path, capsy
     assert main(["score", str(run_dir), str(tmp_path / "none.png")]) == 2
     err = capsys.readouterr().err
     assert "nothing could be scored" in err and "Traceback" not in err
+
+
+def test_summary_counts_outliers_and_gives_the_mean_without_them():
+    s = summarize_bits_per_dim(torch.tensor([3.0, 3.0, 4.0, 3.0, 1000.0], dtype=torch.float64))
+    assert s["num_images"] == 5 and s["bits_per_dim"] == pytest.approx(1013.0 / 5)
+    assert s["bits_per_dim_median"] == 3.0 and s["outliers"] == 1
+    assert s["bits_per_dim_without_outliers"] == pytest.approx(13.0 / 4)
+    text = describe_outliers(s["outliers"], s["num_images"], s["bits_per_dim_median"],
+                             s["bits_per_dim_without_outliers"])
+    assert text == "; 1 of 5 images score over 10x the median (3.0000), the mean of the others is 3.2500"
+    # just under ten times the median is not an outlier: the mean is then the mean of all
+    s = summarize_bits_per_dim(torch.tensor([3.0, 29.9, 3.0], dtype=torch.float64))
+    assert s["outliers"] == 0 and s["bits_per_dim_without_outliers"] == s["bits_per_dim"]
+    assert describe_outliers(0, 3, 3.0, s["bits_per_dim"]) == ""
+    s = summarize_bits_per_dim(torch.zeros(0, dtype=torch.float64))
+    assert s["num_images"] == 0 and s["outliers"] == 0 and math.isnan(s["bits_per_dim"])

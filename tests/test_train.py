@@ -17,6 +17,7 @@ import torch
 from glowflow import Glow, checkpoint as ckpt
 from glowflow.cli import main as cli_main
 from glowflow.data import ImageDataset
+import glowflow.train as train_mod
 from glowflow.train import EMA, RAW_WEIGHTS, TrainConfig, Trainer, learning_rate, run_progress
 
 TINY_MODEL = dict(image_shape=(1, 8, 8), levels=2, steps=2, hidden_channels=8, permutation="invconv_lu")
@@ -327,10 +328,12 @@ def test_cli_train_eval_sample_encode_decode(tmp_path, fake_fashion, capsys):
                      "--no-progress", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 4 and "test_bits_per_dim" in summary
+    assert summary["test_outliers"] == 0 and summary["test_bits_per_dim_without_outliers"] == summary["test_bits_per_dim"]
 
     assert cli_main(["eval", str(run_dir), "--json", "--no-progress"]) == 0
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert ev["num_images"] == 32 and ev["bits_per_dim"] > 0 and ev["bits_per_dim_se"] > 0
+    assert ev["outliers"] == 0 and ev["bits_per_dim_median"] > 0
 
     grid = tmp_path / "t.png"
     assert cli_main(["sample", str(run_dir), "--n", "4", "--temperature", "0,0.7", "--out", str(grid)]) == 0
@@ -509,3 +512,15 @@ def test_each_rank_reads_its_slice_of_the_augmented_global_batch(tmp_path):
         part = slice(4 * rank, 4 * rank + 4)
         assert torch.equal(xr, x[part]) and torch.equal(nr, noise[part])
     assert read == [4, 4]  # each rank read only its own rows
+
+
+def test_an_evaluation_whose_mean_rests_on_outliers_says_so(tmp_path, monkeypatch):
+    # one image at 1000 bits/dim among images near 3: the mean is the one image, and the log says it
+    fake = torch.tensor([3.0] * 31 + [1000.0], dtype=torch.float64)
+    monkeypatch.setattr(train_mod, "score", lambda *a, **k: {"bits_per_dim": fake})
+    messages = []
+    t = Trainer(tiny_cfg(max_steps=2, eval_every=2), tmp_path, blobs(256, 0), blobs(32, 1), log=messages.append)
+    summary = t.run()
+    line = next(m for m in messages if "test bits/dim" in m)
+    assert "1 of 32 images score over 10x the median (3.0000), the mean of the others is 3.0000" in line
+    assert summary["test_outliers"] == 1 and summary["test_bits_per_dim"] == pytest.approx((93 + 1000) / 32)

@@ -21,7 +21,8 @@ from .inputs import load_input
 from .numerics import to_unit
 from .progress import Progress
 
-__all__ = ["score", "summarize_bits_per_dim", "score_inputs", "summarize_rows", "write_score_csv", "SCORE_COLUMNS"]
+__all__ = ["score", "summarize_bits_per_dim", "describe_outliers", "score_inputs", "summarize_rows", "write_score_csv",
+           "SCORE_COLUMNS", "OUTLIER_RATIO"]
 
 # one row per image of score_inputs, and the columns of its CSV file
 SCORE_COLUMNS = ("input", "name", "bits_per_dim", "log_prob", "note", "error")
@@ -77,11 +78,35 @@ def score(model, images, labels: torch.Tensor | None = None, batch_size: int = 5
             "log_prob": torch.cat(logp_out) if logp_out else empty}
 
 
+# An image scoring over this many times its set's median bits/dim is an outlier. A model can put a
+# test image so far out (one latent a hundred thousand standard deviations from its prior) that the
+# one image is the whole mean; a summary then says so, and gives the mean of the other images.
+OUTLIER_RATIO = 10.0
+
+
 def summarize_bits_per_dim(bpd: torch.Tensor) -> dict:
-    """Mean and standard error over images of per-image bits/dim."""
+    """Mean and standard error over images of per-image bits/dim, the median, how many images score
+    over ``OUTLIER_RATIO`` times the median (``outliers``) and the mean of the others
+    (``bits_per_dim_without_outliers``; the mean itself when there are none)."""
     n = bpd.numel()
+    if not n:
+        return {"bits_per_dim": float("nan"), "bits_per_dim_se": float("nan"), "num_images": 0,
+                "bits_per_dim_median": float("nan"), "outliers": 0, "bits_per_dim_without_outliers": float("nan")}
     se = float(bpd.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-    return {"bits_per_dim": float(bpd.mean()) if n else float("nan"), "bits_per_dim_se": se, "num_images": n}
+    median = float(bpd.median())
+    far = bpd > OUTLIER_RATIO * median if median > 0 else torch.zeros_like(bpd, dtype=torch.bool)
+    return {"bits_per_dim": float(bpd.mean()), "bits_per_dim_se": se, "num_images": n,
+            "bits_per_dim_median": median, "outliers": int(far.sum()),
+            "bits_per_dim_without_outliers": float(bpd[~far].mean())}
+
+
+def describe_outliers(outliers: int, num_images: int, median: float, without_outliers: float) -> str:
+    """A clause for a log line when a mean of bits/dim rests on outliers (the numbers of
+    :func:`summarize_bits_per_dim`), else ''."""
+    if not outliers:
+        return ""
+    return (f"; {outliers} of {num_images} images score over {OUTLIER_RATIO:g}x the median ({median:.4f}), "
+            f"the mean of the others is {without_outliers:.4f}")
 
 
 def _row(spec: str, name: str, bpd=None, logp=None, note: str = "", error: str = "") -> dict:

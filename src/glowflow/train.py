@@ -23,7 +23,7 @@ from . import io
 from .config import LR_DECAYS, GlowConfig, TrainConfig
 from .data import ImageDataset, flip, flip_mask, get_dataset, is_prepared, translate, translation_offsets
 from .images import save_grid
-from .likelihood import score, summarize_bits_per_dim
+from .likelihood import describe_outliers, score, summarize_bits_per_dim
 from .model import Glow
 from .numerics import to_unit
 from .plots import plot_curves
@@ -399,8 +399,8 @@ class Trainer:
             return {}
         data = self.test_data.head(self.cfg.test_limit)
         res = evaluate(self.ema.model, data, seed=self.cfg.seed, device=self.device)
-        return {"step": self.step, "test_bits_per_dim": res["bits_per_dim"],
-                "test_bits_per_dim_se": res["bits_per_dim_se"], "test_images": res["num_images"]}
+        return {"step": self.step, "test_images": res["num_images"],
+                **{f"test_{k}": v for k, v in res.items() if k != "num_images"}}
 
     def write_pictures(self) -> None:
         y = None
@@ -469,7 +469,9 @@ class Trainer:
             if ev:
                 self._record(ev)
                 self.log(f"step {self.step}: test bits/dim {ev['test_bits_per_dim']:.4f} "
-                         f"± {ev['test_bits_per_dim_se']:.4f}")
+                         f"± {ev['test_bits_per_dim_se']:.4f}"
+                         + describe_outliers(ev["test_outliers"], ev["test_images"], ev["test_bits_per_dim_median"],
+                                             ev["test_bits_per_dim_without_outliers"]))
         if self.step % cfg.checkpoint_every == 0 or last:
             self.save_checkpoint()
         if self.dist.is_main and (self.step % cfg.sample_every == 0 or last):
@@ -517,9 +519,7 @@ class Trainer:
             summary["train_bits_per_dim"] = last_train[-1]["bits_per_dim"]
         evals = [r for r in self.history if "test_bits_per_dim" in r]
         if evals:
-            summary["test_bits_per_dim"] = evals[-1]["test_bits_per_dim"]
-            summary["test_bits_per_dim_se"] = evals[-1]["test_bits_per_dim_se"]
-            summary["test_images"] = evals[-1]["test_images"]
+            summary.update((k, v) for k, v in evals[-1].items() if k.startswith("test_"))
         if self.dist.is_main and (self.out / "samples.png").exists():
             summary["samples"] = str(self.out / "samples.png")
         return summary

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..data import canonical_name
 from ..inputs import SET_HELP, parse_set
-from ..likelihood import score_inputs, summarize_rows, write_score_csv
+from ..likelihood import describe_outliers, score_inputs, summarize_rows, write_score_csv
 from ..model import Glow
 from ..ood import COMPRESSORS, REFERENCE_IMAGES, markdown_table, run_ood, write_report
 from .common import add_checkpoint, add_json, emit, int_list, load_model, positive_int, train_settings, warn
@@ -104,7 +104,9 @@ def cmd_score(args) -> int:
             print(f"{s['input']}: nothing scored{errors}")
             continue
         se = "" if math.isnan(s["bits_per_dim_se"]) else f" ± {s['bits_per_dim_se']:.4f}"
-        print(f"{s['input']}: {s['num_images']} images, mean bits/dim {s['bits_per_dim']:.4f}{se}{errors}")
+        outliers = describe_outliers(s["outliers"], s["num_images"], s["bits_per_dim_median"],
+                                     s["bits_per_dim_without_outliers"])
+        print(f"{s['input']}: {s['num_images']} images, mean bits/dim {s['bits_per_dim']:.4f}{se}{errors}{outliers}")
     if args.csv:
         print(f"csv: {args.csv}")
     return 0
