@@ -125,6 +125,11 @@ def config_from_dict(cls, d: dict, what: str):
 
 
 # ----------------------------------------------------------------------------------- GlowConfig
+def _is_count(value) -> bool:
+    """An integer >= 1 (``True`` is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _choice(name: str, value, options) -> None:
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")
@@ -160,15 +165,13 @@ class GlowConfig:
 
     def __post_init__(self):
         shape = self.image_shape
-        if not isinstance(shape, (tuple, list)) or len(shape) != 3 or any(
-                isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
+        if not isinstance(shape, (tuple, list)) or len(shape) != 3 or not all(_is_count(s) for s in shape):
             raise ValueError(f"image_shape must be (C, H, W) of positive ints, got {shape}")
         object.__setattr__(self, "image_shape", tuple(int(s) for s in shape))
         _, h, w = self.image_shape
         for name in ("levels", "mixture_components"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            if not _is_count(getattr(self, name)):
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         for name in ("steps", "hidden_channels"):
             object.__setattr__(self, name, self._per_level(name))
         for name in ("attention_levels", "gated_levels"):
@@ -177,8 +180,7 @@ class GlowConfig:
                 raise ValueError(f"{name} must be an integer from 0 to levels ({self.levels}), got {value!r}")
         heads = self.attention_heads
         widths = {self.level_hidden_channels(i) for i in range(self.levels) if self.level_attention_heads(i)}
-        if widths and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1
-                       or any(width % heads for width in widths)):
+        if widths and (not _is_count(heads) or any(width % heads for width in widths)):
             raise ValueError(f"attention_heads must be >= 1 and divide hidden_channels (at the attention levels: "
                              f"{sorted(widths)}), got {self.attention_heads}")
         scale = 2 ** self.levels
@@ -214,12 +216,11 @@ class GlowConfig:
         them with one entry per level (finest first), kept as a tuple."""
         value = getattr(self, name)
         if isinstance(value, (list, tuple)):
-            if len(value) != self.levels or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
-                                                for v in value):
+            if len(value) != self.levels or not all(_is_count(v) for v in value):
                 raise ValueError(f"{name} must be an integer >= 1 or a list of {self.levels} of them (one per "
                                  f"level, finest first), got {list(value)}")
             return tuple(value)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not _is_count(value):
             raise ValueError(f"{name} must be an integer >= 1 (or one per level), got {value!r}")
         return value
 
