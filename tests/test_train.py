@@ -129,6 +129,15 @@ def test_learning_rate_schedules():
         TrainConfig(lr_final=2.0)
 
 
+def test_the_optimizer_takes_the_configured_moment_decays():
+    model = torch.nn.Linear(2, 2)
+    for name in ("adam", "adamax"):
+        opt = train_mod.make_optimizer(TrainConfig(optimizer=name, beta1=0.8, beta2=0.99), model)
+        assert opt.param_groups[0]["betas"] == (0.8, 0.99)
+    with pytest.raises(ValueError, match=r"beta2 must be in \[0, 1\)"):
+        TrainConfig(beta2=1.0)
+
+
 def test_resume_with_lr_decay_equals_uninterrupted(tmp_path, monkeypatch):
     cfg = tiny_cfg(max_steps=10, lr_decay="cosine", lr_final=0.1)
     full, half = tmp_path / "full", tmp_path / "half"

@@ -311,6 +311,8 @@ class TrainConfig:
     init_batch_size: int = 512  # data-dependent init batch (global)
     optimizer: str = "adam"
     lr: float = 1e-3
+    beta1: float = 0.9  # the optimizer's moment decays (Adam and Adamax alike)
+    beta2: float = 0.999
     warmup_steps: int = 200
     lr_decay: str = "none"  # after warm-up: "none" (constant, as the official code), "linear" or "cosine"
     lr_final: float = 0.0  # with lr_decay: the learning rate at the end of the run, as a fraction of lr
@@ -358,6 +360,9 @@ class TrainConfig:
             raise ValueError(f"perturb_rate must be in [0, 1) (a probability per pixel), got {self.perturb_rate}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -136,8 +136,8 @@ def learning_rate(cfg: TrainConfig, step: int, scale: float = 1.0, progress: flo
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         # the fused kernel updates every parameter in one call (hundreds of small tensors here)
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
-    return torch.optim.Adamax(model.parameters(), lr=cfg.lr, foreach=True)
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    return torch.optim.Adamax(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
 
 
 def evaluate(model: Glow, data: ImageDataset, batch_size: int = 500, seed: int = 0,
