@@ -138,6 +138,12 @@ def test_the_optimizer_takes_the_configured_moment_decays():
         TrainConfig(beta2=1.0)
 
 
+def test_a_resumed_run_uses_the_moment_decays_of_its_config_not_the_saved_ones(tmp_path):
+    run(tiny_cfg(max_steps=5), tmp_path)
+    t, _ = run(tiny_cfg(max_steps=6, beta1=0.8, beta2=0.99), tmp_path, resume=True)
+    assert all(group["betas"] == (0.8, 0.99) for group in t.optimizer.param_groups)
+
+
 def test_resume_with_lr_decay_equals_uninterrupted(tmp_path, monkeypatch):
     cfg = tiny_cfg(max_steps=10, lr_decay="cosine", lr_final=0.1)
     full, half = tmp_path / "full", tmp_path / "half"

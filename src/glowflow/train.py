@@ -379,6 +379,8 @@ class Trainer:
             raise ckpt.CheckpointError(f"corrupt or truncated trainer state {directory / TRAINER_STATE}: {e}") from e
         self.optimizer = make_optimizer(self.cfg, self.model)
         self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the saved state carries betas too: this run's config sets them
+            group["betas"] = (self.cfg.beta1, self.cfg.beta2)
         self.step, self.lr_scale = int(state["step"]), float(state["lr_scale"])
         self.seconds = float(state.get("seconds", 0.0))
 
