@@ -1,7 +1,8 @@
 """The CPU fast paths equal the reference paths: the thin-side 3x3 convolutions equal F.conv2d
 (values and gradients, float64), the coupling network takes them where it says it does (its values
-on these routes: test_layers.py), and a whole model computes the same log-density and gradients
-with the fast paths on and off."""
+on these routes: test_layers.py), the flow steps' weight-side tensors are prepared per level where
+they should be and nowhere else, and a whole model computes the same log-density and gradients with
+the fast paths on and off."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from glowflow import Glow
 from glowflow import fast as convs
-from glowflow.layers import CouplingNet
+from glowflow.layers import ActNorm, CouplingNet, InvConv1x1
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -101,10 +102,16 @@ def test_coupling_net_takes_the_thin_routes(monkeypatch):
     assert calls == {"in": 1, "out": 1}
 
 
-@pytest.mark.parametrize("shape,levels,hidden", [((2, 8, 8), 2, 8), ((1, 20, 20), 1, 128)],
-                         ids=["plain-shapes", "thin-routes"])
-def test_model_on_fast_paths_equals_reference_paths(shape, levels, hidden, perturb_zero_init):
-    model = Glow(image_shape=shape, levels=levels, steps=2, hidden_channels=hidden, permutation="invconv").double()
+@pytest.mark.parametrize("shape,levels,hidden,options", [
+    ((2, 8, 8), 2, 8, {"permutation": "invconv"}),
+    ((2, 8, 8), 2, 8, {"permutation": "invconv_lu", "steps": 3}),
+    ((2, 8, 8), 2, 8, {"permutation": "invconv_lu", "gated_levels": 1, "attention_levels": 1, "attention_heads": 2}),
+    ((2, 8, 8), 2, 8, {"permutation": "shuffle", "coupling": "additive"}),
+    ((1, 20, 20), 1, 128, {"permutation": "invconv"})],
+    ids=["plain-shapes", "lu", "gated-attention", "shuffle-additive", "thin-routes"])
+def test_model_on_fast_paths_equals_reference_paths(shape, levels, hidden, options, perturb_zero_init):
+    options = {"steps": 2, **options}
+    model = Glow(image_shape=shape, levels=levels, hidden_channels=hidden, **options).double()
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (3, *shape), generator=g) / 255.0
     model.initialize(x.double(), generator=g)
@@ -134,3 +141,67 @@ def test_reference_paths_take_no_thin_route(monkeypatch):
     assert calls == {"in": 0, "out": 0}
     net(x)
     assert calls["in"] == 1 and calls["out"] == 1
+
+
+def _prepared_during_forward(model, x):
+    """{layer class name: [whether each flow-step layer of that class ran on prepared tensors]}."""
+    seen: dict = {}
+
+    def hook(layer, args):
+        seen.setdefault(type(layer).__name__, []).append(layer._prepared is not None)
+
+    handles = [layer.register_forward_pre_hook(hook) for level in model.levels
+               for layer in convs.weight_side_layers(level.steps)]
+    try:
+        model.log_prob(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def test_flow_steps_run_on_prepared_weights_and_release_them():
+    model = Glow(image_shape=(1, 8, 8), levels=2, steps=3, hidden_channels=8)
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    seen = _prepared_during_forward(model, x)  # the first forward initialises actnorm from x
+    assert seen and not any(any(v) for v in seen.values())
+    seen = _prepared_during_forward(model, x)
+    assert set(seen) == {"ActNorm", "InvConv1x1", "_NormedConv", "ZeroConv2d"}
+    assert all(all(v) for v in seen.values()) and len(seen["_NormedConv"]) == 2 * 2 * 3
+    layers = [m for m in model.modules() if isinstance(m, convs.WeightSide)]
+    assert layers and all(m._prepared is None for m in layers)  # nothing kept after the forward
+    with convs.reference():
+        seen = _prepared_during_forward(model, x)
+    assert not any(any(v) for v in seen.values())
+    model.memory = "checkpoint"  # recomputes each layer on its own: nothing to share
+    assert not any(any(v) for v in _prepared_during_forward(model, x).values())
+
+
+def test_prepared_weights_group_by_kind_and_shape(monkeypatch):
+    """One computation per group of equal kind and shapes; a layer alone in its group computes its own."""
+    calls = []
+    compute = ActNorm.compute_weights
+    monkeypatch.setattr(ActNorm, "compute_weights", staticmethod(lambda logs: calls.append(logs.shape) or compute(logs)))
+    layers = torch.nn.ModuleList([ActNorm(3), ActNorm(3), ActNorm(3), ActNorm(5), InvConv1x1(3, lu=True)])
+    for layer in layers[:4]:
+        layer.initialize(torch.randn(4, layer.logs.shape[1], 2, 2))
+    with convs.prepared_weights(layers):
+        assert calls == [torch.Size([3, 1, 3, 1, 1])]
+        assert layers[3]._prepared is None and layers[4]._prepared is None
+        for layer in layers[:3]:
+            torch.testing.assert_close(layer.weight_tensors()[0], torch.exp(layer.logs), rtol=0, atol=0)
+    assert all(layer._prepared is None for layer in layers)
+
+
+def test_prepared_weights_benchmark_runs_both_ways_and_restores_the_switch():
+    """benchmarks/prepared_weights.py on a tiny model: both ways timed, the module left as found."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "prepared_weights.py"
+    spec = importlib.util.spec_from_file_location("prepared_weights_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    before = convs.prepared_weights
+    row = bench.time_config((1, 8, 8), 2, (2, 1), 8, 2, iters=2, warmup=1)
+    assert convs.prepared_weights is before
+    assert row["steps"] == [2, 1] and row["step_ms_prepared"] > 0 and row["step_ms_each_layer"] > 0

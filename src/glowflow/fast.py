@@ -13,6 +13,12 @@ The layers call the four functions here instead of writing their convolutions ou
   ``F.conv2d``.
 - :func:`coupling_layout`: the coupling networks run in channels-last (NHWC) layout on CPU, where
   oneDNN's convolutions are faster at these channel counts; reference: as given.
+- :func:`prepared_weights`: the weight-side tensors of many layers (an actnorm's ``exp(logs)``, an
+  LU 1x1 convolution's ``W``, a normed convolution's scaled kernel) computed for all layers of one
+  kind and shape at once, on their stacked parameters (:class:`WeightSide`); reference: each layer
+  computes its own. Not CPU-specific: it replaces a few dozen small operations per flow step,
+  forward and backward, by a few per level, and at small batches those operations' fixed cost is
+  a sizeable part of a training step.
 
 ``with glowflow.fast.reference():`` (or ``GLOWFLOW_FAST_PATHS=0`` in the environment) runs the
 reference paths; the tests compare the two in float64. The switch is a context variable, so it
@@ -39,11 +45,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+from collections import defaultdict
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["enabled", "reference", "channel_mix", "scaled_conv", "conv2d_same", "coupling_layout",
+__all__ = ["enabled", "reference", "channel_mix", "scaled_weights", "scaled_conv", "conv2d_same", "coupling_layout",
+           "WeightSide", "prepared_weights",
            "shifted_copies", "sum_shifted", "conv3x3_thin_in", "conv3x3_thin_out",
            "THIN_MIN_PIXELS", "THIN_CHANNEL_RATIO", "THIN_IN_MIN_OUTPUTS"]
 
@@ -83,11 +92,19 @@ def channel_mix(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- conv then scale
+def scaled_weights(weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight * scale, bias * scale)`` per output channel: the kernel and bias of one convolution
+    equal to a convolution followed by ``(. + bias) * scale``. ``weight [..., C_out, C_in, k, k]``,
+    ``scale`` and ``bias`` ``[..., C_out]``; the leading dimensions (none, or a stack of layers)
+    are broadcast."""
+    return weight * scale[..., None, None, None], bias * scale
+
+
 def scaled_conv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``(conv2d_same(x, weight) + bias) * scale`` with ``bias``, ``scale`` per output channel."""
     scale, bias = scale.reshape(-1), bias.reshape(-1)
     if enabled():
-        return conv2d_same(x, weight * scale.view(-1, 1, 1, 1), bias * scale)
+        return conv2d_same(x, *scaled_weights(weight, scale, bias))
     return (conv2d_same(x, weight) + bias.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)
 
 
@@ -182,3 +199,73 @@ def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         if THIN_CHANNEL_RATIO * c_out <= c_in:
             return conv3x3_thin_out(x, weight, bias)
     return F.conv2d(x, weight, bias, padding=kh // 2)
+
+
+# ---------------------------------------------------------------- weight-side tensors, batched
+class WeightSide:
+    """Mixin for layers whose forward starts from tensors computed from their parameters alone.
+
+    A subclass gives :meth:`weight_inputs` (the parameters and buffers those tensors are computed
+    from) and :meth:`compute_weights` (the computation, written so that it also works on inputs
+    stacked along a new first dimension), and calls :meth:`weight_tensors` in its forward. Inside
+    :func:`prepared_weights` that returns what was computed for a whole group of layers at once.
+    """
+
+    _prepared: tuple | None = None
+
+    def weight_inputs(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    @staticmethod
+    def compute_weights(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def weights_ready(self) -> bool:
+        """False while the inputs may still change before use (data-dependent init pending)."""
+        return True
+
+    def weight_tensors(self) -> tuple[torch.Tensor, ...]:
+        if self._prepared is not None:
+            return self._prepared
+        return self.compute_weights(*self.weight_inputs())
+
+
+def weight_side_layers(root: nn.Module) -> list:
+    """The :class:`WeightSide` layers in ``root``, outermost only (one that prepares its own
+    sub-layers' tensors, like a normed convolution its actnorm's, hides them)."""
+    if isinstance(root, WeightSide):
+        return [root]
+    return [layer for child in root.children() for layer in weight_side_layers(child)]
+
+
+@contextlib.contextmanager
+def prepared_weights(root: nn.Module):
+    """Within the block, the :class:`WeightSide` layers in ``root`` use weight-side tensors computed
+    per group (same class, same input shapes, dtypes and devices) on stacked inputs: one stack per
+    input, one computation, one unbind per output, in place of one computation per layer. Same
+    values, same gradients (through the stack), fewer and larger operations.
+
+    Does nothing on the reference paths, or if a layer is not ready (see ``weights_ready``).
+    Weight-side math runs in full precision, also under autocast, as each layer's own does."""
+    layers = weight_side_layers(root) if enabled() else []
+    if not all(layer.weights_ready() for layer in layers):
+        layers = []
+    groups = defaultdict(list)
+    for layer in layers:
+        key = (type(layer),) + tuple((t.shape, t.dtype, t.device) for t in layer.weight_inputs())
+        groups[key].append(layer)
+    prepared = []
+    try:
+        for group in groups.values():
+            if len(group) < 2:
+                continue
+            inputs = [torch.stack(ts) for ts in zip(*(layer.weight_inputs() for layer in group))]
+            with torch.autocast(inputs[0].device.type, enabled=False):
+                outputs = type(group[0]).compute_weights(*inputs)
+            for layer, mine in zip(group, zip(*(out.unbind(0) for out in outputs))):
+                layer._prepared = mine
+                prepared.append(layer)
+        yield
+    finally:
+        for layer in prepared:
+            layer._prepared = None

@@ -166,7 +166,7 @@ def _per_sample(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return value.expand(x.shape[0])
 
 
-class ActNorm(InvertibleLayer):
+class ActNorm(fast.WeightSide, InvertibleLayer):
     """Per-channel affine map ``y = (x + bias) * exp(logs)``, initialised from the first batch.
 
     The first forward pass sets ``bias`` and ``logs`` so that its output has zero mean and unit
@@ -201,12 +201,23 @@ class ActNorm(InvertibleLayer):
         self.initialized.fill_(True)
         self._known_initialized = True
 
+    def weight_inputs(self) -> tuple[torch.Tensor, ...]:
+        return (self.logs,)
+
+    @staticmethod
+    def compute_weights(logs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(exp(logs), sum(logs))``: the scale and the log|det| per pixel."""
+        return torch.exp(logs), logs.sum((-4, -3, -2, -1))
+
+    def weights_ready(self) -> bool:
+        return self.is_initialized
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.initialize(x)
-        y = (x + self.bias) * torch.exp(self.logs)
-        logdet = self.logs.sum() * (x.shape[2] * x.shape[3])
-        return y, _per_sample(logdet, x)
+        scale, logs_sum = self.weight_tensors()
+        y = (x + self.bias) * scale
+        return y, _per_sample(logs_sum * (x.shape[2] * x.shape[3]), x)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         return y * torch.exp(-self.logs) - self.bias
@@ -221,7 +232,7 @@ def random_rotation(num_channels: int, generator: torch.Generator | None = None)
     return q.float()
 
 
-class InvConv1x1(InvertibleLayer):
+class InvConv1x1(fast.WeightSide, InvertibleLayer):
     """Invertible 1x1 convolution ``y = W x`` at every pixel, ``log|det| = H W log|det W|``.
 
     ``lu=False`` learns ``W`` directly (log|det| by a float64 ``slogdet``); ``lu=True`` learns
@@ -259,25 +270,34 @@ class InvConv1x1(InvertibleLayer):
             self.log_s = nn.Parameter(torch.log(torch.abs(s)).to(dtype))
         self._cache: tuple | None = None
 
-    def _weight_and_logdet(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def weight_inputs(self) -> tuple[torch.Tensor, ...]:
         if self.lu:
-            lower = self.lower * self.lower_mask + self.eye
-            upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))
-            return self.p @ lower @ upper, self.log_s.sum()
-        logdet = torch.linalg.slogdet(self.weight.double())[1].to(self.weight.dtype)
-        return self.weight, logdet
+            return self.p, self.lower, self.upper, self.log_s, self.sign_s, self.lower_mask, self.eye
+        return (self.weight,)
+
+    @staticmethod
+    def compute_weights(*inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W, log|det W|)`` from :meth:`weight_inputs` (LU: ``W = P L U``, log|det| the sum of
+        ``log|s|``; plain: a float64 ``slogdet``)."""
+        if len(inputs) == 1:
+            (weight,) = inputs
+            return weight, torch.linalg.slogdet(weight.double())[1].to(weight.dtype)
+        p, lower, upper, log_s, sign_s, lower_mask, eye = inputs
+        lower = lower * lower_mask + eye
+        upper = upper * lower_mask.transpose(-1, -2) + torch.diag_embed(sign_s * torch.exp(log_s))
+        return p @ lower @ upper, log_s.sum(-1)
 
     def _version_key(self) -> tuple:
         return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
 
     def _weights(self, need_inverse: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if self.training or torch.is_grad_enabled():
-            w, logdet = self._weight_and_logdet()
+        if self.training or torch.is_grad_enabled() or self._prepared is not None:
+            w, logdet = self.weight_tensors()
             inv = torch.linalg.inv(w.double()).to(w.dtype) if need_inverse else None
             return w, logdet, inv
         key = self._version_key()
         if self._cache is None or self._cache[0] != key:
-            w, logdet = self._weight_and_logdet()
+            w, logdet = self.weight_tensors()
             inv = torch.linalg.inv(w.double()).to(w.dtype)
             self._cache = (key, w, logdet, inv)
         return self._cache[1], self._cache[2], self._cache[3]
@@ -329,7 +349,7 @@ class Permute(InvertibleLayer):
         return y[:, self.inv_perm]
 
 
-class ZeroConv2d(nn.Module):
+class ZeroConv2d(fast.WeightSide, nn.Module):
     """Convolution initialised to output zero, with a learned per-channel output scale
     ``exp(LOGSCALE_FACTOR * logs)``: each step of flow starts as (nearly) the identity."""
 
@@ -340,11 +360,21 @@ class ZeroConv2d(nn.Module):
         nn.init.zeros_(self.conv.bias)
         self.logs = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
 
+    def weight_inputs(self) -> tuple[torch.Tensor, ...]:
+        return self.conv.weight, self.logs, self.conv.bias
+
+    @staticmethod
+    def compute_weights(weight, logs, bias) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel and bias with the output scale folded in."""
+        return fast.scaled_weights(weight, torch.exp(logs * LOGSCALE_FACTOR).flatten(-4), bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._prepared is not None:
+            return fast.conv2d_same(x, *self._prepared)
         return fast.scaled_conv(x, self.conv.weight, torch.exp(self.logs * LOGSCALE_FACTOR), self.conv.bias)
 
 
-class _NormedConv(nn.Module):
+class _NormedConv(fast.WeightSide, nn.Module):
     """Conv (no bias) followed by actnorm and ReLU: the hidden layers of the coupling network.
 
     ``gated=True``: the convolution has twice the outputs and a gate takes the place of the ReLU,
@@ -361,10 +391,23 @@ class _NormedConv(nn.Module):
         self.norm = ActNorm(conv_out)
         self.gated = gated
 
+    def weight_inputs(self) -> tuple[torch.Tensor, ...]:
+        return self.conv.weight, self.norm.logs, self.norm.bias
+
+    @staticmethod
+    def compute_weights(weight, logs, bias) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel and bias with the actnorm folded in."""
+        return fast.scaled_weights(weight, torch.exp(logs).flatten(-4), bias.flatten(-4))
+
+    def weights_ready(self) -> bool:
+        return self.norm.is_initialized
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.norm
         if not norm.is_initialized:  # data-dependent init needs the convolution's output itself
             h = norm(fast.conv2d_same(x, self.conv.weight))[0]
+        elif self._prepared is not None:
+            h = fast.conv2d_same(x, *self._prepared)
         else:
             h = fast.scaled_conv(x, self.conv.weight, torch.exp(norm.logs), norm.bias)
         return F.glu(h, 1) if self.gated else F.relu(h, inplace=True)
@@ -604,6 +647,12 @@ class Level(Chain):
                              for _ in range(steps)))
         self.split = None if last else SplitPrior(channels, spatial)
         self.out_channels = channels if last else self.split.num_keep  # what goes on to the next level
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.steps.memory != "none":  # the other modes recompute each layer on its own
+            return super().forward(x)
+        with fast.prepared_weights(self.steps):
+            return super().forward(x)
 
     def separate(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This level's output -> (what goes on to the next level, the latent that leaves here or None)."""

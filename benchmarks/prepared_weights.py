@@ -1,0 +1,106 @@
+"""Training steps with the flow steps' weight-side tensors prepared per level, against each layer
+computing its own (``glowflow.fast.prepared_weights``); prints JSON.
+
+At each configuration one model trains (forward, backward and fused Adam on random 8-bit batches);
+its steps alternate between the two ways (ABBA order), so a change in the machine's speed hits both
+alike. Reported per configuration: the median step time of each way, their ratio, and the median
+of the per-pair ratios (the estimate least hurt by drift).
+
+    python benchmarks/prepared_weights.py                 # the configurations below, about 5 minutes
+    python benchmarks/prepared_weights.py --iters 40 --threads 1
+
+The configurations are the six of ``benchmarks/compare_normflows.py --grid`` and the architectures
+of the two Fashion-MNIST presets (``make run``'s and the hour-long one).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from glowflow import Glow, GlowConfig, fast
+
+# image shape, levels, K (one per level, or one for all), width, batch
+CONFIGS = (
+    ((1, 28, 28), 2, (16, 8), 64, 16),   # make run's preset (fashion-mnist-cpu)
+    ((1, 28, 28), 2, 16, 128, 16),       # the hour preset (fashion-mnist-cpu-long)
+    ((1, 28, 28), 2, 8, 128, 32),        # compare_normflows.py --grid, from here on
+    ((1, 28, 28), 2, 8, 64, 16),
+    ((1, 28, 28), 2, 32, 64, 16),
+    ((1, 28, 28), 2, 32, 128, 64),
+    ((3, 32, 32), 3, 8, 128, 64),
+    ((3, 32, 32), 3, 32, 64, 16),
+)
+
+
+@contextlib.contextmanager
+def _each_layer_its_own(root):
+    yield
+
+
+def time_config(shape, levels, steps, width, batch, iters: int, warmup: int, seed: int = 0) -> dict:
+    config = GlowConfig(image_shape=shape, levels=levels, steps=list(steps) if isinstance(steps, tuple) else steps,
+                        hidden_channels=width, coupling="affine", permutation="invconv_lu", seed=seed)
+    model = Glow(config=config)
+    gen = torch.Generator().manual_seed(seed)
+    batches = [torch.randint(0, 256, (batch, *shape), generator=gen) / 255.0 for _ in range(4)]
+    model.initialize(batches[0], generator=gen)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
+    prepared = fast.prepared_weights
+
+    def step(x: torch.Tensor, prepare: bool) -> float:
+        fast.prepared_weights = prepared if prepare else _each_layer_its_own  # what Level.forward calls
+        try:
+            start = time.perf_counter()
+            loss = model(x, generator=gen).bits_per_dim.mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return time.perf_counter() - start
+        finally:
+            fast.prepared_weights = prepared
+
+    times = {True: [], False: []}
+    for it in range(warmup + iters):
+        for prepare in ((True, False) if it % 2 == 0 else (False, True)):
+            dt = step(batches[it % len(batches)], prepare)
+            if it >= warmup:
+                times[prepare].append(dt)
+    on, off = statistics.median(times[True]), statistics.median(times[False])
+    return {"image_shape": list(shape), "levels": levels, "steps": list(steps) if isinstance(steps, tuple) else steps,
+            "hidden_channels": width, "batch_size": batch,
+            "step_ms_prepared": round(1e3 * on, 2), "step_ms_each_layer": round(1e3 * off, 2),
+            "speedup": round(off / on, 3),
+            "speedup_paired_median": round(statistics.median(b / a for a, b in zip(times[True], times[False])), 3),
+            "iters": iters, "warmup": warmup}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--iters", type=int, default=20, help="timed steps of each way per configuration")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="the first two configurations only, 4 steps (a smoke test)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs, iters, warmup = (CONFIGS[:2], 4, 1) if args.quick else (CONFIGS, args.iters, args.warmup)
+    load_before = round(os.getloadavg()[0], 2)
+    rows = [time_config(*c, iters=iters, warmup=warmup) for c in configs]
+    result = {"benchmark": "prepared weight-side tensors against each layer its own, training steps",
+              "configs": rows, "min_speedup": min(r["speedup"] for r in rows),
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "cpu": platform.processor() or platform.machine(),
+              "load_average_1min_before": load_before, "load_average_1min_after": round(os.getloadavg()[0], 2)}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
