@@ -226,3 +226,18 @@ def test_the_variant_figure_shows_every_seed_and_adds_curves_only_when_there_are
     variants.plot_variants(runs(3), vs, tmp_path / "curves.png")
     single, double = (Image.open(tmp_path / n).size for n in ("final.png", "curves.png"))
     assert single[0] < 900 < 1200 < double[0]
+
+
+def test_variant_table_gives_a_spread_only_over_more_than_one_seed():
+    from glowflow.variants import Variant, format_variant_table, summarize_variants
+    variants = [Variant("base"), Variant("b", ("lr=0.002",))]
+    meta = {"test_images": 10, "dataset": "d", "budget": "5 steps per run"}
+
+    def runs(seeds):
+        return [{"variant": v, "seed": s, "steps": 5, "final_test_bits_per_dim": 3.0 + 0.1 * s + (0.05 if v == "b" else 0)}
+                for v in ("base", "b") for s in seeds]
+
+    one = format_variant_table(summarize_variants(runs([0]), variants), meta)
+    assert "| 3.0000 |" in one and "| 3.0500 |" in one and "+0.0500 |" in one and "±" not in one.split("\n", 2)[2]
+    two = format_variant_table(summarize_variants(runs([0, 1]), variants), meta)
+    assert "3.0500 ± 0.0707" in two and "+0.0500 ± 0.0000" in two
