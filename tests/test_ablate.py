@@ -173,6 +173,8 @@ def test_summary_pairs_seeds_and_formats_the_verdict():
     assert "- affine: 1x1 conv < shuffle < reverse does NOT hold" in table
     assert "- additive: 1x1 conv < shuffle < reverse does NOT hold (observed: shuffle < 1x1 conv < reverse" in table
     assert "| affine | 1x1 conv | 3.0500 ± 0.0707 | 2 | 10 |" in table
+    assert "| additive | 1x1 conv | 3.5000 | 1 | 10 |" in table  # one seed: no spread, not "± 0.0000"
+    assert "shuffle − 1x1 conv = +0.2000, 1x1 conv lower in 1/1 seeds" in table
 
 
 def test_cli_registers_ablate():

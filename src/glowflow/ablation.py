@@ -180,6 +180,11 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
+def spread(std: float, n: int) -> str:
+    """``" ± std"`` over n > 1 seeds; nothing for one seed, whose spread is unknown, not zero."""
+    return f" ± {std:.4f}" if n > 1 else ""
+
+
 def check_ordering(finals: Mapping[str, Sequence[float]], order: Sequence[str] = PAPER_ORDER) -> dict:
     """Does ``order`` (best first) hold for the mean final bits/dim in ``finals``?
 
@@ -242,7 +247,7 @@ def _fmt_order(check: dict) -> str:
         return f"{' < '.join(names)}: not checkable (missing {', '.join(check['missing'])})"
     verdict = "holds" if check["holds"] else "does NOT hold"
     gaps = "; ".join(f"{LABELS.get(p['worse'], p['worse'])} − {LABELS.get(p['better'], p['better'])} = "
-                     f"{p['gap']:+.4f} ± {p['gap_std']:.4f}, {LABELS.get(p['better'], p['better'])} lower in "
+                     f"{p['gap']:+.4f}{spread(p['gap_std'], p['seeds'])}, {LABELS.get(p['better'], p['better'])} lower in "
                      f"{p['seeds_agreeing']}/{p['seeds']} seeds" for p in check["pairs"])
     observed = " < ".join(LABELS.get(n, n) for n in check["observed"])
     return f"{' < '.join(names)} {verdict} (observed: {observed}; {gaps})"
@@ -258,7 +263,8 @@ def format_table(summary: dict, meta: dict) -> str:
         steps = (str(row["steps_min"]) if row["steps_min"] == row["steps_max"]
                  else f"{row['steps_min']}–{row['steps_max']}")
         lines.append(f"| {row['coupling']} | {LABELS.get(row['permutation'], row['permutation'])} | "
-                     f"{row['final_test_bits_per_dim_mean']:.4f} ± {row['final_test_bits_per_dim_std']:.4f} | "
+                     f"{row['final_test_bits_per_dim_mean']:.4f}"
+                     f"{spread(row['final_test_bits_per_dim_std'], len(row['seeds']))} | "
                      f"{len(row['seeds'])} | {steps} | {row['seconds_mean']:.0f} |")
     lines += ["", "Gaps are mean ± std over seeds of the paired per-seed differences (same seed: same "
               "initialisation seed and data order).", ""]

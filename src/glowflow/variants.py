@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from .ablation import (FIGURE, RESULTS, RUN_RESULT, TABLE, Cell, budget_text, comparison_data, machine_info,
-                       mean_std, read_result, train_one, with_budget)
+                       mean_std, read_result, spread, train_one, with_budget)
 from .config import TrainConfig, apply_overrides
 from .io import atomic_write_json, atomic_write_text
 from .plots import pyplot, save_figure
@@ -90,22 +90,17 @@ def summarize_variants(runs: Sequence[dict], variants: Sequence[Variant]) -> dic
     return {"baseline": base, "table": rows}
 
 
-def _spread(std: float, n: int) -> str:
-    """`` ± std`` over n > 1 seeds; nothing for one seed, whose spread is unknown, not zero."""
-    return f" ± {std:.4f}" if n > 1 else ""
-
-
 def format_variant_table(summary: dict, meta: dict) -> str:
     lines = [f"Final test bits/dim on {meta['test_images']} {meta['dataset']} test images (EMA weights), "
              f"mean ± std over seeds; budget: {meta['budget']}. Difference: paired by seed, from "
              f"`{summary['baseline']}` (negative is better).", "",
              "| variant | overrides | test bits/dim | steps | difference | lower in |", "|---|---|---|---|---|---|"]
     for r in summary["table"]:
-        diff = (f"{r['difference_from_baseline']:+.4f}{_spread(r['difference_std'], r['paired_seeds'])}"
+        diff = (f"{r['difference_from_baseline']:+.4f}{spread(r['difference_std'], r['paired_seeds'])}"
                 if "difference_from_baseline" in r else "(baseline)")
         lower = f"{r['seeds_lower']}/{r['paired_seeds']}" if "seeds_lower" in r else ""
         lines.append(f"| {r['variant']} | `{' '.join(r['overrides']) or '-'}` | {r['final_test_bits_per_dim_mean']:.4f}"
-                     f"{_spread(r['final_test_bits_per_dim_std'], len(r['seeds']))} | {r['steps_mean']:.0f} | {diff} | "
+                     f"{spread(r['final_test_bits_per_dim_std'], len(r['seeds']))} | {r['steps_mean']:.0f} | {diff} | "
                      f"{lower} |")
     return "\n".join(lines) + "\n"
 
