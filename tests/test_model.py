@@ -60,8 +60,9 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     dict(coupling="affine", attention_levels=2, attention_heads=2),
     dict(coupling="affine", gated_levels=1),
     dict(coupling="affine", steps=[1, 3], hidden_channels=[3, 6]),
+    dict(coupling="affine", logit_alpha=0.05),
 ], ids=["affine", "additive", "mixture", "class_conditional", "position_split_prior", "attention", "gated",
-        "per_level"])
+        "per_level", "logit_input"])
 def test_log_prob_is_gaussian_of_encoding_plus_log_det_jacobian(variant, perturb_zero_init):
     model = _tiny_model(perturb_zero_init, **variant)
     batch = 2
@@ -98,6 +99,26 @@ def test_decode_inverts_encode_float64(coupling, permutation, perturb_zero_init)
     x = _images(TINY["image_shape"], 4, seed=2)
     eps = model.encode(x)
     assert (model.decode(eps) - x).abs().max().item() <= 1e-10
+
+
+@pytest.mark.parametrize("alpha", [0.05, 1e-3])
+def test_decode_inverts_encode_float64_logit_input(alpha, perturb_zero_init):
+    model = _tiny_model(perturb_zero_init, logit_alpha=alpha)
+    x = _images(TINY["image_shape"], 4, seed=2)
+    x[0, 0, 0, 0], x[0, 0, 0, 1] = 0.0, 1.0  # the ends of the range, where the logit is steepest
+    assert (model.decode(model.encode(x)) - x).abs().max().item() <= 1e-10
+
+
+def test_logit_input_log_det_is_the_sum_of_the_elementwise_derivatives():
+    x = torch.tensor([[0.0, 1 / 255, 0.5, 1.0]], dtype=torch.float64)
+    z, logdet = numerics.to_flow_input(x, 0.05)
+    s = 0.05 + 0.9 * x
+    assert torch.allclose(z, torch.log(s / (1 - s)))
+    by_hand = sum(math.log(0.9 / (v * (1 - v))) for v in s[0].tolist())  # d logit(s)/ds = 1 / (s (1 - s))
+    assert logdet.item() == pytest.approx(by_hand, rel=1e-12)
+    assert torch.allclose(numerics.from_flow_input(z, 0.05), x)
+    z0, logdet0 = numerics.to_flow_input(x, 0.0)  # off: the paper's centring, volume kept
+    assert torch.equal(z0, x - 0.5) and logdet0.item() == 0.0
 
 
 def test_decode_inverts_encode_float64_class_conditional(perturb_zero_init):

@@ -162,6 +162,7 @@ class GlowConfig:
     attention_levels: int = 0  # the coarsest levels whose coupling networks get self-attention (0: none)
     attention_heads: int = 4  # its heads; they must divide hidden_channels
     gated_levels: int = 0  # the coarsest levels whose coupling networks gate in place of ReLU (0: none)
+    logit_alpha: float = 0.0  # 0: the flow sees x - 0.5 (the paper); a in (0, 0.5): logit(a + (1 - 2a) x) (RealNVP)
 
     def __post_init__(self):
         shape = self.image_shape
@@ -191,6 +192,9 @@ class GlowConfig:
         _choice("permutation", self.permutation, PERMUTATIONS)
         _choice("split_prior", self.split_prior, SPLIT_PRIORS)
         _choice("dequantization", self.dequantization, DEQUANTIZATIONS)
+        a = self.logit_alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a < 0.5:
+            raise ValueError(f"logit_alpha must be a number in [0, 0.5) (0: no logit transform), got {a!r}")
         if self.dequant_hidden_channels < 1 or self.dequant_steps < 1:
             raise ValueError(f"dequant_hidden_channels and dequant_steps must be >= 1, got "
                              f"{self.dequant_hidden_channels}, {self.dequant_steps}")

@@ -156,8 +156,7 @@ class Glow(nn.Module):
     # ------------------------------------------------------------------ the bijection x <-> eps
     def _encode(self, x: torch.Tensor, y_onehot: torch.Tensor | None):
         """x in [0,1]^D -> (standardised latents per scale, log|det d eps/dx| [B], top latent)."""
-        z = x - 0.5
-        logdet = z.new_zeros(z.shape[0])
+        z, logdet = numerics.to_flow_input(x, self.config.logit_alpha)
         eps_list = []
         for level in self.levels:
             z, ld = level(z)
@@ -176,7 +175,7 @@ class Glow(nn.Module):
             if level.split is not None:
                 z = torch.cat([z, next(split_eps)], 1)
             z = level.inverse(z)
-        return z + 0.5
+        return numerics.from_flow_input(z, self.config.logit_alpha)
 
     def _flatten(self, eps_list: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([e.flatten(1) for e in eps_list], 1)

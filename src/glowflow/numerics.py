@@ -10,7 +10,7 @@ import math
 import torch
 
 __all__ = ["to_unit", "n_bins", "quantize", "dequantize", "discrete_log_likelihood", "bits_per_dim",
-           "gaussian_log_prob", "LOG_2PI"]
+           "gaussian_log_prob", "to_flow_input", "from_flow_input", "LOG_2PI"]
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -74,3 +74,25 @@ def bits_per_dim(log_prob: torch.Tensor, num_dims: int, n_bits: int, log_q: torc
 def gaussian_log_prob(eps: torch.Tensor) -> torch.Tensor:
     """Standard normal log-density summed over every dimension but the first: [B, ...] -> [B]."""
     return -0.5 * (eps.pow(2) + LOG_2PI).flatten(1).sum(1)
+
+
+def to_flow_input(x: torch.Tensor, logit_alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images in [0, 1] -> what the flow's first step sees, and ``log|det dz/dx|`` per image ``[B]``.
+
+    ``logit_alpha`` 0: ``z = x - 0.5`` (the Glow paper; log-det 0). ``a`` in (0, 0.5):
+    ``z = logit(s)`` with ``s = a + (1 - 2a) x`` (RealNVP, Dinh et al. 2017, section 4.1), which
+    stretches the values near 0 and 1; per element ``dz/dx = (1 - 2a) / (s (1 - s))``.
+    """
+    if not logit_alpha:
+        return x - 0.5, x.new_zeros(x.shape[0])
+    s = logit_alpha + (1.0 - 2.0 * logit_alpha) * x
+    log_s, log_1ms = torch.log(s), torch.log1p(-s)
+    logdet = (math.log1p(-2.0 * logit_alpha) - log_s - log_1ms).flatten(1).sum(1)
+    return log_s - log_1ms, logdet
+
+
+def from_flow_input(z: torch.Tensor, logit_alpha: float = 0.0) -> torch.Tensor:
+    """The inverse of :func:`to_flow_input`: the flow's input -> images (not clamped to [0, 1])."""
+    if not logit_alpha:
+        return z + 0.5
+    return (torch.sigmoid(z) - logit_alpha) / (1.0 - 2.0 * logit_alpha)
