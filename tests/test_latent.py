@@ -3,6 +3,7 @@ parsers, direction files and the CLI commands, on tiny models."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 
@@ -455,14 +456,14 @@ def test_a_finite_decode_far_outside_the_image_range_is_a_failed_edit(model, mon
     """The inverse's overflow is caught before it reaches inf: values of 1e23 (seen on the face
     model) are a failed edit, not an image of clamped pixel noise; a little overshoot is not."""
     z = torch.zeros(3, model.num_dims, dtype=torch.float64)
-    def fake_decode(eps, y=None, scale_floor=0.0):
+    def fake_decode(eps, y=None, scale_floor=0.0, flow_input=False):
         x = torch.full((eps.shape[0], *model.config.image_shape), 0.5, dtype=torch.float64)
         x[0, 0, 0, :] = 1.3  # overshoot within FAR_OUTSIDE: clamped, fine
         x[0, 0, 1, :2] = -5.0  # 2 of 64 pixels far outside (3%, within MAX_FAR_FRACTION)
         if eps.shape[0] == 3:
             x[1, 0, 0, :] = 1e23  # 8 of 64 pixels far outside
             x[2, 0, 0, :4] = 2.0  # 4 of 64 (6%, above MAX_FAR_FRACTION)
-        return x
+        return x - 0.5 if flow_input else x  # the paper's input: the image centred
     monkeypatch.setattr(model, "decode", fake_decode)
     with pytest.raises(latent.DecodeError, match="far outside the image range") as e:
         latent._decode(model, z)
@@ -474,6 +475,33 @@ def test_a_finite_decode_far_outside_the_image_range_is_a_failed_edit(model, mon
     assert (grey[1:] == 0.5).all() and torch.equal(grey[0], out[0])
     with pytest.raises(ValueError, match="failed must be one of"):
         latent._decode(model, z, failed="skip")
+
+
+def test_a_logit_input_decode_is_judged_before_the_logit_squashes_it(model, monkeypatch):
+    """With ``logit_alpha`` the image is a sigmoid of what the flow returns, always within
+    [-a, 1 + a]: a decode gone to 1e6 would come back as a plausible white patch. It is judged
+    where the flow returns it, against the data's range there (+-9.2 at a = 1e-4)."""
+    monkeypatch.setattr(model, "config", dataclasses.replace(model.config, logit_alpha=1e-4))
+    def fake_decode(eps, y=None, scale_floor=0.0, flow_input=False):
+        z = torch.zeros(eps.shape[0], *model.config.image_shape, dtype=torch.float64)
+        z[-1, 0, 0, :] = 15.0  # beyond the data, within FAR_OUTSIDE of its range: an overshoot
+        if eps.shape[0] == 3:
+            z[1, 0, 0, :] = 1e6  # 8 of 64 values far beyond the data's +-9.2
+        assert flow_input
+        return z
+    monkeypatch.setattr(model, "decode", fake_decode)
+    z = torch.zeros(3, model.num_dims, dtype=torch.float64)
+    with pytest.raises(latent.DecodeError, match="far outside the image range") as e:
+        latent._decode(model, z)
+    assert e.value.rows == [1]
+    out = latent._decode(model, z[:2])
+    assert out.min() >= 0.0 and out.max() == 1.0 and torch.allclose(out[0], torch.full_like(out[0], 0.5))
+
+
+def test_decode_returns_the_flow_input_when_asked(model):
+    eps = model.encode(images(2))
+    with torch.no_grad():
+        assert torch.equal(model.decode(eps, flow_input=True) + 0.5, model.decode(eps))
 
 
 def test_sampling_decodes_with_the_stable_floor_unless_told_otherwise(model):

@@ -40,7 +40,7 @@ from .data import ImageDataset
 from .images import load_image
 from .io import atomic_file, atomic_write_text
 from .layers import STABLE_SCALE_FLOOR
-from .numerics import to_unit
+from .numerics import from_flow_input, to_flow_input, to_unit
 
 # An edit's decode counts as failed when more than this fraction of its values lie more than
 # FAR_OUTSIDE beyond [0, 1] (on the face model a glasses edit at alpha 0.5 reached 1e23, finite).
@@ -108,12 +108,18 @@ def _onehot_path(model, y1, y2, t: torch.Tensor) -> torch.Tensor | None:
     return (1 - t)[:, None] * a + t[:, None] * b
 
 
-def far_outside(x: torch.Tensor) -> torch.Tensor:
-    """``[N]`` bool: which decoded images ``x [N, ...]`` have more than :data:`MAX_FAR_FRACTION` of
-    their values beyond ``[-FAR_OUTSIDE, 1 + FAR_OUTSIDE]`` (one half of a failed edit; the other
-    is a value that is not finite)."""
-    flat = x.flatten(1)
-    return ((flat < -FAR_OUTSIDE) | (flat > 1.0 + FAR_OUTSIDE)).float().mean(1) > MAX_FAR_FRACTION
+def far_outside(z: torch.Tensor, logit_alpha: float = 0.0) -> torch.Tensor:
+    """``[N]`` bool: which decodes, given as the flow's input ``z [N, ...]``
+    (:func:`~glowflow.numerics.to_flow_input`), have more than :data:`MAX_FAR_FRACTION` of their
+    values outside the data's range there widened on each side by :data:`FAR_OUTSIDE` of its
+    width (one half of a failed edit; the other is a value that is not finite). For the paper's
+    input ``x - 0.5`` that is an image beyond ``[-FAR_OUTSIDE, 1 + FAR_OUTSIDE]``; a logit input
+    is judged before its inverse squashes every value into the image range."""
+    ends, _ = to_flow_input(torch.tensor([[0.0, 1.0]], dtype=torch.float64), logit_alpha)
+    lo, hi = ends[0].tolist()
+    margin = FAR_OUTSIDE * (hi - lo)
+    flat = z.flatten(1)
+    return ((flat < lo - margin) | (flat > hi + margin)).float().mean(1) > MAX_FAR_FRACTION
 
 
 def _decode(model, eps: torch.Tensor, y=None, stable: bool = True, what=None, failed: str = "raise") -> torch.Tensor:
@@ -130,8 +136,9 @@ def _decode(model, eps: torch.Tensor, y=None, stable: bool = True, what=None, fa
     for start in range(0, eps.shape[0], DECODE_BATCH):
         stop = min(start + DECODE_BATCH, eps.shape[0])
         yb = y[start:stop] if isinstance(y, torch.Tensor) and y.dim() >= 1 and y.shape[0] == eps.shape[0] else y
-        x = model.decode(eps[start:stop], yb, scale_floor=floor)
-        ok = torch.isfinite(x.flatten(1)).all(1) & ~far_outside(x)
+        z = model.decode(eps[start:stop], yb, scale_floor=floor, flow_input=True)
+        x = from_flow_input(z, model.config.logit_alpha)
+        ok = torch.isfinite(z.flatten(1)).all(1) & ~far_outside(z, model.config.logit_alpha)
         bad += [start + int(i) for i in (~ok).nonzero().flatten()]
         out.append(x.clamp_(0.0, 1.0))
     images = torch.cat(out)

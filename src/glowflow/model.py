@@ -169,13 +169,14 @@ class Glow(nn.Module):
         return eps_list, logdet + ld, z
 
     def _decode(self, eps_list: list[torch.Tensor], y_onehot: torch.Tensor | None) -> torch.Tensor:
+        """Latents per scale -> the flow's input (:func:`~glowflow.numerics.to_flow_input`)."""
         z = self.top_prior.inverse(eps_list[-1], y_onehot)
         split_eps = iter(reversed(eps_list[:-1]))
         for level in reversed(self.levels):
             if level.split is not None:
                 z = torch.cat([z, next(split_eps)], 1)
             z = level.inverse(z)
-        return numerics.from_flow_input(z, self.config.logit_alpha)
+        return z
 
     def _flatten(self, eps_list: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([e.flatten(1) for e in eps_list], 1)
@@ -230,12 +231,16 @@ class Glow(nn.Module):
         eps_list, _, _ = self._encode(x, self._onehot(y, x.shape[0]))
         return self._flatten(eps_list)
 
-    def decode(self, eps: torch.Tensor, y: torch.Tensor | None = None, scale_floor: float = 0.0) -> torch.Tensor:
+    def decode(self, eps: torch.Tensor, y: torch.Tensor | None = None, scale_floor: float = 0.0,
+               flow_input: bool = False) -> torch.Tensor:
         """Standardised latents [B, D] -> images [B, C, H, W] (not clamped: the exact inverse).
 
         ``scale_floor`` > 0 bounds the affine and mixture couplings' inverse
         (:func:`~glowflow.layers.inverse_scale_floor`), for latents far from the data; the latents
-        of data decode as without it.
+        of data decode as without it. ``flow_input=True`` returns what the flow's first step sees
+        instead of the image (``x - 0.5``, or the logit with ``logit_alpha``), where a decode that
+        left the data shows as values far outside the data's range even when the logit's inverse
+        would squash them into [0, 1].
         """
         if not isinstance(eps, torch.Tensor):
             raise ValueError(f"latents must be a torch.Tensor [B, D], got {type(eps).__name__}")
@@ -247,7 +252,8 @@ class Glow(nn.Module):
             raise ValueError("latents contain NaN or inf")
         eps_list = self._unflatten(eps)
         with inverse_scale_floor(scale_floor):
-            return self._decode(eps_list, self._onehot(y, eps.shape[0]))
+            z = self._decode(eps_list, self._onehot(y, eps.shape[0]))
+        return z if flow_input else numerics.from_flow_input(z, self.config.logit_alpha)
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 0.7, y: torch.Tensor | None = None,
