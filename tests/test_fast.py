@@ -1,7 +1,8 @@
 """The CPU fast paths equal the reference paths: the thin-side 3x3 convolutions equal F.conv2d
 (values and gradients, float64), the coupling network takes them where it says it does (its values
 on these routes: test_layers.py), the flow steps' weight-side tensors are prepared per level where
-they should be and nowhere else, and a whole model computes the same log-density and gradients with
+they should be and nowhere else, few-channel affine steps run as one node (values and gradients
+against the layers, float64) where they should, and a whole model computes the same log-density and gradients with
 the fast paths on and off."""
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from glowflow import Glow
 from glowflow import fast as convs
-from glowflow.layers import ActNorm, CouplingNet, InvConv1x1
+from glowflow.layers import ActNorm, Chain, CouplingNet, FlowStep, InvConv1x1
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -161,8 +162,9 @@ def _prepared_during_forward(model, x):
 
 
 def test_flow_steps_run_on_prepared_weights_and_release_them():
-    model = Glow(image_shape=(1, 8, 8), levels=2, steps=3, hidden_channels=8)
-    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    # 12 channels at the first level: steps run layer by layer (few-channel steps: below)
+    model = Glow(image_shape=(3, 8, 8), levels=2, steps=3, hidden_channels=8)
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     seen = _prepared_during_forward(model, x)  # the first forward initialises actnorm from x
     assert seen and not any(any(v) for v in seen.values())
     seen = _prepared_during_forward(model, x)
@@ -193,15 +195,102 @@ def test_prepared_weights_group_by_kind_and_shape(monkeypatch):
     assert all(layer._prepared is None for layer in layers)
 
 
-def test_prepared_weights_benchmark_runs_both_ways_and_restores_the_switch():
-    """benchmarks/prepared_weights.py on a tiny model: both ways timed, the module left as found."""
+@pytest.mark.parametrize("path", ["prepared", "one-node"])
+def test_fast_paths_benchmark_runs_both_ways_and_restores_the_switch(path):
+    """benchmarks/fast_paths.py on a tiny model: both ways timed, the module left as found."""
     import importlib.util
     from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "prepared_weights.py"
-    spec = importlib.util.spec_from_file_location("prepared_weights_benchmark", path)
+    file = Path(__file__).resolve().parents[1] / "benchmarks" / "fast_paths.py"
+    spec = importlib.util.spec_from_file_location("fast_paths_benchmark", file)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    before = convs.prepared_weights
-    row = bench.time_config((1, 8, 8), 2, (2, 1), 8, 2, iters=2, warmup=1)
-    assert convs.prepared_weights is before
-    assert row["steps"] == [2, 1] and row["step_ms_prepared"] > 0 and row["step_ms_each_layer"] > 0
+    before = convs.prepared_weights, convs.GEMM_STEP_MAX_CHANNELS
+    row = bench.time_config((1, 8, 8), 2, (2, 1), 8, 2, iters=2, warmup=1, path=path)
+    assert (convs.prepared_weights, convs.GEMM_STEP_MAX_CHANNELS) == before
+    assert row["steps"] == [2, 1] and row["step_ms_on"] > 0 and row["step_ms_off"] > 0
+
+
+# ------------------------------------------------------------------- few-channel affine steps
+def _step(channels, permutation="invconv_lu", coupling="affine", hidden=8, seed=0, **options):
+    """An initialised flow step in float64, moved off its zero init, and an input for it."""
+    g = torch.Generator().manual_seed(seed)
+    step = FlowStep(channels, hidden, coupling, permutation, g, **options).double()
+    x = torch.randn(2, channels, 5, 6, generator=g, dtype=torch.float64) * 2.0 + 0.5
+    step(x)  # data-dependent init
+    with torch.no_grad():
+        for p in step.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.1)
+    return step, x
+
+
+def _count_one_node(monkeypatch):
+    calls = []
+    step = convs.affine_step
+    monkeypatch.setattr(convs, "affine_step", lambda *a, **k: calls.append(1) or step(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("channels,permutation,sliced", [(4, "invconv_lu", False), (3, "invconv_lu", False),
+                                                         (8, "invconv", False), (4, "invconv_lu", True)])
+def test_affine_step_equals_the_layers(monkeypatch, channels, permutation, sliced):
+    """Output, log|det| and every gradient (input, parameters) of the one-node step equal the layers
+    run one by one, for even and odd channel counts, both 1x1 parametrisations and an input that is
+    a channel slice of a larger tensor (as after a split)."""
+    calls = _count_one_node(monkeypatch)
+    step, x = _step(channels, permutation)
+    results = []
+    for one_node in (True, False):
+        step.zero_grad(set_to_none=True)
+        leaf = x.clone().requires_grad_(True)
+        xi = torch.cat([leaf, leaf], 1)[:, 1: channels + 1] if sliced else leaf
+        assert xi.is_contiguous() != sliced
+        y, logdet = step(xi) if one_node else Chain.forward(step, xi)
+        (y.sin().sum() + (logdet * torch.tensor([0.7, -1.3], dtype=torch.float64)).sum()).backward()
+        results.append([y, logdet, leaf.grad] + [p.grad for p in step.parameters()])
+    assert calls == [1]
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_affine_step_backward_is_the_derivative():
+    """The written-out backward against finite differences (gradcheck) in every input."""
+    g = torch.Generator().manual_seed(1)
+
+    def rand(*shape, scale=0.3):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_(True)
+    c, hidden = 3, 4
+    x = rand(2, c, 3, 4, scale=1.0)
+    scale = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).requires_grad_(True)
+    bias, w = rand(c), (torch.eye(c, dtype=torch.float64) + 0.2 * torch.randn(c, c, generator=g,
+                                                                              dtype=torch.float64)).requires_grad_(True)
+    net = (rand(hidden, 2, 3, 3), rand(hidden), rand(hidden, hidden, 1, 1), rand(hidden), rand(2, hidden, 3, 3),
+           rand(2))
+
+    def fn(x, scale, bias, w, *net):
+        return convs.affine_step(x, scale, bias, w, net, 2, 2.0)
+    assert torch.autograd.gradcheck(fn, (x, scale, bias, w, *net))
+
+
+def test_affine_step_only_where_it_applies(monkeypatch):
+    """One node for initialised affine steps with a 1x1 convolution on at most
+    GEMM_STEP_MAX_CHANNELS channels on the fast paths; layer by layer otherwise."""
+    calls = _count_one_node(monkeypatch)
+
+    def used(step, x):
+        calls.clear()
+        step(x)
+        return len(calls) == 1
+    step, x = _step(convs.GEMM_STEP_MAX_CHANNELS)
+    assert used(step, x)
+    assert not used(*_step(convs.GEMM_STEP_MAX_CHANNELS + 1))
+    assert not used(*_step(4, coupling="additive"))
+    assert not used(*_step(4, permutation="shuffle"))
+    assert not used(*_step(4, gated=True))
+    assert not used(*_step(4, attention_heads=2))
+    with convs.reference():
+        assert not used(step, x)
+    step.memory = "checkpoint"
+    assert not used(step, x)
+    fresh = FlowStep(4, 8, "affine", "invconv_lu", torch.Generator().manual_seed(0)).double()
+    assert not used(fresh, x[:, :4])  # the first call initialises the actnorms
+    assert used(fresh, x[:, :4])

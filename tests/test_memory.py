@@ -12,7 +12,7 @@ import torch
 import importlib.util
 from pathlib import Path
 
-from glowflow import Glow
+from glowflow import Glow, fast
 from glowflow.layers import FlowStep, InvertibleLayer
 from glowflow.memory import MEMORY_MODES, run_layers
 
@@ -172,7 +172,7 @@ def test_generic_path_for_other_steps_equals_plain_autograd(coupling, perturb_ze
         assert _max_rel(a, b) <= 1e-8
 
 
-def test_invertible_backward_evaluates_each_coupling_net_once(perturb_zero_init, perturb_all):
+def test_invertible_backward_evaluates_each_coupling_net_once(monkeypatch, perturb_zero_init, perturb_all):
     """The coupling's inverse and its recomputed forward share one net evaluation per step."""
     models = _models(perturb_zero_init, perturb_all)
     model = models["invertible"]
@@ -180,6 +180,8 @@ def test_invertible_backward_evaluates_each_coupling_net_once(perturb_zero_init,
     for m in model.modules():
         if type(m).__name__ == "CouplingNet":
             m.register_forward_hook(lambda *a: calls.append(1))
+    one_node = fast.affine_step  # few-channel steps evaluate their net inside one node
+    monkeypatch.setattr(fast, "affine_step", lambda *a, **k: calls.append(1) or one_node(*a, **k))
     x = _images(2, seed=15)
     bpd = model(x, noise=torch.rand(x.shape, dtype=torch.float64)).bits_per_dim.mean()
     num_steps = len(calls)
@@ -244,7 +246,10 @@ def test_no_grad_and_eval_paths_are_the_plain_loop(perturb_zero_init, perturb_al
     x = _images(2, seed=10)
     with torch.no_grad():
         outs = {mode: m.eval().log_prob(x) for mode, m in models.items()}
-    assert torch.equal(outs["invertible"], outs["none"]) and torch.equal(outs["checkpoint"], outs["none"])
+    # equal up to rounding: "none" alone runs on weight tensors prepared per level, whose last bits
+    # can differ from each layer's own (fast.prepared_weights)
+    for mode in ("invertible", "checkpoint"):
+        torch.testing.assert_close(outs[mode], outs["none"], rtol=1e-13, atol=1e-11)
 
 
 def test_unknown_memory_mode_is_refused():

@@ -13,12 +13,25 @@ The layers call the four functions here instead of writing their convolutions ou
   ``F.conv2d``.
 - :func:`coupling_layout`: the coupling networks run in channels-last (NHWC) layout on CPU, where
   oneDNN's convolutions are faster at these channel counts; reference: as given.
+- :func:`affine_step`: a whole affine flow step (actnorm, 1x1 convolution, affine coupling with the
+  standard 3x3 -> 1x1 -> 3x3 network) as one autograd node whose three convolutions are matrix
+  products over the NHWC pixels, for flows of few channels (below); reference: the layers one by one.
 - :func:`prepared_weights`: the weight-side tensors of many layers (an actnorm's ``exp(logs)``, an
   LU 1x1 convolution's ``W``, a normed convolution's scaled kernel) computed for all layers of one
   kind and shape at once, on their stacked parameters (:class:`WeightSide`); reference: each layer
   computes its own. Not CPU-specific: it replaces a few dozen small operations per flow step,
   forward and backward, by a few per level, and at small batches those operations' fixed cost is
   a sizeable part of a training step.
+
+Few-channel steps. Where a level has at most ``GEMM_STEP_MAX_CHANNELS`` channels (greyscale images
+at their first two levels) a flow step's coupling network maps 2 channels to the hidden width and
+back to 4. oneDNN's convolutions run such shapes far below the rate a plain matrix product reaches,
+and hand their outputs over in blocked layouts that the next kernel converts back. Written as one
+autograd Function, the step unfolds the thin input into its 3x3 neighbourhoods (few columns),
+multiplies, and folds the last product's per-tap outputs back into place; the hidden activations
+stay ``[pixels, width]`` matrices from the first product to the last, and the backward is written
+out (matrix products, the ReLU masks, fold/unfold as each other's adjoints). Above that channel
+count the unfold and fold cost more than they save, and the layers run one by one.
 
 ``with glowflow.fast.reference():`` (or ``GLOWFLOW_FAST_PATHS=0`` in the environment) runs the
 reference paths; the tests compare the two in float64. The switch is a context variable, so it
@@ -52,7 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["enabled", "reference", "channel_mix", "scaled_weights", "scaled_conv", "conv2d_same", "coupling_layout",
-           "WeightSide", "prepared_weights",
+           "WeightSide", "prepared_weights", "affine_step", "affine_step_fits", "GEMM_STEP_MAX_CHANNELS",
            "shifted_copies", "sum_shifted", "conv3x3_thin_in", "conv3x3_thin_out",
            "THIN_MIN_PIXELS", "THIN_CHANNEL_RATIO", "THIN_IN_MIN_OUTPUTS"]
 
@@ -66,6 +79,9 @@ THIN_MIN_PIXELS = 100
 THIN_CHANNEL_RATIO = 32
 # ... and, for a thin input, at least this many outputs (2 -> 64 was slower per step, 2 -> 128 faster).
 THIN_IN_MIN_OUTPUTS = 128
+# Flow steps of at most this many channels run as one matrix-product node (affine_step); tuned by
+# paired whole training steps on 2 x86 cores (docs/results.md): 4 and 8 channels faster, 12 slower.
+GEMM_STEP_MAX_CHANNELS = 8
 
 
 def enabled() -> bool:
@@ -269,3 +285,95 @@ def prepared_weights(root: nn.Module):
     finally:
         for layer in prepared:
             layer._prepared = None
+
+
+# ------------------------------------------------------------- few-channel affine flow step
+def _tap_columns(x: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W] -> [B H W, 9 C]``: each pixel's zero-padded 3x3 neighbourhood, column ``c 9 + k``."""
+    b, c, h, w = x.shape
+    return F.unfold(x, 3, padding=1).transpose(1, 2).reshape(b * h * w, 9 * c)
+
+
+def _fold_taps(cols: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """The adjoint of :func:`_tap_columns`: ``[B H W, 9 C] -> [B, C, H, W]``, each column added back
+    at the pixel it was read from."""
+    b, c, h, w = shape
+    return F.fold(cols.view(b, h * w, 9 * c).transpose(1, 2), (h, w), 3, padding=1)
+
+
+def _flipped_taps(weight: torch.Tensor) -> torch.Tensor:
+    """A 3x3 kernel ``[C_out, C_in, 3, 3]`` as ``[9 C_out, C_in]``, rows ``o 9 + k`` for the kernel
+    turned by 180 degrees: ``fold`` of ``h @ this.T`` is the convolution of ``h`` (fold writes tap
+    ``k`` at the pixel plus its offset, the convolution reads it from there)."""
+    return weight.flip(2, 3).permute(0, 2, 3, 1).reshape(-1, weight.shape[1])
+
+
+class _AffineStep(torch.autograd.Function):
+    """``x -> (y, log|det| of the coupling)`` for actnorm ``(x + bias) scale``, ``z = W (.)`` and an
+    affine coupling of ``z``'s halves (``sigmoid(. + scale_shift)`` scales) whose network is 3x3
+    conv -> ReLU -> 1x1 conv -> ReLU -> 3x3 conv (actnorms and output scale folded into the kernels)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, bias, w, w1, b1, w2, b2, w3, b3, num_pass, scale_shift):
+        n, c, h, wd = x.shape
+        hidden, c_out = w1.shape[0], w3.shape[0]
+        w_scaled = w * scale  # W diag(scale): actnorm folded into the channel mix
+        z = torch.baddbmm((w @ (bias * scale)).view(1, c, 1), w_scaled.expand(n, c, c),
+                          x.reshape(n, c, h * wd)).view(n, c, h, wd)
+        z1, z2 = z[:, :num_pass], z[:, num_pass:]
+        cols = _tap_columns(z1)
+        h1 = torch.addmm(b1, cols, w1.reshape(hidden, -1).t()).relu_()
+        h2 = torch.addmm(b2, h1, w2.reshape(hidden, hidden).t()).relu_()
+        out = _fold_taps(torch.mm(h2, _flipped_taps(w3).t()), (n, c_out, h, wd))
+        out += b3.view(1, -1, 1, 1)
+        s = torch.sigmoid(out[:, 1::2] + scale_shift)
+        y2 = (z2 + out[:, 0::2]) * s
+        ctx.save_for_backward(x, scale, bias, w, w_scaled, cols, h1, h2, w1, w2, w3, s, y2)
+        ctx.num_pass = num_pass
+        return torch.cat([z1, y2], 1), torch.log(s).sum((1, 2, 3))
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_logdet):
+        x, scale, bias, w, w_scaled, cols, h1, h2, w1, w2, w3, s, y2 = ctx.saved_tensors
+        n, c, h, wd = x.shape
+        hidden, c_in, c_out = w1.shape[0], w1.shape[1], w3.shape[0]
+        g1, g2 = grad_y[:, :ctx.num_pass], grad_y[:, ctx.num_pass:]
+        # coupling: y2 = (z2 + shift) s, s = sigmoid(pre + scale_shift), log|det| = sum log s
+        g_shift = g2 * s  # also dL/dz2
+        g_pre = torch.addcmul(grad_logdet.view(-1, 1, 1, 1), g2, y2).mul_(1.0 - s)
+        g_out = torch.stack([g_shift, g_pre], 2).flatten(1, 2)  # shift, pre interleaved as in out
+        g_cols3 = _tap_columns(g_out)
+        g_w3 = torch.mm(g_cols3.t(), h2).view(c_out, 3, 3, hidden).permute(0, 3, 1, 2).flip(2, 3)
+        g_h2 = torch.ops.aten.threshold_backward(torch.mm(g_cols3, _flipped_taps(w3)), h2, 0)
+        g_w2 = torch.mm(g_h2.t(), h1).view_as(w2)
+        g_h1 = torch.ops.aten.threshold_backward(torch.mm(g_h2, w2.reshape(hidden, hidden)), h1, 0)
+        g_w1 = torch.mm(g_h1.t(), cols).view_as(w1)
+        g_z1 = _fold_taps(torch.mm(g_h1, w1.reshape(hidden, -1)), (n, c_in, h, wd))
+        g_z = torch.cat([g1 + g_z1, g_shift], 1).view(n, c, h * wd)
+        # z = W diag(scale) x + W (bias scale)
+        g_x = torch.matmul(w_scaled.t(), g_z).view(n, c, h, wd)
+        g_w_scaled = torch.matmul(g_z, x.reshape(n, c, h * wd).transpose(1, 2)).sum(0)
+        g_const = g_z.sum((0, 2))
+        wt_g_const = w.t() @ g_const
+        g_w = g_w_scaled * scale + torch.outer(g_const, bias * scale)
+        g_scale = (w * g_w_scaled).sum(0) + wt_g_const * bias
+        return (g_x, g_scale, wt_g_const * scale, g_w, g_w1, g_h1.sum(0), g_w2, g_h2.sum(0), g_w3,
+                g_out.sum((0, 2, 3)), None, None)
+
+
+def affine_step_fits(x: torch.Tensor) -> bool:
+    """Whether :func:`affine_step` is the faster way for a flow step on ``x``: fast paths on, CPU,
+    no autocast, a float input of at most ``GEMM_STEP_MAX_CHANNELS`` channels."""
+    return (enabled() and x.device.type == "cpu" and x.dim() == 4 and x.shape[1] <= GEMM_STEP_MAX_CHANNELS
+            and x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu"))
+
+
+def affine_step(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, weight: torch.Tensor,
+                net: tuple[torch.Tensor, ...], num_pass: int, scale_shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One affine flow step as one autograd node: actnorm ``(x + bias) * scale`` (``scale``, ``bias``
+    ``[C]``), the 1x1 convolution ``weight [C, C]``, then the affine coupling of the first
+    ``num_pass`` channels onto the rest with the network's folded kernels ``net = (w1, b1, w2, b2,
+    w3, b3)`` (3x3, 1x1, 3x3) and scales ``sigmoid(. + scale_shift)``. Returns ``(y, the
+    coupling's log|det| [B])``; the actnorm's and the 1x1 convolution's log-determinants depend on
+    the weights alone and are the caller's."""
+    return _AffineStep.apply(x, scale, bias, weight, *net, num_pass, scale_shift)

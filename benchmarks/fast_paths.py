@@ -1,13 +1,18 @@
-"""Training steps with the flow steps' weight-side tensors prepared per level, against each layer
-computing its own (``glowflow.fast.prepared_weights``); prints JSON.
+"""Training steps with one of glowflow's CPU fast paths on, against the same steps with it off;
+prints JSON. ``--path``:
+
+- ``prepared``: the flow steps' weight-side tensors prepared per level (``fast.prepared_weights``),
+  against each layer computing its own;
+- ``one-node``: few-channel affine flow steps as one matrix-product node (``fast.affine_step``),
+  against their layers run one by one.
 
 At each configuration one model trains (forward, backward and fused Adam on random 8-bit batches);
 its steps alternate between the two ways (ABBA order), so a change in the machine's speed hits both
 alike. Reported per configuration: the median step time of each way, their ratio, and the median
 of the per-pair ratios (the estimate least hurt by drift).
 
-    python benchmarks/prepared_weights.py                 # the configurations below, about 5 minutes
-    python benchmarks/prepared_weights.py --iters 40 --threads 1
+    python benchmarks/fast_paths.py --path one-node       # the configurations below, about 5 minutes
+    python benchmarks/fast_paths.py --path prepared --iters 40 --threads 1
 
 The configurations are the six of ``benchmarks/compare_normflows.py --grid`` and the architectures
 of the two Fashion-MNIST presets (``make run``'s and the hour-long one).
@@ -44,7 +49,24 @@ def _each_layer_its_own(root):
     yield
 
 
-def time_config(shape, levels, steps, width, batch, iters: int, warmup: int, seed: int = 0) -> dict:
+@contextlib.contextmanager
+def _off(path: str):
+    """The block runs with fast path ``path`` off (what the layers look up in ``fast`` at call time)."""
+    name, value = {"prepared": ("prepared_weights", _each_layer_its_own),
+                   "one-node": ("GEMM_STEP_MAX_CHANNELS", 0)}[path]
+    before = getattr(fast, name)
+    setattr(fast, name, value)
+    try:
+        yield
+    finally:
+        setattr(fast, name, before)
+
+
+PATHS = ("prepared", "one-node")
+
+
+def time_config(shape, levels, steps, width, batch, iters: int, warmup: int, seed: int = 0,
+                path: str = "prepared") -> dict:
     config = GlowConfig(image_shape=shape, levels=levels, steps=list(steps) if isinstance(steps, tuple) else steps,
                         hidden_channels=width, coupling="affine", permutation="invconv_lu", seed=seed)
     model = Glow(config=config)
@@ -52,30 +74,26 @@ def time_config(shape, levels, steps, width, batch, iters: int, warmup: int, see
     batches = [torch.randint(0, 256, (batch, *shape), generator=gen) / 255.0 for _ in range(4)]
     model.initialize(batches[0], generator=gen)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
-    prepared = fast.prepared_weights
 
-    def step(x: torch.Tensor, prepare: bool) -> float:
-        fast.prepared_weights = prepared if prepare else _each_layer_its_own  # what Level.forward calls
-        try:
+    def step(x: torch.Tensor, on: bool) -> float:
+        with contextlib.nullcontext() if on else _off(path):
             start = time.perf_counter()
             loss = model(x, generator=gen).bits_per_dim.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             return time.perf_counter() - start
-        finally:
-            fast.prepared_weights = prepared
 
     times = {True: [], False: []}
     for it in range(warmup + iters):
-        for prepare in ((True, False) if it % 2 == 0 else (False, True)):
-            dt = step(batches[it % len(batches)], prepare)
+        for on in ((True, False) if it % 2 == 0 else (False, True)):
+            dt = step(batches[it % len(batches)], on)
             if it >= warmup:
-                times[prepare].append(dt)
+                times[on].append(dt)
     on, off = statistics.median(times[True]), statistics.median(times[False])
     return {"image_shape": list(shape), "levels": levels, "steps": list(steps) if isinstance(steps, tuple) else steps,
             "hidden_channels": width, "batch_size": batch,
-            "step_ms_prepared": round(1e3 * on, 2), "step_ms_each_layer": round(1e3 * off, 2),
+            "step_ms_on": round(1e3 * on, 2), "step_ms_off": round(1e3 * off, 2),
             "speedup": round(off / on, 3),
             "speedup_paired_median": round(statistics.median(b / a for a, b in zip(times[True], times[False])), 3),
             "iters": iters, "warmup": warmup}
@@ -83,6 +101,7 @@ def time_config(shape, levels, steps, width, batch, iters: int, warmup: int, see
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--path", choices=PATHS, required=True, help="the fast path to time on and off")
     p.add_argument("--iters", type=int, default=20, help="timed steps of each way per configuration")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -92,8 +111,10 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     configs, iters, warmup = (CONFIGS[:2], 4, 1) if args.quick else (CONFIGS, args.iters, args.warmup)
     load_before = round(os.getloadavg()[0], 2)
-    rows = [time_config(*c, iters=iters, warmup=warmup) for c in configs]
-    result = {"benchmark": "prepared weight-side tensors against each layer its own, training steps",
+    rows = [time_config(*c, iters=iters, warmup=warmup, path=args.path) for c in configs]
+    what = {"prepared": "prepared weight-side tensors against each layer its own",
+            "one-node": "few-channel affine steps as one node against their layers one by one"}[args.path]
+    result = {"benchmark": f"{what}, training steps", "path": args.path,
               "configs": rows, "min_speedup": min(r["speedup"] for r in rows),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpu": platform.processor() or platform.machine(),
