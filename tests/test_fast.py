@@ -1,9 +1,9 @@
 """The CPU fast paths equal the reference paths: the thin-side 3x3 convolutions equal F.conv2d
 (values and gradients, float64), the coupling network takes them where it says it does (its values
 on these routes: test_layers.py), the flow steps' weight-side tensors are prepared per level where
-they should be and nowhere else, few-channel affine steps run as one node (values and gradients
-against the layers, float64) where they should, and a whole model computes the same log-density and gradients with
-the fast paths on and off."""
+they should be and nowhere else, few-channel affine steps run as one node where they should (values
+and gradients against the layers, float64, and against finite differences), and a whole model
+computes the same log-density and gradients with the fast paths on and off."""
 from __future__ import annotations
 
 import pytest
@@ -261,8 +261,8 @@ def test_affine_step_backward_is_the_derivative():
     c, hidden = 3, 4
     x = rand(2, c, 3, 4, scale=1.0)
     scale = (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).requires_grad_(True)
-    bias, w = rand(c), (torch.eye(c, dtype=torch.float64) + 0.2 * torch.randn(c, c, generator=g,
-                                                                              dtype=torch.float64)).requires_grad_(True)
+    bias = rand(c)
+    w = (torch.eye(c, dtype=torch.float64) + rand(c, c, scale=0.2)).detach().requires_grad_(True)
     net = (rand(hidden, 2, 3, 3), rand(hidden), rand(hidden, hidden, 1, 1), rand(hidden), rand(2, hidden, 3, 3),
            rand(2))
 
