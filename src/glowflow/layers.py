@@ -592,9 +592,10 @@ class FlowStep(Chain):
         return super().forward(x)
 
     def _one_node(self, x: torch.Tensor) -> bool:
-        """Whether this step runs as :func:`fast.affine_step`: the plain memory mode, an affine
-        coupling with the standard network after actnorm and a 1x1 convolution, all actnorms
-        initialised, and an input the fast path is for."""
+        """Whether this step runs as :func:`fast.affine_step`: its own layers under the plain memory
+        mode (``self.memory``; the level's mode runs whole steps), an affine coupling with the
+        standard network after actnorm and a 1x1 convolution, all actnorms initialised, and an
+        input the fast path is for."""
         coupling = self.coupling
         net = coupling.net.net
         return (self.memory == "none" and coupling.kind == "affine" and isinstance(self.permute, InvConv1x1)
