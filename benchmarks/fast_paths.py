@@ -49,20 +49,26 @@ def _each_layer_its_own(root):
     yield
 
 
+# --path: (the name in glowflow.fast the layers look up at call time, its value with the path off,
+# what the JSON calls the comparison)
+_PATHS = {
+    "prepared": ("prepared_weights", _each_layer_its_own, "prepared weight-side tensors against each layer its own"),
+    "one-node": ("GEMM_STEP_MAX_CHANNELS", 0,
+                 "few-channel affine steps as one node against their layers one by one"),
+}
+PATHS = tuple(_PATHS)
+
+
 @contextlib.contextmanager
 def _off(path: str):
-    """The block runs with fast path ``path`` off (what the layers look up in ``fast`` at call time)."""
-    name, value = {"prepared": ("prepared_weights", _each_layer_its_own),
-                   "one-node": ("GEMM_STEP_MAX_CHANNELS", 0)}[path]
+    """The block runs with fast path ``path`` off."""
+    name, value, _ = _PATHS[path]
     before = getattr(fast, name)
     setattr(fast, name, value)
     try:
         yield
     finally:
         setattr(fast, name, before)
-
-
-PATHS = ("prepared", "one-node")
 
 
 def time_config(shape, levels, steps, width, batch, iters: int, warmup: int, seed: int = 0,
@@ -112,9 +118,7 @@ def main(argv=None) -> dict:
     configs, iters, warmup = (CONFIGS[:2], 4, 1) if args.quick else (CONFIGS, args.iters, args.warmup)
     load_before = round(os.getloadavg()[0], 2)
     rows = [time_config(*c, iters=iters, warmup=warmup, path=args.path) for c in configs]
-    what = {"prepared": "prepared weight-side tensors against each layer its own",
-            "one-node": "few-channel affine steps as one node against their layers one by one"}[args.path]
-    result = {"benchmark": f"{what}, training steps", "path": args.path,
+    result = {"benchmark": f"{_PATHS[args.path][2]}, training steps", "path": args.path,
               "configs": rows, "min_speedup": min(r["speedup"] for r in rows),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpu": platform.processor() or platform.machine(),
