@@ -1,6 +1,6 @@
 """CPU fast paths, behind one switch, each beside the reference computation it must equal.
 
-The layers call the four functions here instead of writing their convolutions out:
+The layers call the functions here instead of writing their computations out:
 
 - :func:`channel_mix`: the 1x1 convolution of the flow (``y = W x`` per pixel) as one matrix
   product over batch and space; reference: ``F.conv2d`` with a 1x1 kernel.
@@ -24,8 +24,8 @@ The layers call the four functions here instead of writing their convolutions ou
   a sizeable part of a training step.
 
 Few-channel steps. Where a level has at most ``GEMM_STEP_MAX_CHANNELS`` channels (greyscale images
-at their first two levels) a flow step's coupling network maps 2 channels to the hidden width and
-back to 4. oneDNN's convolutions run such shapes far below the rate a plain matrix product reaches,
+at their first two levels) a flow step's coupling network maps 2 or 4 channels to the hidden width
+and back to 4 or 8. oneDNN's convolutions run such shapes far below the rate a plain matrix product reaches,
 and hand their outputs over in blocked layouts that the next kernel converts back. Written as one
 autograd Function, the step unfolds the thin input into its 3x3 neighbourhoods (few columns),
 multiplies, and folds the last product's per-tap outputs back into place; the hidden activations
@@ -324,19 +324,20 @@ class _AffineStep(torch.autograd.Function):
         cols = _tap_columns(z1)
         h1 = torch.addmm(b1, cols, w1.reshape(hidden, -1).t()).relu_()
         h2 = torch.addmm(b2, h1, w2.reshape(hidden, hidden).t()).relu_()
-        out = _fold_taps(torch.mm(h2, _flipped_taps(w3).t()), (n, c_out, h, wd))
+        w3_taps = _flipped_taps(w3)
+        out = _fold_taps(torch.mm(h2, w3_taps.t()), (n, c_out, h, wd))
         out += b3.view(1, -1, 1, 1)
         s = torch.sigmoid(out[:, 1::2] + scale_shift)
         y2 = (z2 + out[:, 0::2]) * s
-        ctx.save_for_backward(x, scale, bias, w, w_scaled, cols, h1, h2, w1, w2, w3, s, y2)
+        ctx.save_for_backward(x, scale, bias, w, w_scaled, cols, h1, h2, w1, w2, w3_taps, s, y2)
         ctx.num_pass = num_pass
         return torch.cat([z1, y2], 1), torch.log(s).sum((1, 2, 3))
 
     @staticmethod
     def backward(ctx, grad_y, grad_logdet):
-        x, scale, bias, w, w_scaled, cols, h1, h2, w1, w2, w3, s, y2 = ctx.saved_tensors
+        x, scale, bias, w, w_scaled, cols, h1, h2, w1, w2, w3_taps, s, y2 = ctx.saved_tensors
         n, c, h, wd = x.shape
-        hidden, c_in, c_out = w1.shape[0], w1.shape[1], w3.shape[0]
+        hidden, c_in, c_out = w1.shape[0], w1.shape[1], w3_taps.shape[0] // 9
         g1, g2 = grad_y[:, :ctx.num_pass], grad_y[:, ctx.num_pass:]
         # coupling: y2 = (z2 + shift) s, s = sigmoid(pre + scale_shift), log|det| = sum log s
         g_shift = g2 * s  # also dL/dz2
@@ -344,7 +345,7 @@ class _AffineStep(torch.autograd.Function):
         g_out = torch.stack([g_shift, g_pre], 2).flatten(1, 2)  # shift, pre interleaved as in out
         g_cols3 = _tap_columns(g_out)
         g_w3 = torch.mm(g_cols3.t(), h2).view(c_out, 3, 3, hidden).permute(0, 3, 1, 2).flip(2, 3)
-        g_h2 = torch.ops.aten.threshold_backward(torch.mm(g_cols3, _flipped_taps(w3)), h2, 0)
+        g_h2 = torch.ops.aten.threshold_backward(torch.mm(g_cols3, w3_taps), h2, 0)
         g_w2 = torch.mm(g_h2.t(), h1).view_as(w2)
         g_h1 = torch.ops.aten.threshold_backward(torch.mm(g_h2, w2.reshape(hidden, hidden)), h1, 0)
         g_w1 = torch.mm(g_h1.t(), cols).view_as(w1)

@@ -456,6 +456,11 @@ class CouplingNet(nn.Module):
             layers.append(SelfAttention(hidden_channels, attention_heads, generator))
         self.net = nn.Sequential(*layers, ZeroConv2d(hidden_channels, out_channels, 3))
 
+    @property
+    def plain(self) -> bool:
+        """3x3 conv -> ReLU -> 1x1 conv -> ReLU -> 3x3 conv: no attention block, no gates."""
+        return len(self.net) == 3 and not self.net[0].gated
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(fast.coupling_layout(x))
 
@@ -596,11 +601,10 @@ class FlowStep(Chain):
         mode (``self.memory``; the level's mode runs whole steps), an affine coupling with the
         standard network after actnorm and a 1x1 convolution, all actnorms initialised, and an
         input the fast path is for."""
-        coupling = self.coupling
-        net = coupling.net.net
-        return (self.memory == "none" and coupling.kind == "affine" and isinstance(self.permute, InvConv1x1)
-                and len(net) == 3 and not net[0].gated and self.actnorm.is_initialized
-                and net[0].norm.is_initialized and net[1].norm.is_initialized and fast.affine_step_fits(x))
+        net = self.coupling.net
+        return (self.memory == "none" and self.coupling.kind == "affine" and isinstance(self.permute, InvConv1x1)
+                and net.plain and all(layer.weights_ready() for layer in (self.actnorm, *net.net))
+                and fast.affine_step_fits(x))
 
     def _forward_one_node(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale, logs_sum = self.actnorm.weight_tensors()
