@@ -5,7 +5,8 @@ The architecture is the paper's CelebA-HQ model (L=6, K=32, width 512, additive 
 5-bit images), with ``memory="invertible"`` as in the ``celeba-hq-256-paper`` preset. A training step
 is what :class:`glowflow.train.Trainer` does: forward under autocast (the flow's main path, the
 log-determinants and the objective stay float32), backward, Adam step (with a GradScaler for fp16).
-Sampling is ``model.sample(1)`` in eval mode under the same autocast. Medians over ``--iters``.
+Sampling is ``model.sample(1)`` in eval mode under the same autocast. Medians over ``--iters``; the
+peak memory is that of the timed training steps (after the warm-up).
 
     python benchmarks/gpu.py                               # fp32 and bf16, batch 8, invertible
     python benchmarks/gpu.py --precisions fp32,bf16,fp16 --memory none --batch 4
@@ -47,8 +48,14 @@ def _sync(device: torch.device) -> None:
 
 
 def _median_time(fn, device: torch.device, iters: int, warmup: int) -> tuple[float, list[float]]:
+    """Median seconds of ``fn`` over ``iters`` calls after ``warmup`` untimed ones. The peak-memory
+    counter restarts after the warm-up: cuDNN's algorithm search (``cudnn.benchmark``) tries
+    workspaces far larger than a step needs, which are not what a training run holds."""
     for _ in range(warmup):
         fn()
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(iters):
         _sync(device)
@@ -79,7 +86,6 @@ def bench_precision(args, arch: dict, precision: str, device: torch.device) -> d
         return {"precision": precision, "skipped": "this GPU does not support bf16"}
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     model = build_model(arch, args.memory, device, args.batch, args.channels_last)
     train_model = torch.compile(model) if args.compile else model
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)

@@ -15,7 +15,7 @@ import torch
 
 from glowflow import Glow
 from glowflow.data import ImageDataset
-from glowflow.layers import ActNorm, Coupling, FlowStep, InvConv1x1, Permute, SplitPrior, Squeeze, TopPrior
+from glowflow.layers import ActNorm, Coupling, CouplingNet, FlowStep, InvConv1x1, Permute, SplitPrior, Squeeze, TopPrior
 from glowflow.train import TrainConfig, Trainer
 
 HAS_CUDA = torch.cuda.is_available()
@@ -59,15 +59,16 @@ def no_tf32():
 
 
 def _logdet_dtypes(model: Glow) -> tuple[list, list]:
-    """Hooks recording the dtype of every flow layer's log-determinant, and of every coupling-net conv."""
-    logdets, convs = [], []
+    """Hooks recording the dtype of every flow layer's log-determinant, and of every coupling network's
+    output (its convolutions are functional calls on the weights, so the network is what is hooked)."""
+    logdets, nets = [], []
     flow_layers = (ActNorm, InvConv1x1, Permute, Coupling, Squeeze, FlowStep, SplitPrior, TopPrior)
     for m in model.modules():
         if isinstance(m, flow_layers):
             m.register_forward_hook(lambda mod, inp, out: logdets.append((type(mod).__name__, out[-1].dtype)))
-        elif isinstance(m, torch.nn.Conv2d):
-            m.register_forward_hook(lambda mod, inp, out: convs.append(out.dtype))
-    return logdets, convs
+        elif isinstance(m, CouplingNet):
+            m.register_forward_hook(lambda mod, inp, out: nets.append(out.dtype))
+    return logdets, nets
 
 
 # ------------------------------------------------------------------------------------ autocast
@@ -78,12 +79,12 @@ def test_bf16_training_step_keeps_logdets_and_objective_in_float32(tmp_path, mem
         pytest.skip("this GPU has no bf16")
     trainer = _trainer(tmp_path, precision="bf16", model={"memory": memory})
     assert trainer.autocast_dtype is torch.bfloat16
-    logdets, convs = _logdet_dtypes(trainer.model)
+    logdets, nets = _logdet_dtypes(trainer.model)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     rows = [trainer.train_step() for _ in range(3)]
     assert all(not r["skipped"] and np.isfinite(r["loss"]) for r in rows), rows
     assert logdets and all(dtype == torch.float32 for _, dtype in logdets), set(logdets)
-    assert torch.bfloat16 in convs  # the coupling nets really ran in bf16
+    assert nets and all(dtype == torch.bfloat16 for dtype in nets), set(nets)  # the nets really ran in bf16
     assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
     x, _, noise = trainer.global_batch(0)
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -107,25 +108,30 @@ def test_fp16_training_uses_a_grad_scaler(tmp_path):
 
 
 @needs_cuda
-def test_invertible_gradients_on_gpu_equal_plain_autograd_under_autocast():
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_invertible_gradients_on_gpu_equal_plain_autograd(autocast, no_tf32):
+    """The gradient vector of the invertible backward against plain autograd's, relative to its norm.
+
+    Under bf16 the invertible backward rebuilds each input from its output through coupling nets run
+    in bf16, so it carries that rounding (a few 1e-3 of the norm, about twice what bf16 itself moves
+    plain autograd's gradients); a wrong backward is off by order 1. In float32 both agree to rounding.
+    """
     x = (_images(8).images.float() / 255).to(DEVICE)
     noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    models = {}
-    for memory in ("none", "invertible"):
-        models[memory] = Glow(**TINY, memory=memory).to(DEVICE)
-        if memory != "none":
-            models[memory].load_state_dict(models["none"].state_dict())
-        else:
-            with torch.no_grad():
-                models[memory](x, noise=noise)
-    grads = {}
-    for memory, model in models.items():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            bpd = model(x, noise=noise).bits_per_dim.mean()
-        bpd.backward()
-        grads[memory] = [p.grad for p in model.parameters()]
-    for a, b in zip(grads["invertible"], grads["none"]):
-        assert float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) <= 1e-3
+    reference = Glow(**TINY, memory="none").to(DEVICE)
+    with torch.no_grad():
+        reference(x, noise=noise)
+
+    def gradient(memory: str) -> torch.Tensor:
+        model = Glow(**TINY, memory=memory).to(DEVICE)
+        model.load_state_dict(reference.state_dict())
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            model(x, noise=noise).bits_per_dim.mean().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    plain, invertible = gradient("none"), gradient("invertible")
+    assert float(plain.norm()) > 0.1  # the comparison is not between two zero vectors
+    assert float((invertible - plain).norm() / plain.norm()) < (1e-2 if autocast else 1e-5)
 
 
 # ------------------------------------------------------------------------------------ exactness on the GPU
