@@ -98,6 +98,10 @@ def test_ablate_old_dataset_spelling_is_resolved_with_a_warning(capsys, tmp_path
     (["eval", "RUN", "--limit", "0"], "expected a positive integer"),
     (["eval", "RUN", "--batch-size", "0"], "expected a positive integer"),
     (["demo", "RUN", "--port", "70000"], "expected a port number 0..65535"),
+    (["sample", "RUN", "--out", "s.png", "--scale", "1000"], "expected an integer 1..32"),
+    (["sample", "RUN", "--out", "s.png", "--seed", "99999999999999999999"], "expected a seed 0..4294967295"),
+    (["score", "RUN", "noise", "--seed", "-1"], "expected a seed 0..4294967295"),
+    (["train", "--out", "r", "--seed", "18446744073709551616"], "expected a seed 0..4294967295"),
 ])
 def test_bad_numbers_are_refused_by_the_parser(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -134,6 +138,76 @@ def test_decode_of_arrays_that_are_not_latents_is_one_line(run_dir, capsys, make
     path = run_dir / "z.npy"
     make(path)
     _one_line_error(capsys, 2, ["decode", run_dir / "run", path, "--out", run_dir / "d.png"], message)
+
+
+def test_a_npy_header_declaring_terabytes_is_one_line_and_one_error_row(run_dir, capsys):
+    import struct
+
+    header = "{'descr': '<f8', 'fortran_order': False, 'shape': (100000000000, 1000), }"
+    header += " " * (118 - len(header)) + "\n"
+    bomb = run_dir / "bomb.npy"
+    bomb.write_bytes(b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header.encode())
+    _one_line_error(capsys, 2, ["decode", run_dir / "run", bomb, "--out", run_dir / "d.png"],
+                    "header declares an array of shape [100000000000, 1000]")
+    # score: the forged array is one error row, the good inputs beside it are still scored
+    assert main(["score", str(run_dir / "run"), str(bomb), str(run_dir / "0.png"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    by_input = {r["input"]: r for r in result["inputs"]}
+    assert by_input[str(bomb)]["errors"] == 1 and by_input[str(run_dir / "0.png")]["num_images"] == 1
+
+
+def test_json_output_is_strict_null_not_nan(run_dir, capsys):
+    """One image has no standard error: strict JSON says null (Python's json would write NaN)."""
+    assert main(["score", str(run_dir / "run"), str(run_dir / "0.png"), "--json"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    result = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c} in {line}"))
+    assert result["inputs"][0]["bits_per_dim_se"] is None
+
+
+def test_encode_writes_exactly_out_atomically_and_keeps_the_old_file_on_a_full_disk(run_dir, capsys):
+    import subprocess
+    import sys
+    import textwrap
+
+    out = run_dir / "z.latents"  # no .npy: written under this name, as printed
+    assert main(["encode", str(run_dir / "run"), str(run_dir / "0.png"), "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["out"] == str(out)
+    assert out.is_file() and not (run_dir / "z.latents.npy").exists()
+    old = out.read_bytes()
+    # a real file-size limit below the size of the new array: the write fails, the old file stays whole
+    script = textwrap.dedent(f"""
+        import resource, sys
+        from glowflow.cli import main
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300))
+        sys.exit(main(["encode", {str(run_dir / "run")!r}, {str(run_dir / "0.png")!r}, {str(run_dir / "1.png")!r},
+                       "--out", {str(out)!r}]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "could not write" in proc.stderr and "Traceback" not in proc.stderr
+    assert out.read_bytes() == old
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".z.latents")]
+
+
+def test_an_attribute_table_naming_files_outside_its_folder_is_refused(run_dir, capsys):
+    secret = run_dir / "secret.png"
+    save_grid(torch.rand(1, 1, 8, 8), secret, padding=0)
+    images = run_dir / "images"
+    images.mkdir()
+    for i in range(2):
+        save_grid(torch.rand(1, 1, 8, 8), images / f"{i}.png", padding=0)
+    table = images / "labels.csv"
+    table.write_text("file,odd\n0.png,1\n1.png,-1\n../secret.png,1\n")
+    _one_line_error(capsys, 2, ["directions", run_dir / "run", "--attributes", table, "--replace"],
+                    "name files outside")
+
+
+def test_synthetic_sets_are_bounded_by_their_size(run_dir, capsys):
+    assert main(["score", str(run_dir / "run"), "noise:100000000", "noise:3", "--json"]) == 0
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out.splitlines()[-1])["inputs"]
+    assert rows[0]["errors"] == 1 and rows[0]["num_images"] == 0 and rows[1]["num_images"] == 3
+    assert "GiB; at most 16,777,216 images of this model's size" in captured.err
 
 
 def test_label_on_an_unconditional_model_and_unbounded_work_are_refused(run_dir, capsys):

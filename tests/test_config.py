@@ -76,6 +76,43 @@ def test_config_json_values_are_checked_before_anything_is_built(tmp_path, chang
     assert MAX_FLOW_STEPS < 1e6
 
 
+@pytest.mark.parametrize("changes,message", [
+    ({"n_bits": 1.5}, "n_bits must be an integer, got 1.5"),
+    ({"num_classes": 1.5}, "num_classes must be an integer, got 1.5"),
+    ({"num_classes": 0}, r"num_classes must be in \[1, inf\)"),
+    ({"class_loss_weight": float("nan")}, "class_loss_weight must be a finite number"),
+    ({"seed": 2**64}, "seed must be an integer from 0 to"),
+    ({"seed": -1}, "seed must be an integer from 0 to"),
+    ({"image_shape": (1, 65536, 65536), "learn_top": False}, "values per image; the limit is"),
+])
+def test_python_arguments_are_checked_like_config_files(changes, message):
+    """``Glow(...)`` skips the file parser; the config itself refuses what the parser would."""
+    with pytest.raises(ValueError, match=message):
+        Glow(**{**dict(image_shape=(1, 8, 8), levels=2, steps=1, hidden_channels=4), **changes})
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("grad_clip=-1", r"grad_clip must be in \(0, inf\)"),  # gradient ascent
+    ("grad_clip=0", r"grad_clip must be in \(0, inf\)"),  # no learning
+    ("grad_clip=.nan", "grad_clip must be a finite number"),
+    ("grad_clip=.inf", "grad_clip must be a finite number"),
+    ("ema_decay=1", r"ema_decay must be in \[0, 1\)"),
+    ("ema_decay=-0.5", r"ema_decay must be in \[0, 1\)"),
+    ("lr_backoff=0", r"lr_backoff must be in \(0, 1\]"),
+    ("lr_backoff=2", r"lr_backoff must be in \(0, 1\]"),
+    ("augment_shift=28", "augment_shift must be smaller than the image side"),
+    ("augment_shift=-1", r"augment_shift must be in \[0, inf\)"),
+    ("warmup_steps=-5", r"warmup_steps must be in \[0, inf\)"),
+    ("max_minutes=.inf", "max_minutes must be a finite number"),
+    ("batch_size=1.5", "batch_size must be an integer"),
+    ("seed=99999999999999999999", "seed must be an integer from 0 to"),
+    ("lr=.nan", "lr must be a finite number"),
+])
+def test_every_numeric_training_setting_has_its_range_checked(setting, message):
+    with pytest.raises(ValueError, match=message):
+        build_train_config("fashion-mnist-cpu", [setting])
+
+
 def test_steps_and_width_per_level(tmp_path):
     config = GlowConfig(image_shape=(1, 8, 8), levels=2, steps=[1, 3], hidden_channels=[4, 6])
     model = Glow(config=config)

@@ -437,6 +437,111 @@ def test_missing_weights_raise_checkpoint_error(tmp_path):
         Glow.from_pretrained(tmp_path / "nowhere")
 
 
+def test_save_pretrained_replaces_only_a_checkpoint_glowflow_wrote(tmp_path):
+    from glowflow.io import RefusedError
+
+    model = Glow(**TINY)
+    # a folder of the user's, with a subfolder: refused, nothing in it touched
+    user = tmp_path / "mine"
+    (user / "sub").mkdir(parents=True)
+    (user / "notes.txt").write_text("keep me")
+    (user / "sub" / "data.bin").write_bytes(b"1234")
+    with pytest.raises(RefusedError, match="not a glowflow checkpoint.*move it away"):
+        model.save_pretrained(user)
+    assert (user / "notes.txt").read_text() == "keep me" and (user / "sub" / "data.bin").read_bytes() == b"1234"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]  # no temporary, no .old left
+    # a plain file: refused, left as it was
+    plain = tmp_path / "a-file"
+    plain.write_text("x")
+    with pytest.raises(RefusedError, match="is a file"):
+        model.save_pretrained(plain)
+    assert plain.read_text() == "x"
+    # a user's folder where the swap keeps its previous copy (DIR.old): refused before anything moves
+    (tmp_path / "ck.old").mkdir()
+    (tmp_path / "ck.old" / "thesis.tex").write_text("keep")
+    with pytest.raises(RefusedError, match=r"ck\.old"):
+        model.save_pretrained(tmp_path / "ck")
+    assert (tmp_path / "ck.old" / "thesis.tex").read_text() == "keep" and not (tmp_path / "ck").exists()
+    # a checkpoint glowflow wrote is replaced; so is an empty folder; a user's file added to a
+    # checkpoint makes it no longer one glowflow may replace
+    (tmp_path / "empty").mkdir()
+    model.save_pretrained(tmp_path / "empty")
+    model.save_pretrained(tmp_path / "empty")
+    assert (tmp_path / "empty" / "model.safetensors").is_file()
+    (tmp_path / "empty" / "readme.md").write_text("mine")
+    with pytest.raises(RefusedError):
+        model.save_pretrained(tmp_path / "empty")
+    assert (tmp_path / "empty" / "readme.md").read_text() == "mine"
+
+
+def test_the_same_weights_are_saved_as_the_same_bytes(tmp_path):
+    """The writer keeps metadata in a hash map whose order changes between saves; the bytes must not."""
+    from glowflow.io import file_sha256
+
+    model = Glow(**TINY)
+    digests = set()
+    for i in range(8):
+        model.save_pretrained(tmp_path / f"ck{i}")
+        digests.add(file_sha256(tmp_path / f"ck{i}" / "model.safetensors"))
+    assert len(digests) == 1
+    assert torch.equal(next(iter(Glow.from_pretrained(tmp_path / "ck0").state_dict().values())),
+                       next(iter(model.state_dict().values())))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.complex64])
+def test_weights_of_another_kind_of_dtype_are_refused_not_cast(tmp_path, dtype):
+    from safetensors.torch import save_file
+
+    model = Glow(**TINY)
+    model.save_pretrained(tmp_path)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "checksums.json").unlink()
+    with pytest.warns(UserWarning, match="no checksums.json"), \
+            pytest.raises(CheckpointError, match=f"holds {dtype} values, the model expects torch.float32"):
+        Glow.from_pretrained(tmp_path)
+
+
+def test_weights_holding_nan_are_never_written_and_never_loaded(tmp_path):
+    from safetensors.torch import save_file
+
+    model = Glow(**TINY)
+    model.save_pretrained(tmp_path / "good")
+    before = (tmp_path / "good" / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(CheckpointError, match="hold NaN or inf.*what is on disk is kept"):
+        model.save_pretrained(tmp_path / "good")
+    assert (tmp_path / "good" / "model.safetensors").read_bytes() == before
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},  # as another writer might
+              str(tmp_path / "good" / "model.safetensors"))
+    (tmp_path / "good" / "checksums.json").unlink()
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="hold NaN or inf.*diverged"):
+        Glow.from_pretrained(tmp_path / "good")
+
+
+@pytest.mark.parametrize("sums,message", [
+    ({}, "lists no files"),
+    ({"config.json": {"a": 1}, "model.safetensors": "0" * 64}, "the entry 'config.json' is"),
+])
+def test_a_manifest_that_would_check_nothing_is_refused(tmp_path, sums, message):
+    Glow(**TINY).save_pretrained(tmp_path)
+    (tmp_path / "checksums.json").write_text(json.dumps(sums))
+    with pytest.raises(CheckpointError, match=message):
+        Glow.from_pretrained(tmp_path)
+
+
+def test_a_batch_of_no_images_is_refused_by_every_entry_point():
+    model = Glow(**TINY)
+    empty = torch.zeros(0, *TINY["image_shape"])
+    for call in (model.log_prob, model.bits_per_dim, model.encode, model.initialize):
+        with pytest.raises(ValueError, match="holds no images"):
+            call(empty)
+    model.initialize(torch.rand(4, *TINY["image_shape"]))
+    with pytest.raises(ValueError, match="latents hold no rows"):
+        model.decode(torch.zeros(0, model.num_dims))
+
+
 # ---------------------------------------------------------------------------- optimisation
 def test_adam_lowers_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)  # only Adam's internals; data and model use explicit generators/seeds

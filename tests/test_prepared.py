@@ -404,7 +404,8 @@ def test_cli_prepare(tmp_path, capsys):
     assert "needs --image-size" in capsys.readouterr().err
     assert main([*argv, "--image-size", str(SIZE), "--test-fraction", "1.5"]) == 2
     assert "--test-fraction must lie in (0, 1)" in capsys.readouterr().err
-    for flag, value, message in (("--image-size", "0", "expected a positive integer"),
+    for flag, value, message in (("--image-size", "0", "expected an image side 1..4096"),
+                                 ("--image-size", "5000", "expected an image side 1..4096"),
                                  ("--channels", "2", "invalid choice"),
                                  ("--workers", "-1", "expected a number of processes >= 0")):
         with pytest.raises(SystemExit):

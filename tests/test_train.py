@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import os
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -197,8 +198,25 @@ def test_checkpoint_round_trip_gives_identical_log_prob(tmp_path):
 def test_resume_with_a_different_model_is_refused(tmp_path):
     run(tiny_cfg(max_steps=5), tmp_path)
     other = tiny_cfg(max_steps=10, model={**TINY_MODEL, "hidden_channels": 16})
-    with pytest.raises(ValueError, match="different model"):
+    with pytest.raises(ValueError, match=r"different model \(model.hidden_channels: 8 in the checkpoint, 16 in "
+                                         r"this run\)") as e:
         run(other, tmp_path, resume=True)
+    assert "GlowConfig(" not in str(e.value)  # the key that differs, not two configs dumped whole
+
+
+def test_a_trainer_state_holding_code_is_refused_in_one_sentence(tmp_path):
+    run(tiny_cfg(max_steps=5), tmp_path)
+    state = tmp_path / ckpt.CHECKPOINT_DIR / "trainer.pt"
+    torch.save({"step": 5, "optimizer": {}, "lr_scale": 1.0, "evil": _Unpicklable()}, state)
+    ckpt.write_checksums(state.parent)
+    with pytest.raises(ckpt.CheckpointError, match="holds objects other than tensors and numbers") as e:
+        run(tiny_cfg(max_steps=10), tmp_path, resume=True)
+    assert "weights_only" not in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        return (print, ("this must never run",))
 
 
 @pytest.mark.parametrize("victim", [ckpt.WEIGHTS_NAME, RAW_WEIGHTS, "trainer.pt", ckpt.CONFIG_NAME])
@@ -419,6 +437,99 @@ def test_cli_refuses_an_existing_run_and_a_file_as_out_before_loading_data(tmp_p
     (tmp_path / "a-file").write_text("x")
     assert cli_main(["train", "--out", str(tmp_path / "a-file"), "--data", str(tmp_path / "no-data")]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,make", [
+    ("checkpoint", lambda d: (d / "notes.txt").write_text("mine")),  # a user's folder named checkpoint
+    ("checkpoint.old", lambda d: (d / "notes.txt").write_text("mine")),
+    ("samples.png", None),  # a picture of the user's with no run beside it
+    ("metrics.jsonl", None),  # a file of that name that is not a run's metrics
+])
+@pytest.mark.parametrize("mode", ["new", "overwrite", "resume"])
+def test_training_never_replaces_what_glowflow_did_not_write(tmp_path, name, make, mode):
+    path = tmp_path / name
+    if make:
+        path.mkdir()
+        make(path)
+    else:
+        path.write_text("user data, not JSON")
+    before = sorted((p.relative_to(tmp_path), p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match="glowflow replaces only what it wrote itself"):
+        Trainer(tiny_cfg(max_steps=2), tmp_path, blobs(64, 0), resume=mode == "resume", overwrite=mode == "overwrite",
+                log=lambda *a: None)
+    after = sorted((p.relative_to(tmp_path), p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*"))
+    assert after == before
+
+
+def test_a_run_beside_a_users_checkpoint_folder_is_refused_before_it_trains(tmp_path, fake_fashion, capsys):
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint" / "notes.txt").write_text("mine")
+    assert cli_main(["train", "--out", str(tmp_path / "run"), "--data", str(fake_fashion), "--max-steps", "1"]) == 2
+    assert "not a glowflow checkpoint" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["checkpoint"]
+    assert (tmp_path / "run" / "checkpoint" / "notes.txt").read_text() == "mine"
+
+
+def test_a_nan_setting_on_resume_never_reaches_the_checkpoint(tmp_path):
+    run(tiny_cfg(max_steps=5), tmp_path)
+    good = {f.name: f.read_bytes() for f in (tmp_path / ckpt.CHECKPOINT_DIR).iterdir()}
+    with pytest.raises(ValueError, match="grad_clip must be a finite number"):
+        run(tiny_cfg(max_steps=10, grad_clip=float("nan")), tmp_path, resume=True)
+    # and whatever makes the weights non-finite, they are refused at the save, the good checkpoint kept
+    t = Trainer(tiny_cfg(max_steps=10), tmp_path, blobs(256, 0), blobs(64, 1), resume=True, log=lambda *a: None)
+    with torch.no_grad():
+        next(t.model.parameters()).fill_(float("nan"))
+    with pytest.raises(ckpt.CheckpointError, match="hold NaN or inf"):
+        t.save_checkpoint()
+    t.lock.release()
+    assert {f.name: f.read_bytes() for f in (tmp_path / ckpt.CHECKPOINT_DIR).iterdir()} == good
+
+
+def test_bf16_and_fp16_on_a_cpu_are_refused_not_ignored(tmp_path):
+    for precision in ("bf16", "fp16"):
+        with pytest.raises(ValueError, match=f"precision {precision} is autocast on CUDA.*cpu"):
+            run(tiny_cfg(precision=precision), tmp_path / precision)
+        assert not (tmp_path / precision).exists()
+
+
+@pytest.mark.parametrize("device,message", [("meta", "not supported"), ("mps", "MPS .* not available"),
+                                            ("tpu", "unknown device|not supported")])
+def test_devices_that_cannot_train_are_refused_before_out_is_made(tmp_path, fake_fashion, capsys, device, message):
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    out = tmp_path / "run"
+    assert cli_main(["train", "--out", str(out), "--data", str(fake_fashion), "--device", device]) == 2
+    assert re.search(message, capsys.readouterr().err) and not out.exists()
+
+
+def test_an_evaluation_that_is_not_finite_is_an_error_not_a_result(tmp_path):
+    t, _ = run(tiny_cfg(max_steps=2), tmp_path)
+    model = t.ema.model
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    with pytest.raises(ValueError, match="bits/dim is not finite for 64 of 64 images.*no result"):
+        train_mod.evaluate(model, blobs(64, 1))
+
+
+def test_damaged_metrics_lines_are_dropped_on_resume(tmp_path):
+    run(tiny_cfg(max_steps=5), tmp_path)
+    metrics = tmp_path / "metrics.jsonl"
+    kept = metrics.read_text()
+    metrics.write_text(kept + "[1, 2]\n" + "[" * 100_000 + "]" * 100_000 + "\n" + "{\"step\": \"x\"}\nnot json\n")
+    t, _ = run(tiny_cfg(max_steps=7), tmp_path, resume=True)
+    rows = [json.loads(r) for r in metrics.read_text().splitlines()]
+    assert all(isinstance(r, dict) and isinstance(r.get("step", 0), int) for r in rows)
+    assert max(r.get("step", 0) for r in rows) == 7
+
+
+def test_metrics_are_strict_json(tmp_path):
+    """A skipped step's NaN loss is written as null: strict parsers refuse NaN."""
+    t = Trainer(tiny_cfg(max_steps=2), tmp_path, blobs(64, 0), log=lambda *a: None)
+    t._record({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "bits_per_dim": 1.5})
+    t.lock.release()
+    line = (tmp_path / "metrics.jsonl").read_text().splitlines()[-1]
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}")) == \
+        {"step": 1, "loss": None, "grad_norm": None, "bits_per_dim": 1.5}
 
 
 def test_divergence_before_the_first_checkpoint_ends_in_an_error_with_the_initial_weights_kept(tmp_path):

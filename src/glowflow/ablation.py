@@ -21,7 +21,6 @@ ablation continues where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -34,6 +33,7 @@ import torch
 
 from .config import PERMUTATIONS, TrainConfig
 from .data import get_dataset
+from . import io
 from .io import atomic_write_json, atomic_write_text
 from .plots import pyplot, save_figure
 from .progress import Progress
@@ -138,8 +138,10 @@ def read_result(path: Path, cfg: TrainConfig) -> dict | None:
     if not path.is_file():
         return None
     try:
-        result = json.loads(path.read_text())
-    except json.JSONDecodeError:  # a write cut short: run it again
+        result = io.parse_json(path.read_text())
+    except ValueError:  # a write cut short: run it again
+        return None
+    if not isinstance(result, dict):
         return None
     if _comparable(result.get("config", {})) != _comparable(cfg.to_dict()):
         raise ValueError(f"{path} holds a run with other settings than this ablation; "
@@ -160,7 +162,8 @@ def train_one(cfg: TrainConfig, spec, run_dir, train_data, test_data, log=None) 
     curve = [{k: r[k] for k in ("step", "seconds", "train_seconds", "test_bits_per_dim", "test_bits_per_dim_se")}
              for r in history if "test_bits_per_dim" in r]
     train_curve = [[r["step"], round(r["bits_per_dim"], 4)] for r in history
-                   if "bits_per_dim" in r and "event" not in r and math.isfinite(r["bits_per_dim"])]
+                   if "event" not in r and isinstance(r.get("bits_per_dim"), (int, float))
+                   and math.isfinite(r["bits_per_dim"])]
     result = {
         **spec.fields(),
         "steps": summary["steps"], "seconds": summary["seconds"], "stop_reason": summary["stop_reason"],

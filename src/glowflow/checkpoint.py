@@ -18,14 +18,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from . import io
 
 __all__ = ["CheckpointError", "CONFIG_NAME", "WEIGHTS_NAME", "CHECKPOINT_DIR", "CHECKSUMS_NAME",
            "checkpoint_directory", "resolve_checkpoint_dir", "read_json", "read_config", "write_model_files",
            "write_checksums", "verify_checksum", "save_tensors", "load_tensors", "load_state_into",
-           "weights_sha256"]
+           "weights_sha256", "is_checkpoint"]
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -38,13 +38,31 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, corrupt or does not match the model."""
 
 
+def is_checkpoint(directory) -> bool:
+    """Whether ``directory`` is a checkpoint glowflow wrote, and so may be replaced by a newer one:
+    plain files only, ``config.json`` among them, each named in its ``checksums.json``. A folder
+    holding anything else (a user's file, a subfolder) is not, whatever its name."""
+    directory = Path(directory)
+    try:
+        entries = list(directory.iterdir())
+        sums = io.parse_json((directory / CHECKSUMS_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(sums, dict) or CONFIG_NAME not in sums:
+        return False
+    return all(f.is_file() and not f.is_symlink() and (f.name in sums or f.name == CHECKSUMS_NAME)
+               for f in entries)
+
+
 @contextlib.contextmanager
 def checkpoint_directory(path):
     """Yield a temporary directory to write a checkpoint into; on success its checksums are
     written and it replaces ``path`` atomically. A failed write (disk full, a file-size limit)
-    raises :class:`CheckpointError` saying so, and leaves ``path`` as it was."""
+    raises :class:`CheckpointError` saying so, and leaves ``path`` as it was. Only a checkpoint
+    glowflow wrote (:func:`is_checkpoint`), an empty folder or nothing is replaced; anything else
+    raises :class:`glowflow.io.RefusedError` before a byte is written."""
     try:
-        with io.atomic_directory(path) as tmp:
+        with io.atomic_directory(path, ours=is_checkpoint, what="a glowflow checkpoint") as tmp:
             yield tmp
             write_checksums(tmp)
     except OSError as e:
@@ -108,28 +126,65 @@ def _manifest(directory: Path) -> dict | None:
                       "written by glowflow have one; re-save the model to add it)", stacklevel=3)
         return None
     sums = read_json(path)
-    if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items()):
+    if not isinstance(sums, dict):
         raise CheckpointError(f"corrupt {path}: expected a JSON object of file name -> SHA-256, "
                               f"got {type(sums).__name__}")
+    bad = next(((k, v) for k, v in sums.items() if not (isinstance(v, str) and len(v) == 64)), None)
+    if bad is not None:
+        raise CheckpointError(f"corrupt {path}: the entry {bad[0]!r} is {json.dumps(bad[1])[:60]}, expected the "
+                              "file's SHA-256 as 64 hex digits")
+    if not sums:
+        raise CheckpointError(f"corrupt {path}: it lists no files, so nothing would be checked (glowflow writes "
+                              "one entry per file; delete it to load the checkpoint unchecked)")
     return sums
 
 
 def verify_checksum(path) -> None:
     """Raise :class:`CheckpointError` if ``path`` no longer matches the SHA-256 recorded beside it.
-    A file the manifest does not list passes (it was added after the checkpoint was written)."""
+    A file the manifest does not list is read with a warning that says so."""
     path = Path(path)
     if not path.is_file():
         return
     sums = _manifest(path.parent)
     expected = None if sums is None else sums.get(path.name)
+    if sums is not None and expected is None:
+        warnings.warn(f"{path} is not listed in {path.parent / CHECKSUMS_NAME}: it is read unchecked", stacklevel=3)
     if expected is not None and io.file_sha256(path) != expected:
         raise CheckpointError(f"corrupt file {path}: its SHA-256 does not match the one in "
                               f"{path.parent / CHECKSUMS_NAME} (the bytes changed after the checkpoint was "
                               "written; delete that file to load it unchecked)")
 
 
+def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors that hold NaN or inf."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def save_tensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+    """Write ``tensors`` as safetensors. Weights holding NaN or inf are refused (a
+    :class:`CheckpointError`) before anything is written: a diverged model never replaces a good
+    checkpoint on disk. The same tensors and metadata always give the same bytes."""
+    bad = _non_finite(tensors)
+    if bad:
+        raise CheckpointError(f"refusing to write {path}: {len(bad)} of {len(tensors)} tensors hold NaN or inf "
+                              f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); the weights diverged, "
+                              "and what is on disk is kept")
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    with open(path, "wb") as f:
+        f.write(_canonical_header(data))
+
+
+def _canonical_header(data: bytes) -> bytes:
+    """safetensors bytes with the metadata's keys in sorted order. The writer keeps metadata in a
+    hash map whose order changes from process to process, so the same weights would otherwise get
+    another SHA-256 each time they are saved. The header stays JSON padded to 8 bytes."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta else {}) | header
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def load_tensors(path, device="cpu") -> dict[str, torch.Tensor]:
@@ -144,7 +199,9 @@ def load_tensors(path, device="cpu") -> dict[str, torch.Tensor]:
 
 
 def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source) -> None:
-    """``model.load_state_dict(state)``, with a :class:`CheckpointError` naming what does not fit."""
+    """``model.load_state_dict(state)``, with a :class:`CheckpointError` naming what does not fit: a
+    missing or unexpected name, a shape, a dtype of another kind (integer or complex values where
+    the model holds real numbers, which ``load_state_dict`` would cast silently), NaN or inf."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -154,6 +211,12 @@ def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
     for k, v in state.items():
         if v.shape != own[k].shape:
             raise CheckpointError(f"{source}: {k} has shape {list(v.shape)}, the model expects {list(own[k].shape)}")
+        if v.is_floating_point() != own[k].is_floating_point() or v.is_complex() != own[k].is_complex():
+            raise CheckpointError(f"{source}: {k} holds {v.dtype} values, the model expects {own[k].dtype}")
+    bad = _non_finite(state)
+    if bad:
+        raise CheckpointError(f"{source}: {len(bad)} of {len(state)} tensors hold NaN or inf ({', '.join(bad[:3])}"
+                              f"{', ...' if len(bad) > 3 else ''}); these weights diverged and cannot be used")
     model.load_state_dict(state)
 
 

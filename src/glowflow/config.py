@@ -16,12 +16,12 @@ from pathlib import Path
 
 import yaml
 
-from . import numerics
+from . import io, numerics
 
 __all__ = ["GlowConfig", "TrainConfig", "config_from_dict", "list_presets", "load_preset", "apply_overrides",
            "build_train_config", "COUPLINGS", "PERMUTATIONS", "SPLIT_PRIORS", "MEMORY_MODES", "LR_DECAYS",
            "OPTIMIZERS", "PRECISIONS", "DEQUANTIZATIONS", "MAX_PARAMETERS", "MAX_FLOW_STEPS",
-           "MIXTURE_COMPONENTS", "coupling_outputs"]
+           "MIXTURE_COMPONENTS", "MAX_IMAGE_DIMS", "SEED_RANGE", "coupling_outputs", "check_seed"]
 
 COUPLINGS = ("affine", "additive", "mixture")  # mixture: Flow++'s mixture-of-logistics coupling
 MIXTURE_COMPONENTS = 4  # the default logistics per element of a mixture coupling (Flow++ used 32)
@@ -38,6 +38,12 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # room and refuse a typo (hidden_channels 1e7) before it allocates terabytes or builds for minutes.
 MAX_PARAMETERS = 2_000_000_000
 MAX_FLOW_STEPS = 4096
+# Values per image: a 4096x4096 RGB image, as many as the largest image glowflow reads. Buffers and
+# activations grow with it, which the parameter count does not see (a 1x65536x65536 model has few).
+MAX_IMAGE_DIMS = 3 * 4096 * 4096
+# Seeds go into torch.Generator.manual_seed, also multiplied by step counts (train.step_generator):
+# 32 bits keep every derived seed inside 64.
+SEED_RANGE = (0, 2**32 - 1)
 
 PRESET_DIR = Path(__file__).parent / "presets"
 PRESET_SUFFIXES = (".json", ".yaml", ".yml")
@@ -124,6 +130,49 @@ def config_from_dict(cls, d: dict, what: str):
     return cls(**out)
 
 
+def check_seed(seed, name: str = "seed") -> int:
+    """A seed as an int in :data:`SEED_RANGE`, or a ValueError naming it."""
+    low, high = SEED_RANGE
+    if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
+        raise ValueError(f"{name} must be an integer from {low} to {high:,} (2**32 - 1), got {seed!r}")
+    return seed
+
+
+def _numeric_options(tp) -> tuple[type, ...]:
+    """The number types a field annotation admits (``int``, ``float``), with NoneType if optional."""
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return tuple(t for t in options if t in (int, float, type(None)))
+
+
+def check_numbers(obj, bounds: dict[str, tuple]) -> None:
+    """Every number field of the dataclass ``obj`` has its declared type (an ``int`` field takes no
+    1.5 and no ``True``) and is finite; those in ``bounds`` (name -> ``(low, high, interval)``,
+    ``interval`` one of ``"[]"``, ``"[)"``, ``"(]"``, ``"()"``, None for no bound) lie within.
+    Called where a config is made, so a value that would train backwards or silently do nothing
+    (``grad_clip=-1``, ``ema_decay=1``) never reaches the loop."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        options = _numeric_options(hints[f.name])
+        value = getattr(obj, f.name)
+        if not options or options == (type(None),) or (value is None and type(None) in options):
+            continue
+        if isinstance(value, (list, tuple)) and typing.get_origin(hints[f.name]) in (typing.Union, types.UnionType):
+            continue  # an int | tuple field (steps per level): checked by its own rule
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                (float not in options and not isinstance(value, int)):
+            kind = "an integer" if float not in options else "a number"
+            raise ValueError(f"{f.name} must be {kind}, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+        if f.name in bounds:
+            low, high, interval = bounds[f.name]
+            above = low is None or (value >= low if interval[0] == "[" else value > low)
+            below = high is None or (value <= high if interval[1] == "]" else value < high)
+            if not (above and below):
+                where = f"{interval[0]}{'-inf' if low is None else low}, {'inf' if high is None else high}{interval[1]}"
+                raise ValueError(f"{f.name} must be in {where}, got {value!r}")
+
+
 # ----------------------------------------------------------------------------------- GlowConfig
 def _is_count(value) -> bool:
     """An integer >= 1 (``True`` is not one)."""
@@ -169,6 +218,11 @@ class GlowConfig:
         if not isinstance(shape, (tuple, list)) or len(shape) != 3 or not all(_is_count(s) for s in shape):
             raise ValueError(f"image_shape must be (C, H, W) of positive ints, got {shape}")
         object.__setattr__(self, "image_shape", tuple(int(s) for s in shape))
+        if math.prod(self.image_shape) > MAX_IMAGE_DIMS:
+            raise ValueError(f"image_shape {list(self.image_shape)} has {math.prod(self.image_shape):,} values per "
+                             f"image; the limit is {MAX_IMAGE_DIMS:,} (a 4096x4096 RGB image)")
+        check_numbers(self, _GLOW_BOUNDS)
+        check_seed(self.seed)
         _, h, w = self.image_shape
         for name in ("levels", "mixture_components"):
             if not _is_count(getattr(self, name)):
@@ -195,11 +249,6 @@ class GlowConfig:
         a = self.logit_alpha
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a < 0.5:
             raise ValueError(f"logit_alpha must be a number in [0, 0.5) (0: no logit transform), got {a!r}")
-        if self.dequant_hidden_channels < 1 or self.dequant_steps < 1:
-            raise ValueError(f"dequant_hidden_channels and dequant_steps must be >= 1, got "
-                             f"{self.dequant_hidden_channels}, {self.dequant_steps}")
-        if self.num_classes is not None and (isinstance(self.num_classes, bool) or self.num_classes < 1):
-            raise ValueError(f"num_classes must be None or >= 1, got {self.num_classes}")
         numerics.n_bins(self.n_bits)
         total_steps = sum(self.level_steps(i) for i in range(self.levels))
         if total_steps > MAX_FLOW_STEPS:
@@ -298,6 +347,10 @@ class GlowConfig:
         return config_from_dict(cls, d, "Glow config")
 
 
+_GLOW_BOUNDS = {"n_bits": (1, 8, "[]"), "num_classes": (1, None, "[)"), "class_loss_weight": (0, None, "[)"),
+                "dequant_hidden_channels": (1, None, "[)"), "dequant_steps": (1, None, "[)")}
+
+
 # ---------------------------------------------------------------------------------- TrainConfig
 @dataclass(frozen=True)
 class TrainConfig:
@@ -346,27 +399,11 @@ class TrainConfig:
         _choice("lr_decay", self.lr_decay, LR_DECAYS)
         _choice("precision", self.precision, PRECISIONS)
         _choice("memory", self.memory, MEMORY_MODES)
-        if not 0.0 <= self.lr_final <= 1.0:
-            raise ValueError(f"lr_final must be in [0, 1] (a fraction of lr), got {self.lr_final}")
-        if self.batch_size < 1 or self.init_batch_size < 1 or self.max_steps < 0:
-            raise ValueError("batch_size and init_batch_size must be >= 1 and max_steps >= 0")
-        for name in ("log_every", "eval_every", "sample_every", "checkpoint_every", "max_bad_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("train_limit", "test_limit"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 or null (all), got {getattr(self, name)}")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ValueError(f"max_minutes must be > 0 or null, got {self.max_minutes}")
-        if self.augment_shift < 0 or self.max_recoveries < 0:
-            raise ValueError("augment_shift and max_recoveries must be >= 0")
-        if not 0.0 <= self.perturb_rate < 1.0:
-            raise ValueError(f"perturb_rate must be in [0, 1) (a probability per pixel), got {self.perturb_rate}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
-        for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        check_numbers(self, _TRAIN_BOUNDS)
+        check_seed(self.seed)
+        side = min(self.model.image_shape[1:])
+        if self.augment_shift >= side:
+            raise ValueError(f"augment_shift must be smaller than the image side ({side}), got {self.augment_shift}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -381,6 +418,23 @@ class TrainConfig:
             d = {**d, "model": {k: v for k, v in model.items() if k != "memory"}}
             d.setdefault("memory", model["memory"])
         return config_from_dict(cls, d, "training config")
+
+
+# Each numeric setting's range: (low, high, interval); a setting outside it is refused by name.
+_TRAIN_BOUNDS = {
+    "train_limit": (1, None, "[)"), "test_limit": (1, None, "[)"), "augment_shift": (0, None, "[)"),
+    "perturb_rate": (0, 1, "[)"),  # a probability per pixel
+    "batch_size": (1, None, "[)"), "init_batch_size": (1, None, "[)"),
+    "lr": (0, None, "()"), "beta1": (0, 1, "[)"), "beta2": (0, 1, "[)"), "warmup_steps": (0, None, "[)"),
+    "lr_final": (0, 1, "[]"),  # a fraction of lr
+    "max_steps": (0, None, "[)"), "max_minutes": (0, None, "()"),
+    "grad_clip": (0, None, "()"),  # <= 0 would scale every gradient to nothing or reverse it
+    "ema_decay": (0, 1, "[)"),  # 1 would keep the initial weights forever; 0 is no averaging
+    "log_every": (1, None, "[)"), "eval_every": (1, None, "[)"), "sample_every": (1, None, "[)"),
+    "checkpoint_every": (1, None, "[)"), "max_bad_steps": (1, None, "[)"),
+    "lr_backoff": (0, 1, "(]"),  # a factor on each restore: 1 keeps the rate, more would raise it
+    "max_recoveries": (0, None, "[)"),
+}
 
 
 # -------------------------------------------------------------------------------------- presets
@@ -404,8 +458,8 @@ def list_presets() -> dict[str, str]:
 def _read(path: Path) -> dict:
     try:
         text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as e:
+        data = io.parse_json(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"preset {path} is not valid {path.suffix[1:].upper()}: {e}") from e
     if not isinstance(data, dict):
         raise ValueError(f"preset {path} must hold a mapping of settings, got {type(data).__name__}")

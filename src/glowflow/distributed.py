@@ -40,6 +40,10 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise ValueError(f"unknown device {device!r}; expected auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type not in ("cpu", "cuda", "mps"):  # meta holds no values; others are not supported
+        raise ValueError(f"device {device!r} is not supported; expected auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps' was asked for but MPS (Apple GPUs) is not available on this machine")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device 'cuda' was asked for but CUDA is not available on this machine")

@@ -20,6 +20,7 @@ set (datasets such as mnist-5k list their images class by class, so the first N 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch
 
 from .data import DATASET_NAMES, adapt, canonical_name, get_dataset
 from .images import IMAGE_EXTENSIONS, ImageError, fit, open_image
+from .io import read_npy
 
 __all__ = ["InputSet", "SetName", "parse_set", "load_input", "evenly_spaced", "SYNTHETIC_SETS", "CHANGES",
            "DEFAULT_SYNTHETIC_COUNT", "SET_HELP"]
@@ -131,8 +133,16 @@ def load_input(spec: str, image_shape, roots: dict | None = None, seed: int = 0,
 
 
 # ------------------------------------------------------------------------------------ kinds
+# A synthetic set is made in memory at once: at most this many bytes of uint8 images (1 GiB).
+MAX_SYNTHETIC_BYTES = 2**30
+
+
 def _synthetic(spec: str, named: SetName, image_shape, seed: int, limit: int | None) -> InputSet:
     n = named.count if limit is None else min(named.count, limit)
+    per_image = math.prod(image_shape)
+    if n * per_image > MAX_SYNTHETIC_BYTES:
+        raise ValueError(f"{spec}: {n:,} images of {per_image:,} values are {n * per_image / 2**30:.1f} GiB; at most "
+                         f"{MAX_SYNTHETIC_BYTES // per_image:,} images of this model's size are made at once")
     gen = torch.Generator().manual_seed(seed)
     if named.name == "noise":
         images = torch.randint(0, 256, (n, *image_shape), generator=gen, dtype=torch.uint8)
@@ -206,10 +216,7 @@ def _folder(spec: str, root: Path, image_shape, limit: int | None) -> InputSet:
 def _array(spec: str, path: Path, image_shape, limit: int | None) -> InputSet:
     if not path.is_file():
         raise FileNotFoundError(f"{spec}: no such file")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{spec}: not a readable .npy array ({e})") from None
+    arr = read_npy(path, "array of images")
     if isinstance(arr, np.lib.npyio.NpzFile):
         arr.close()
         raise ValueError(f"{spec}: an .npz archive; expected one .npy array of images [N, C, H, W]")

@@ -1,4 +1,5 @@
-"""Files that are never half-written: atomic files and directories, JSON, SHA-256, file modes.
+"""Files that are never half-written: atomic files and directories, strict JSON, SHA-256, file
+modes; and ``.npy`` arrays read with their header checked first.
 
 Everything glowflow writes to disk (checkpoints, directions, downloads, ablation results, score
 tables, prepared datasets) goes through here. A write lands in a temporary sibling, is synced,
@@ -11,7 +12,9 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io as _io
 import json
+import math
 import os
 import shutil
 import socket
@@ -19,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["atomic_file", "atomic_write_text", "atomic_write_json", "atomic_directory", "read_json",
+__all__ = ["atomic_file", "atomic_write_text", "atomic_write_bytes", "atomic_save_npy", "atomic_write_json", "atomic_directory", "read_json",
            "write_json", "file_sha256", "default_permissions", "remove_stale_temporaries", "pid_alive",
-           "describe_os_error", "DirectoryLock", "LockedError"]
+           "describe_os_error", "json_text", "finite_or_none", "read_npy", "parse_json", "DirectoryLock", "LockedError", "RefusedError", "check_replaceable"]
 
 # Temporary names carry the writer's pid, so that a later writer can tell a dead writer's leftovers
 # (removed) from a live one's (kept): ".<name>.tmp-<pid>-<random>".
@@ -117,7 +120,8 @@ def describe_os_error(e: OSError, path) -> str:
 def atomic_file(path, suffix: str = ""):
     """Yield a temporary path beside ``path`` for the block to write; then sync it, give it the
     usual permissions and rename it over ``path`` (readers see old or new, never half). On an
-    error it is removed and ``path`` is left as it was."""
+    error it is removed and ``path`` is left as it was; a failed write is an ``OSError`` whose
+    message names ``path`` and the reason (:func:`describe_os_error`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=suffix, dir=path.parent)
@@ -127,9 +131,11 @@ def atomic_file(path, suffix: str = ""):
         _fsync_file(tmp)
         default_permissions(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:  # say which file, in words (disk full, ...)
+            raise OSError(e.errno, describe_os_error(e, path)) from e
         raise
     _fsync_dir(path.parent)
 
@@ -140,8 +146,43 @@ def atomic_write_text(path, text: str) -> None:
         tmp.write_text(text)
 
 
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write a binary file atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_save_npy(path, array) -> None:
+    """Write one ``.npy`` array to exactly ``path`` (``np.save`` would append ``.npy``), atomically.
+    The bytes are made in memory first: ``np.save`` into a file writes with C ``fwrite``, whose
+    short writes on a full disk (or past ``ulimit -f``) it does not report, which would leave a
+    truncated array that looks complete."""
+    import numpy as np
+
+    buffer = _io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def finite_or_none(data):
+    """``data`` with every NaN and infinity replaced by None, through dicts, lists and tuples:
+    strict JSON has no NaN, and strict parsers refuse the ``NaN`` Python would write."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite_or_none(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite_or_none(v) for v in data]
+    return data
+
+
+def json_text(data, indent: int | None = None, sort_keys: bool = True) -> str:
+    """Strict JSON of ``data`` (NaN and infinities as null): what glowflow prints and writes."""
+    return json.dumps(finite_or_none(data), indent=indent, sort_keys=sort_keys, allow_nan=False)
+
+
 def _dumps(data, indent) -> str:
-    return json.dumps(data, indent=indent, sort_keys=True, allow_nan=True) + "\n"
+    return json_text(data, indent) + "\n"
 
 
 def atomic_write_json(path, data, indent: int | None = 2) -> None:
@@ -154,17 +195,51 @@ def write_json(path, data, indent: int | None = 2) -> None:
     Path(path).write_text(_dumps(data, indent))
 
 
+def parse_json(text):
+    """``json.loads``; nesting too deep for the parser is a ValueError like any other bad JSON
+    (Python's parser recurses, so ``[[[[...]]]]`` would otherwise end in a RecursionError)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to parse") from None
+
+
 def read_json(path, error=ValueError):
     """Parse a JSON file; a missing or unreadable file raises ``error`` naming the path."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return parse_json(path.read_text())
     except FileNotFoundError as e:
         raise error(f"missing file: {path}") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise error(f"corrupt JSON in {path}: {e}") from e
     except IsADirectoryError as e:
         raise error(f"{path} is a directory, expected a JSON file") from e
+
+
+def read_npy(path, what: str = "array"):
+    """One ``.npy`` array, its header checked against the file before anything is allocated: an
+    array whose declared shape needs more bytes than the file holds (a few-byte file declaring
+    terabytes) is a ValueError, not a MemoryError. ``.npz`` archives come back as numpy opens them
+    (the caller says what it expected); pickled objects are refused."""
+    import numpy as np
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            if f.read(6) == b"\x93NUMPY":
+                f.seek(0)
+                version = np.lib.format.read_magic(f)
+                shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                         else np.lib.format.read_array_header_2_0(f))
+                need = math.prod(shape) * dtype.itemsize
+                have = path.stat().st_size - f.tell()
+                if not dtype.hasobject and need > have:
+                    raise ValueError(f"its header declares an array of shape {list(shape)} ({need:,} bytes), "
+                                     f"but the file holds {have:,}: truncated or forged")
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npy {what} ({e})") from None
 
 
 def file_sha256(path) -> str:
@@ -176,14 +251,41 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
+class RefusedError(ValueError):
+    """A write would replace or delete something glowflow cannot prove it wrote."""
+
+
+def _is_empty_directory(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def check_replaceable(path, ours=None, what: str = "a directory glowflow wrote") -> None:
+    """Raise :class:`RefusedError` unless ``path`` may be replaced: it is missing, an empty
+    directory, or a directory ``ours(path)`` recognises as written by glowflow. Anything else (a
+    file, a link, a folder of the user's) is never deleted or moved aside."""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()) or _is_empty_directory(path):
+        return
+    if path.is_dir() and not path.is_symlink() and ours is not None and ours(path):
+        return
+    kind = "a link" if path.is_symlink() else "a file" if not path.is_dir() else "a directory"
+    raise RefusedError(f"{path} exists and is {kind} that is not {what}; glowflow replaces only what it "
+                       "wrote itself: move it away or choose another path")
+
+
 @contextlib.contextmanager
-def atomic_directory(path):
+def atomic_directory(path, ours=None, what: str = "a directory glowflow wrote"):
     """Yield a temporary directory; on success it replaces ``path`` (kept as ``path.old`` meanwhile).
 
     At every instant either ``path`` or ``path.old`` holds a complete directory. Temporary
-    directories of writers that died are removed first.
+    directories of writers that died are removed first. Only a missing or empty ``path``, or one
+    that ``ours(path)`` recognises, is replaced (likewise ``path.old``): anything else raises
+    :class:`RefusedError` before a byte is written (:func:`check_replaceable`).
     """
     path = Path(path)
+    old = path.with_name(path.name + ".old")
+    check_replaceable(path, ours, what)
+    check_replaceable(old, ours, what)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), dir=path.parent))
@@ -201,7 +303,6 @@ def atomic_directory(path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = path.with_name(path.name + ".old")
     if path.exists():
         if old.exists():
             shutil.rmtree(old)

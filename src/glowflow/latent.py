@@ -642,11 +642,18 @@ def parse_attribute_file(path) -> AttributeTable:
 
 
 def table_image_paths(table: AttributeTable, image_dir) -> list[Path]:
-    """The image path of every row, checked to exist (the first missing ones are named)."""
+    """The image path of every row, checked to lie inside ``image_dir`` and to exist (the first
+    missing ones are named)."""
     image_dir = Path(image_dir)
     if not image_dir.is_dir():
         raise FileNotFoundError(f"image folder not found: {image_dir}")
+    root = image_dir.resolve()
     paths = [image_dir / f for f in table.filenames]
+    outside = [f for f, p in zip(table.filenames, paths) if not p.resolve().is_relative_to(root)]
+    if outside:  # "../../etc/passwd" or an absolute path: the table names images of this folder only
+        raise ValueError(f"{len(outside)} row(s) of the attribute file name files outside {image_dir}: "
+                         f"{', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}; expected paths relative to "
+                         "the image folder, inside it")
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} image(s) listed in the attribute file are not in "

@@ -133,8 +133,8 @@ def score_inputs(model, specs, roots: dict | None = None, draws: int = 1, batch_
             batch = load_input(spec, shape, roots, seed, limit)
             if model.config.num_classes and batch.labels is None and len(batch):
                 raise ValueError(f"{spec}: this model is class-conditional and the input has no labels")
-        except (ValueError, FileNotFoundError, OSError) as e:
-            rows.append(_row(spec, spec, error=str(e)))
+        except (ValueError, FileNotFoundError, OSError, MemoryError) as e:  # one bad input is one error row
+            rows.append(_row(spec, spec, error=str(e) or type(e).__name__))
             continue
         if len(batch):
             res = score(model, batch.images, batch.labels, batch_size, seed, draws, device, progress, desc=spec)

@@ -123,6 +123,8 @@ class Glow(nn.Module):
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"{name} must have shape [B, {expected[0]}, {expected[1]}, {expected[2]}], "
                              f"got {list(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} holds no images (shape {list(x.shape)}); pass a batch of at least one")
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a float tensor with values in [0, 1], got dtype {x.dtype}; "
                              "divide uint8 images by 255 (glowflow.numerics.to_unit)")
@@ -250,6 +252,8 @@ class Glow(nn.Module):
         eps = eps.to(device=device, dtype=dtype)
         if not torch.isfinite(eps).all():
             raise ValueError("latents contain NaN or inf")
+        if eps.dim() >= 1 and eps.shape[0] == 0:
+            raise ValueError(f"latents hold no rows (shape {list(eps.shape)}); pass at least one")
         eps_list = self._unflatten(eps)
         with inverse_scale_floor(scale_floor):
             z = self._decode(eps_list, self._onehot(y, eps.shape[0]))

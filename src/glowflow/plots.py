@@ -1,6 +1,7 @@
 """Plots written during training and by the ablation runner (matplotlib, no display needed)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from . import io
@@ -30,9 +31,11 @@ def save_figure(fig, path) -> Path:
 def plot_curves(history: list[dict], path) -> None:
     """Train bits/dim per logged step and test bits/dim per evaluation, against steps."""
     plt = pyplot()
-    train = [(r["step"], r["bits_per_dim"]) for r in history
-             if "bits_per_dim" in r and "event" not in r and r["bits_per_dim"] == r["bits_per_dim"]]
-    test = [(r["step"], r["test_bits_per_dim"]) for r in history if "test_bits_per_dim" in r]
+    def finite(value) -> bool:  # a skipped step logs NaN, written to metrics.jsonl as null
+        return isinstance(value, (int, float)) and math.isfinite(value)
+
+    train = [(r["step"], r["bits_per_dim"]) for r in history if "event" not in r and finite(r.get("bits_per_dim"))]
+    test = [(r["step"], r["test_bits_per_dim"]) for r in history if finite(r.get("test_bits_per_dim"))]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     if train:
         ax.plot(*zip(*train), label="train (batch)", alpha=0.7)

@@ -10,6 +10,7 @@ import copy
 import functools
 import json
 import math
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -54,6 +55,15 @@ class TrainingDiverged(RuntimeError):
     """Training kept producing non-finite losses after every restore the budget allowed."""
 
 
+def _metrics_of_a_run(path: Path) -> bool:
+    """Whether ``path`` is a non-empty metrics file as a run writes it (JSON objects, one per line)."""
+    try:
+        with open(path) as f:
+            return isinstance(io.parse_json(f.readline(1 << 20)), dict)
+    except (OSError, ValueError):
+        return False
+
+
 def _existing_run(out: Path) -> str | None:
     """What in ``out`` shows that a run already lives there, or None."""
     try:
@@ -61,22 +71,31 @@ def _existing_run(out: Path) -> str | None:
         return "a checkpoint"
     except ckpt.CheckpointError:
         pass
-    metrics = out / METRICS
-    if metrics.is_file() and metrics.stat().st_size > 0:
+    if _metrics_of_a_run(out / METRICS):
         return f"a {METRICS}"
     return None
 
 
 def check_run_dir(out, resume: bool = False, overwrite: bool = False) -> None:
     """Refuse, before any work, what would lose work or cannot be written: ``out`` being a file,
-    or holding a run that is neither resumed nor explicitly overwritten."""
+    holding a run that is neither resumed nor explicitly overwritten, or holding under a name a
+    run writes (:data:`RUN_FILES`) something glowflow did not write (a user's folder named
+    ``checkpoint``, a ``samples.png`` with no run beside it): those are never replaced."""
     out = Path(out)
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
     if out.exists() and not out.is_dir():
         raise ValueError(f"the run directory {out} is a file; pass a directory (it is created if missing)")
-    found = None if (resume or overwrite) else _existing_run(out)
-    if found:
+    for name in (ckpt.CHECKPOINT_DIR, ckpt.CHECKPOINT_DIR + ".old"):
+        io.check_replaceable(out / name, ckpt.is_checkpoint, "a glowflow checkpoint")
+    found = _existing_run(out)
+    if found is None:
+        present = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
+        if present:
+            raise io.RefusedError(f"{out} holds {', '.join(present)} but no training run glowflow wrote (no "
+                                  "checkpoint, no metrics): glowflow replaces only what it wrote itself; move "
+                                  "them away or choose another --out")
+    elif not (resume or overwrite):
         raise ValueError(f"{out} already holds a training run ({found}); pass --resume to continue it, or "
                          "--overwrite to start over (its checkpoint, metrics and pictures are deleted)")
 
@@ -142,9 +161,15 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
 
 def evaluate(model: Glow, data: ImageDataset, batch_size: int = 500, seed: int = 0,
              device: torch.device | str = "cpu", progress: bool = False) -> dict:
-    """Test-set bits/dim of a dataset's uint8 images: mean and standard error over images."""
+    """Test-set bits/dim of a dataset's uint8 images: mean and standard error over images. Images
+    scored NaN or inf make it a ValueError, not a number: the weights (or the data) are broken."""
     res = score(model, data, batch_size=batch_size, seed=seed, device=device, progress=progress, desc="eval")
-    return summarize_bits_per_dim(res["bits_per_dim"])
+    bpd = res["bits_per_dim"]
+    bad = int((~torch.isfinite(bpd)).sum())
+    if bad:
+        raise ValueError(f"bits/dim is not finite for {bad} of {bpd.numel()} images of {data.name} (NaN or inf): "
+                         "the model's weights or these images are broken, so there is no result to report")
+    return summarize_bits_per_dim(bpd)
 
 
 class EMA:
@@ -175,6 +200,13 @@ class EMA:
             torch._foreach_copy_(buffers, source_buffers)
 
 
+def check_precision(precision: str, device: torch.device) -> None:
+    """bf16 and fp16 are CUDA autocast: refuse them on another device rather than run in fp32 unsaid."""
+    if precision != "fp32" and device.type != "cuda":
+        raise ValueError(f"precision {precision} is autocast on CUDA, but this run is on {device}; set "
+                         "precision=fp32 there, or train on a GPU (--device cuda)")
+
+
 class Trainer:
     """Holds the model, EMA, optimizer and data of one run; ``run()`` trains until done."""
 
@@ -184,6 +216,7 @@ class Trainer:
         self.out = Path(out_dir)
         self.dist = dist or dist_utils.DistInfo(device=dist_utils.resolve_device(cfg.device))
         self.device = self.dist.device
+        check_precision(cfg.precision, self.device)
         self.train_data, self.test_data = train_data, test_data
         self.log = log if self.dist.is_main else (lambda *a, **k: None)
         self.lock = io.DirectoryLock(self.out, "another training")
@@ -227,9 +260,8 @@ class Trainer:
             self.optimizer = make_optimizer(cfg, self.model)
         self._params = list(self.model.parameters())  # made once: see EMA._bind
         self.train_model = self._wrap(self.model)
-        amp = cfg.precision != "fp32" and self.device.type == "cuda"
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if amp else None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp and cfg.precision == "fp16")
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
 
     def _wrap(self, model: Glow):
         """The module the training step calls: DDP across ranks, ``torch.compile`` if asked."""
@@ -366,7 +398,11 @@ class Trainer:
         directory = ckpt.resolve_checkpoint_dir(self.out)
         saved = GlowConfig.from_dict(ckpt.read_config(directory))
         if saved != self.cfg.model:
-            raise ValueError(f"the checkpoint in {directory} is for a different model: {saved} vs {self.cfg.model}")
+            ours, theirs = self.cfg.model.to_dict(), saved.to_dict()
+            differ = ", ".join(f"model.{k}: {theirs[k]!r} in the checkpoint, {ours[k]!r} in this run"
+                               for k in ours if ours[k] != theirs[k])
+            raise ValueError(f"the checkpoint in {directory} is for a different model ({differ}); resume with the "
+                             "checkpoint's settings, or start a new run with --overwrite or another --out")
         ckpt.load_state_into(self.model, ckpt.load_tensors(directory / RAW_WEIGHTS, self.device),
                              directory / RAW_WEIGHTS)
         self.ema = EMA(self.model, self.cfg.ema_decay)
@@ -375,8 +411,12 @@ class Trainer:
         ckpt.verify_checksum(directory / TRAINER_STATE)
         try:
             state = torch.load(directory / TRAINER_STATE, map_location=self.device, weights_only=True)
+        except pickle.UnpicklingError:  # torch's message goes on to advise weights_only=False: not here
+            raise ckpt.CheckpointError(f"{directory / TRAINER_STATE} holds objects other than tensors and numbers, "
+                                       "which glowflow never writes there; refused unread (it may run code)") from None
         except Exception as e:  # truncated or corrupt file: say which
-            raise ckpt.CheckpointError(f"corrupt or truncated trainer state {directory / TRAINER_STATE}: {e}") from e
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ckpt.CheckpointError(f"corrupt or truncated trainer state {directory / TRAINER_STATE}: {first}") from e
         self.optimizer = make_optimizer(self.cfg, self.model)
         self.optimizer.load_state_dict(state["optimizer"])
         for group in self.optimizer.param_groups:  # the saved state carries betas too: this run's config sets them
@@ -390,7 +430,7 @@ class Trainer:
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             with open(self.out / METRICS, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(io.json_text(row, sort_keys=False) + "\n")
             if self._tb is not None:
                 for k, v in row.items():
                     if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
@@ -545,14 +585,15 @@ def _read_history(path: Path, upto: int) -> list[dict]:
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+    for line in path.read_text(errors="replace").splitlines():
+        try:  # a line that is not a row of this run (damaged, edited, too deeply nested) is dropped
+            row = io.parse_json(line)
+        except ValueError:
             continue
-        if row.get("step", 0) <= upto:
+        step = row.get("step", 0) if isinstance(row, dict) else None
+        if isinstance(step, (int, float)) and not isinstance(step, bool) and step <= upto:
             rows.append(row)
-    io.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    io.atomic_write_text(path, "".join(io.json_text(r, sort_keys=False) + "\n" for r in rows))
     return rows
 
 
@@ -575,6 +616,7 @@ def train(cfg: TrainConfig, out_dir, resume: bool = False, log=print, overwrite:
     check_run_dir(out_dir, resume, overwrite)  # before minutes of data loading
     dist = dist_utils.setup(cfg.device)
     try:
+        check_precision(cfg.precision, dist.device)
         shape = cfg.model.image_shape
         train_data = load_split(cfg.dataset, cfg.data, "train", shape, cfg.train_limit)
         test_data = load_split(cfg.dataset, cfg.data, "test", shape, cfg.test_limit)

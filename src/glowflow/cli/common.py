@@ -8,13 +8,13 @@ command takes ``--json`` (its last stdout line is then one JSON object).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
 from pathlib import Path
 
 from .. import checkpoint as ckpt
+from .. import io
 from ..data import DATASET_NAMES
 from ..distributed import resolve_device
 from ..model import Glow
@@ -30,7 +30,7 @@ _NUMBER_LIST = re.compile(r"^-\.?\d")
 def emit(args, result: dict) -> None:
     """Print a command's result: readable lines, then (with --json) one JSON line last."""
     if getattr(args, "json", False):
-        print(json.dumps(result, sort_keys=True))
+        print(io.json_text(result))
         return
     for k, v in result.items():
         print(f"{k}: {v}")
@@ -82,6 +82,9 @@ def int_between(low: int, high: int | None, what: str):
 
 
 positive_int = int_between(1, None, "a positive integer")
+seed = int_between(0, 2**32 - 1, "a seed 0..4294967295")
+# nearest-neighbour enlargement of a picture: past this a 28x28 grid of 64 is already 100 megapixels
+MAX_SCALE = 32
 port = int_between(0, 65535, "a port number 0..65535 (0: any free port)")
 
 
@@ -103,8 +106,9 @@ def check_count(args, count: int, what: str) -> None:
 
 def add_picture_output(p, default: Path | None = None, what: str = "PNG grid to write") -> None:
     """The options of a command that writes a picture: ``--scale``, ``--out``, ``--allow-large``, ``--json``."""
-    p.add_argument("--scale", type=positive_int, default=1, help="enlarge each image this many times (nearest "
-                                                                "neighbour, so small images stay crisp)")
+    p.add_argument("--scale", type=int_between(1, MAX_SCALE, f"an integer 1..{MAX_SCALE}"), default=1,
+                   help=f"enlarge each image this many times, at most {MAX_SCALE} (nearest neighbour, so small "
+                        "images stay crisp)")
     p.add_argument("--out", type=Path, required=default is None, default=default, help=what)
     add_allow_large(p)
     add_json(p)

@@ -6,9 +6,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import io
 from ..images import as_uint8, load_image, save_grid
 from ..layers import STABLE_SCALE_FLOOR
-from .common import add_checkpoint, add_json, add_picture_output, check_count, emit, float_list, load_model, positive_int
+from .common import (add_checkpoint, add_json, add_picture_output, check_count, emit, float_list, load_model,
+                     positive_int, seed)
 
 # images decoded at a time: memory stays bounded whatever --n is
 SAMPLE_BATCH = 256
@@ -52,7 +54,7 @@ def cmd_encode(args) -> int:
     y = _labels(model, args.label, len(x)) if args.label is not None or model.config.num_classes else None
     with torch.no_grad():
         eps = model.encode(x, y)
-    np.save(args.out, eps.double().cpu().numpy())
+    io.atomic_save_npy(args.out, eps.double().cpu().numpy())
     emit(args, {"out": str(args.out), "shape": list(eps.shape)})
     return 0
 
@@ -71,10 +73,7 @@ def cmd_decode(args) -> int:
 
 def _read_latents(path: Path, num_dims: int) -> torch.Tensor:
     """A ``.npy`` array of latents ``[N, D]`` (or one ``[D]``), refused with a message if it is not."""
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{path} is not a readable .npy array of latents ({e})") from None
+    arr = io.read_npy(path, "array of latents")
     if isinstance(arr, np.lib.npyio.NpzFile):
         names = ", ".join(arr.files[:5]) or "nothing"
         arr.close()
@@ -94,7 +93,7 @@ def register(sub) -> None:
     add_checkpoint(p)
     p.add_argument("--n", type=positive_int, default=64, help="samples (per temperature)")
     p.add_argument("--temperature", type=float_list, default=[0.7], help="e.g. 0.7 or 0,0.5,0.7,1.0")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--label", type=int, help="class for a class-conditional model")
     p.add_argument("--nrow", type=positive_int, default=8)
     p.add_argument("--exact", action="store_true",

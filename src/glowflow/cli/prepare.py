@@ -31,8 +31,9 @@ def register(sub) -> None:
     p = sub.add_parser("prepare", help="convert a dataset once into memory-mapped shards (datasets larger "
                                        "than memory; decoded in parallel; resumable)")
     add_dataset(p, required=True)
-    p.add_argument("--image-size", type=positive_int,
-                   help="side S of the prepared S x S images (a folder needs it; default: the dataset's own)")
+    p.add_argument("--image-size", type=int_between(1, 4096, "an image side 1..4096"),
+                   help="side S of the prepared S x S images, at most 4096 (a folder needs it; default: the "
+                        "dataset's own)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="1 (grey) or 3 (RGB); default: the dataset's "
                                                               "own, 3 for a folder")
     p.add_argument("--out", type=Path, required=True, help="the prepared set's directory (created if missing)")

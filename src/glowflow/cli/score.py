@@ -11,7 +11,7 @@ from ..inputs import SET_HELP, parse_set
 from ..likelihood import describe_outliers, score_inputs, summarize_rows, write_score_csv
 from ..model import Glow
 from ..ood import COMPRESSORS, REFERENCE_IMAGES, markdown_table, run_ood, write_report
-from .common import add_checkpoint, add_json, emit, int_list, load_model, positive_int, train_settings, warn
+from .common import add_checkpoint, add_json, emit, int_list, load_model, positive_int, seed, train_settings, warn
 
 
 # ----------------------------------------------------------------------------------- arguments
@@ -66,7 +66,7 @@ def add_scoring(p) -> None:
                         "(default: the training data for that dataset, else data/NAME or /usr/share/datasets/NAME)")
     p.add_argument("--batch-size", type=positive_int, default=500)
     p.add_argument("--draws", type=positive_int, default=1, help="average over this many dequantisation draws")
-    p.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise and the synthetic sets")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the dequantisation noise and the synthetic sets")
     p.add_argument("--limit", type=positive_int, help="score N images of each set, evenly spaced through it")
     p.add_argument("--no-progress", action="store_true")
 

@@ -5,7 +5,7 @@ import os
 
 from ..config import LR_DECAYS, MEMORY_MODES, OPTIMIZERS, PRECISIONS, build_train_config, list_presets
 from ..train import evaluate, load_split, train
-from .common import add_checkpoint, add_dataset, add_json, dataset_of, emit, load_model, positive_int
+from .common import add_checkpoint, add_dataset, add_json, dataset_of, emit, load_model, positive_int, seed
 
 # command-line flags that stand for a preset setting
 _FLAG_SETTINGS = (("dataset", "dataset"), ("data", "data"), ("max_steps", "max_steps"),
@@ -64,7 +64,7 @@ def register(sub) -> None:
     p.add_argument("--max-minutes", type=float)
     p.add_argument("--batch-size", type=positive_int, help="global batch size (over all ranks)")
     p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=seed)
     p.add_argument("--optimizer", choices=OPTIMIZERS)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=PRECISIONS)
@@ -84,7 +84,7 @@ def register(sub) -> None:
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--limit", type=positive_int, help="only the first N images")
     p.add_argument("--batch-size", type=positive_int, default=500)
-    p.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the dequantisation noise")
     p.add_argument("--no-progress", action="store_true")
     add_json(p)
     p.set_defaults(func=cmd_eval)
