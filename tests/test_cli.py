@@ -98,6 +98,9 @@ def test_ablate_old_dataset_spelling_is_resolved_with_a_warning(capsys, tmp_path
     (["eval", "RUN", "--limit", "0"], "expected a positive integer"),
     (["eval", "RUN", "--batch-size", "0"], "expected a positive integer"),
     (["demo", "RUN", "--port", "70000"], "expected a port number 0..65535"),
+    (["demo", "RUN", "--max-upload-mb", "1e9"], "expected a size in MB above 0 and at most 64"),
+    (["demo", "RUN", "--max-upload-mb", "0"], "expected a size in MB above 0 and at most 64"),
+    (["demo", "RUN", "--max-upload-mb", "nan"], "expected a size in MB above 0 and at most 64"),
 ])
 def test_bad_numbers_are_refused_by_the_parser(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

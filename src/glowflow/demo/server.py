@@ -35,6 +35,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import latent
 from ..images import DEFAULT_MAX_PIXELS, ImageError, load_image, png_bytes
+from . import MAX_UPLOAD_MB
 
 log = logging.getLogger("glowflow.demo")
 
@@ -235,8 +236,9 @@ def create_app(model, directions: latent.Directions | None = None, test_images: 
                          f"{model.num_dims}")
     if not 0 < alpha_max <= MAX_ALPHA:
         raise ValueError(f"alpha_max must lie in (0, {MAX_ALPHA}], got {alpha_max}")
-    if max_upload_bytes < 1:
-        raise ValueError(f"max_upload_bytes must be >= 1, got {max_upload_bytes}")
+    if not 1 <= max_upload_bytes <= MAX_UPLOAD_MB * 2**20:
+        raise ValueError(f"max_upload_bytes must lie in [1, {MAX_UPLOAD_MB * 2**20}] ({MAX_UPLOAD_MB} MB), "
+                         f"got {max_upload_bytes}")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
