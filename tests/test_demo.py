@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 import socket
 import threading
@@ -343,7 +344,32 @@ def test_host_check_by_bind_address():
     assert not loop("127.0.0.1:9000") and not loop("example.com:8000") and not loop("")
     lan = host_check("192.168.1.5", None)
     assert lan("192.168.1.5:1234") and not lan("localhost")
-    assert host_check("0.0.0.0", 8000) is None
+    assert host_check("0.0.0.0", 8000) is None and host_check("::", 8000) is None
+    assert host_check("127.0.0.1", 0)("localhost:43123")  # --port 0: the port the system picked
+
+
+@pytest.mark.parametrize("bind, served, foreign", [
+    ("0.0.0.0", "192.168.1.5:8123", 200),  # every interface: any name the machine is reached by
+    ("::", "[fe80::1]:8123", 200),
+    ("192.168.1.5", "192.168.1.5:8123", 421),  # one address: that one
+    ("127.0.0.1", "localhost:8123", 421),  # the default: loopback names only, against DNS rebinding
+])
+def test_the_demo_command_answers_the_address_it_serves(tmp_path, monkeypatch, capsys, bind, served, foreign):
+    """The CLI hands the address it binds to the app: a demo on 0.0.0.0 or a LAN address answers
+    requests for it from other machines, a loopback one still refuses other names."""
+    from glowflow.cli import main
+    from glowflow.demo import server
+
+    _tiny_model().save_pretrained(tmp_path / "ckpt")
+    started = {}
+    monkeypatch.setattr(server, "serve", lambda app, host, port: started.update(app=app, host=host, port=port))
+    assert main(["demo", str(tmp_path / "ckpt"), "--host", bind, "--port", "8123", "--json"]) == 0
+    assert (started["host"], started["port"]) == (bind, 8123)
+    url = json.loads(capsys.readouterr().out.splitlines()[-1])["url"]
+    assert httpx.URL(url).port == 8123  # an IPv6 address in brackets
+    with running(started["app"]) as local:  # listening here; the Host header says what was asked for
+        assert httpx.get(local + "/api/info", headers={"Host": served}).status_code == 200
+        assert httpx.get(local + "/api/info", headers={"Host": "attacker.example:8123"}).status_code == foreign
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])

@@ -34,11 +34,12 @@ def cmd_demo(args) -> int:
         directions = None
     test_images, test_names, class_names = demo_test_images(model, args)
     app = create_app(model, directions, test_images, test_names, class_names,
-                     max_upload_bytes=int(args.max_upload_mb * 2**20), alpha_max=args.alpha_max)
+                     max_upload_bytes=int(args.max_upload_mb * 2**20), alpha_max=args.alpha_max,
+                     host=args.host, port=args.port)  # the app answers only requests for this address
     if not is_loopback(args.host):
         print(f"warning: serving on {args.host}, reachable from other machines; the demo has no "
               "authentication", file=sys.stderr)
-    url = f"http://{args.host}:{args.port}/"
+    url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}/"  # IPv6 in brackets
     if args.json:
         print(json.dumps({"url": url, "directions": [] if directions is None else list(directions.names),
                           "test_images": 0 if test_images is None else len(test_images)}), flush=True)

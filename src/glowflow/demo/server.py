@@ -194,11 +194,17 @@ def _split_host(header: str) -> tuple[str, int | None]:
 
 def host_check(host: str | None, port: int | None):
     """A predicate on ``Host`` headers for a server bound to ``host``: its own name (and, on
-    loopback, the usual names of loopback), on ``port`` if given. None (answer any) when ``host`` is
-    None or every interface, where the operator chose to be reachable under whatever name. It stops
-    DNS rebinding: a page on another site that resolves its own name to 127.0.0.1 to read the demo."""
-    if host is None or host in ("0.0.0.0", "::", ""):
+    loopback, the usual names of loopback), on ``port`` if given (0, a port the system picks, is not
+    known here: any). It stops DNS rebinding: a page on another site that resolves its own name to
+    127.0.0.1 to read, through the visitor's browser, a demo that only this machine can reach.
+
+    None (answer any) when ``host`` is None or every interface (0.0.0.0, ::): there the operator
+    chose to be reachable from the network under whatever names reach the machine (its host name,
+    its addresses, an alias, a tunnel), and anyone on that network can read the demo directly, so
+    the check would refuse real users while protecting nothing private."""
+    if host is None or host in ("0.0.0.0", "::", "[::]", ""):
         return None
+    port = port or None
     names = {host.strip("[]").lower()}
     if names & set(LOOPBACK_NAMES):
         names.update(n.strip("[]") for n in LOOPBACK_NAMES)
