@@ -222,6 +222,30 @@ def test_concurrent_requests_give_the_sequential_answer_and_leave_the_model_unch
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_slow_decode_does_not_hold_up_other_requests(demo, monkeypatch):
+    """Images are decoded off the event loop: while one upload's decode is stuck, the server still
+    answers. (Decoded on the loop, the info request would wait for it and time out.)"""
+    import glowflow.demo.server as server
+
+    url, _, _, x = demo
+    entered, release = threading.Event(), threading.Event()
+    load_image = server.load_image
+
+    def stuck(*args, **kwargs):
+        entered.set()
+        release.wait(30)
+        return load_image(*args, **kwargs)
+    monkeypatch.setattr(server, "load_image", stuck)
+    with ThreadPoolExecutor(1) as pool:
+        upload = pool.submit(httpx.post, url + "/api/upload", content=png_bytes(x[0]), timeout=60)
+        try:
+            assert entered.wait(30)
+            assert httpx.get(url + "/api/info", timeout=5).status_code == 200
+        finally:
+            release.set()
+        assert upload.result().status_code == 200
+
+
 def test_page_and_info_and_test_images(demo):
     url, _, _, _ = demo
     page = httpx.get(url + "/")

@@ -5,8 +5,10 @@ as the raw file bytes), nothing that executes code when decoded. Every request b
 byte limit, every image is validated (:func:`glowflow.images.open_image`), and a bad request gets a
 JSON ``{"error": message}`` with a 4xx status while the server keeps serving.
 
-Inference runs in worker threads, one at a time under a lock, in eval mode without autograd: the
-model holds caches (e.g. the inverse 1x1 conv weights) that concurrent calls must not race on.
+Image decoding and inference run in worker threads, never on the event loop, so that one slow
+request (a large upload, a big batch of samples) does not stop the server answering the others.
+Inference runs one call at a time under a lock, in eval mode without autograd: the model holds
+caches (e.g. the inverse 1x1 conv weights) that concurrent calls must not race on.
 
 API (all responses JSON):
   GET  /                 the page
@@ -313,7 +315,7 @@ def create_app(model, directions: latent.Directions | None = None, test_images: 
     @app.post("/api/upload")
     async def upload(request: Request):
         data = await _read_body(request, max_upload_bytes)
-        x = state.read_image(data, "upload")
+        x = await run_in_threadpool(state.read_image, data, "upload")
         label = state.label(_int_or_none(request.query_params.get("label")))
         recon = await run_in_threadpool(state.run, latent.reconstruct, model, x, label)
         return {"image": data_url(x), "reconstruction": data_url(recon[0])}
@@ -321,10 +323,10 @@ def create_app(model, directions: latent.Directions | None = None, test_images: 
     @app.post("/api/edit")
     async def edit(request: Request):
         req = await _read_json(request, EditRequest, json_limit)
-        x = state.read_image(_decode_data_url(req.image, "image", max_upload_bytes), "image")
+        x = await run_in_threadpool(state.read_image, _decode_data_url(req.image, "image", max_upload_bytes), "image")
         mix = None
         if req.mix is not None:
-            mix = state.read_image(_decode_data_url(req.mix, "mix", max_upload_bytes), "mix")
+            mix = await run_in_threadpool(state.read_image, _decode_data_url(req.mix, "mix", max_upload_bytes), "mix")
         alphas = {k: v for k, v in req.alphas.items() if v != 0.0}
         unknown = [k for k in alphas if directions is None or k not in directions]
         if unknown:
