@@ -524,6 +524,25 @@ def test_sampling_decodes_with_the_stable_floor_unless_told_otherwise(model):
                                    model.sample(4, 0.5, generator=gen(), scale_floor=0.0), atol=0, rtol=0)
 
 
+def test_latent_sample_draws_what_glow_sample_draws_and_greys_only_what_does_not_decode(model, monkeypatch):
+    """latent.sample (the demo's) draws Glow.sample's images; a sample whose decode is not finite is
+    grey and listed, one finite but far outside [0, 1] is drawn, as `glowflow sample` draws it."""
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    images, failed = latent.sample(model, 4, 0.5, generator=gen())
+    assert failed == [] and torch.equal(images, model.sample(4, 0.5, generator=gen()))
+    decode = model.decode
+
+    def overflowing(eps, *args, **kwargs):
+        out = decode(eps, *args, **kwargs)
+        out[1] = float("nan")
+        out[2] = 1e6
+        return out
+    monkeypatch.setattr(model, "decode", overflowing)
+    images, failed = latent.sample(model, 4, 0.5, generator=gen())
+    assert failed == [1] and (images[1] == 0.5).all() and (images[2] == 1.0).all()
+    assert torch.equal(images[[0, 3]], model.sample(4, 0.5, generator=gen())[[0, 3]].clamp(0, 1))
+
+
 def test_stable_edits_keep_level_norms_and_reconstructions_exact(model):
     x, d = images(2), 0.3 * torch.randn(model.num_dims, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     z = model.encode(x)

@@ -49,8 +49,8 @@ MAX_FAR_FRACTION = 0.05
 # What a failed decode does: raise DecodeError, or come back as a grey image (with a warning).
 FAILED_EDITS = ("raise", "grey")
 
-__all__ = ["interpolate", "reconstruct", "manipulate", "edit", "DecodeError", "FAILED_EDITS", "STABLE_SCALE_FLOOR",
-           "DECODE_BATCH", "far_outside", "lerp", "slerp", "Directions",
+__all__ = ["interpolate", "reconstruct", "sample", "manipulate", "edit", "DecodeError", "FAILED_EDITS",
+           "STABLE_SCALE_FLOOR", "DECODE_BATCH", "far_outside", "lerp", "slerp", "Directions",
            "DirectionAccumulator", "attribute_directions", "directions_from_images", "class_attributes",
            "pair_attributes", "resolve_class", "AttributeTable", "parse_attribute_file", "parse_attribute_csv",
            "parse_celeba_attributes", "table_image_paths", "directions_dir", "save_directions", "load_directions",
@@ -122,15 +122,13 @@ def far_outside(z: torch.Tensor, logit_alpha: float = 0.0) -> torch.Tensor:
     return ((flat < lo - margin) | (flat > hi + margin)).float().mean(1) > MAX_FAR_FRACTION
 
 
-def _decode(model, eps: torch.Tensor, y=None, stable: bool = True, what=None, failed: str = "raise") -> torch.Tensor:
-    """Decode ``eps [N, D]`` batch by batch, clamped to [0, 1]; :class:`DecodeError` if any row is
-    not finite, or has more than :data:`MAX_FAR_FRACTION` of its values beyond
-    ``[-FAR_OUTSIDE, 1 + FAR_OUTSIDE]`` (data decode inside [0, 1]; such a row is the overflow of
-    the inverse caught before it reaches inf, and would be drawn as pixel noise). ``what(i)`` names
-    row ``i`` in the message ("alpha 1.5", "frame 7 of 8"). ``failed="grey"``: such rows come back
-    as a uniform grey image (0.5) with a warning naming them, instead of the error."""
-    if failed not in FAILED_EDITS:
-        raise ValueError(f"failed must be one of {FAILED_EDITS}, got {failed!r}")
+def _decode_rows(model, eps: torch.Tensor, y=None, stable: bool = True,
+                 in_range: bool = True) -> tuple[torch.Tensor, list[int]]:
+    """Decode ``eps [N, D]`` batch by batch -> (images clamped to [0, 1], the rows that failed,
+    drawn uniform grey (0.5)). A row fails when it is not finite, or, with ``in_range``, has more than
+    :data:`MAX_FAR_FRACTION` of its values beyond ``[-FAR_OUTSIDE, 1 + FAR_OUTSIDE]`` (data decode
+    inside [0, 1]; such a row is the overflow of the inverse caught before it reaches inf, and would
+    be drawn as pixel noise)."""
     floor = STABLE_SCALE_FLOOR if stable else 0.0
     out, bad = [], []
     for start in range(0, eps.shape[0], DECODE_BATCH):
@@ -138,14 +136,27 @@ def _decode(model, eps: torch.Tensor, y=None, stable: bool = True, what=None, fa
         yb = y[start:stop] if isinstance(y, torch.Tensor) and y.dim() >= 1 and y.shape[0] == eps.shape[0] else y
         z = model.decode(eps[start:stop], yb, scale_floor=floor, flow_input=True)
         x = from_flow_input(z, model.config.logit_alpha)
-        ok = torch.isfinite(z.flatten(1)).all(1) & ~far_outside(z, model.config.logit_alpha)
+        ok = torch.isfinite(z.flatten(1)).all(1)
+        if in_range:
+            ok &= ~far_outside(z, model.config.logit_alpha)
         bad += [start + int(i) for i in (~ok).nonzero().flatten()]
         out.append(x.clamp_(0.0, 1.0))
     images = torch.cat(out)
+    images[bad] = 0.5
+    return images, bad
+
+
+def _decode(model, eps: torch.Tensor, y=None, stable: bool = True, what=None, failed: str = "raise") -> torch.Tensor:
+    """Decode ``eps [N, D]`` batch by batch, clamped to [0, 1]; :class:`DecodeError` if any row
+    failed (:func:`_decode_rows`: not finite, or far outside the image range). ``what(i)`` names
+    row ``i`` in the message ("alpha 1.5", "frame 7 of 8"). ``failed="grey"``: such rows come back
+    as a uniform grey image (0.5) with a warning naming them, instead of the error."""
+    if failed not in FAILED_EDITS:
+        raise ValueError(f"failed must be one of {FAILED_EDITS}, got {failed!r}")
+    images, bad = _decode_rows(model, eps, y, stable)
     if bad:
         names = ", ".join(what(i) if what else f"latent {i}" for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
         if failed == "grey":
-            images[bad] = 0.5
             warnings.warn(f"the decode of {names} failed (not finite, or far outside the image range): drawn grey",
                           stacklevel=3)
             return images
@@ -234,6 +245,19 @@ def reconstruct(model, x: torch.Tensor, y=None, stable: bool = True) -> torch.Te
     x = _as_batch(x, "x")
     y = _labels(model, y, x.shape[0])
     return _decode(model, model.encode(x, y), y, stable, what=lambda i: f"image {i}")
+
+
+@torch.no_grad()
+def sample(model, n: int, temperature: float = 0.7, y=None,
+           generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[int]]:
+    """:meth:`Glow.sample <glowflow.model.Glow.sample>` that always draws: ``(images [n, C, H, W]
+    in [0, 1], failed)``, where ``failed`` lists the samples whose decode is not finite (their
+    latents lie where the inverse overflows even with the stable floor, more of them the higher the
+    temperature), drawn uniform grey (0.5). A finite sample is drawn as ``glowflow sample`` draws
+    it, however far outside [0, 1] it went: at a high temperature that is what the model makes."""
+    model.require_initialized()
+    y = _labels(model, y, n)
+    return _decode_rows(model, model.draw_latents(n, temperature, generator), y, in_range=False)
 
 
 # ------------------------------------------------------------------------- attribute directions

@@ -16,7 +16,7 @@ API (all responses JSON):
   GET  /api/test-images  [{name, image}] preset images to start from
   POST /api/upload       body: image file bytes -> {image (as the model sees it), reconstruction}
   POST /api/edit         {image, alphas: {name: a}, mix, blend, method, label, mix_label} -> {image}
-  POST /api/sample       {n, temperature, seed, label} -> {images, seed}
+  POST /api/sample       {n, temperature, seed, label} -> {images, seed, temperature, failed, warning}
 """
 from __future__ import annotations
 
@@ -351,8 +351,17 @@ def create_app(model, directions: latent.Directions | None = None, test_images: 
         label = state.label(req.label)
         y = None if label is None else torch.full((req.n,), label, dtype=torch.long)
         generator = torch.Generator().manual_seed(seed)
-        images = await run_in_threadpool(state.run, model.sample, req.n, req.temperature, y, generator)
-        return {"images": [data_url(img) for img in images], "seed": seed, "temperature": req.temperature}
+        images, failed = await run_in_threadpool(state.run, latent.sample, model, req.n, req.temperature, y,
+                                                 generator)
+        warning = None
+        if failed:  # drawn grey: the page shows the other samples and says why these are missing
+            numbers = [str(i + 1) for i in failed]
+            which = numbers[0] if len(numbers) == 1 else ", ".join(numbers[:-1]) + " and " + numbers[-1]
+            warning = (f"sample{'s' if len(failed) > 1 else ''} {which} of {req.n} at temperature "
+                       f"{req.temperature:g} did not decode to finite values (the model's inverse overflows "
+                       "there): drawn grey; a lower temperature keeps closer to the data")
+        return {"images": [data_url(img) for img in images], "seed": seed, "temperature": req.temperature,
+                "failed": failed, "warning": warning}
 
     return app
 
