@@ -9,11 +9,14 @@ import math
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from glowflow import Glow, latent
 from glowflow.cli import edit as cli_edit
 from glowflow.checkpoint import CheckpointError
 from glowflow.images import ImageError, load_image, make_grid, png_bytes, save_grid
+from glowflow.io import file_sha256
 
 SHAPE = (1, 8, 8)
 
@@ -305,6 +308,41 @@ def test_save_load_directions_round_trip_and_checks(tmp_path, model):
         latent.load_directions(tmp_path)
     with pytest.raises(CheckpointError, match="glowflow directions"):
         latent.load_directions(tmp_path / "empty")
+
+
+def test_a_directions_file_holding_nan_is_refused_naming_the_file_and_the_direction(tmp_path, model):
+    """A NaN in a direction made every edit of the demo fail; it is refused where it enters: when
+    the file is read (here one without a checksum, as an older glowflow wrote), or the directions built."""
+    vectors = torch.randn(2, model.num_dims)
+    latent.save_directions(latent.Directions(["a", "Smiling"], vectors, [1, 1], [1, 1], ["", ""]), tmp_path)
+    path = tmp_path / latent.DIRECTIONS_WEIGHTS
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    vectors[1, 5] = float("nan")
+    save_file({"directions": vectors}, str(path), metadata=metadata)
+    (tmp_path / latent.DIRECTIONS_JSON).unlink()
+    with pytest.warns(UserWarning, match="no checksum"), \
+            pytest.raises(CheckpointError, match=r"directions.safetensors.*'Smiling' holds NaN or inf \(1 of"):
+        latent.load_directions(tmp_path, model.num_dims)
+    with pytest.raises(ValueError, match="'Smiling' holds NaN or inf"):
+        latent.Directions(["a", "Smiling"], vectors, [1, 1], [1, 1], ["", ""])
+
+
+def test_a_directions_file_changed_after_it_was_written_is_refused_by_its_checksum(tmp_path, model):
+    """safetensors checks its header, not the numbers: a flipped bit in a vector loaded silently.
+    directions.json holds the file's SHA-256, checked on load, as checksums.json is for checkpoints."""
+    latent.save_directions(latent.Directions(["a"], torch.randn(1, model.num_dims), [1], [1], [""]), tmp_path)
+    path = tmp_path / latent.DIRECTIONS_WEIGHTS
+    assert json.loads((tmp_path / latent.DIRECTIONS_JSON).read_text())["directions_sha256"] == file_sha256(path)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # a bit of the last value
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"corrupt file .*directions.safetensors: its SHA-256 does not match "
+                                              r"the one in .*directions.json"):
+        latent.load_directions(tmp_path, model.num_dims)
+    (tmp_path / latent.DIRECTIONS_JSON).write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="directions.json: expected a JSON object"):
+        latent.load_directions(tmp_path, model.num_dims)
 
 
 def test_directions_live_in_the_run_directory(tmp_path, model):

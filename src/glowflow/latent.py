@@ -18,7 +18,7 @@ decode that still is not finite raises :class:`DecodeError` naming the alphas or
 
 Directions are stored beside the checkpoint as ``directions.safetensors`` (the ``[A, D]`` vectors,
 with names and counts in its metadata; the file the loader reads) and ``directions.json`` (a readable
-copy of the same metadata).
+copy of the same metadata, and the SHA-256 of ``directions.safetensors``, checked on load).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from .checkpoint import CHECKPOINT_DIR, CheckpointError, resolve_checkpoint_dir, weights_sha256
 from .data import ImageDataset
 from .images import load_image
-from .io import atomic_file, atomic_write_text
+from .io import atomic_file, atomic_write_text, file_sha256, read_json
 from .layers import STABLE_SCALE_FLOOR
 from .numerics import from_flow_input, to_flow_input, to_unit
 
@@ -282,6 +282,12 @@ class Directions:
             raise ValueError(f"direction names must be unique, got {list(self.names)}")
         if not all(len(f) == a for f in (self.positive_counts, self.negative_counts, self.sources)):
             raise ValueError("names, positive_counts, negative_counts and sources must have equal lengths")
+        # A NaN here would turn every edit along any direction into a failed decode.
+        bad = (~torch.isfinite(self.vectors)).sum(1)
+        for name, count in zip(self.names, bad.tolist()):
+            if count:
+                raise ValueError(f"direction {name!r} holds NaN or inf ({count} of {self.vectors.shape[1]} "
+                                 "values); recompute it")
 
     @property
     def num_dims(self) -> int:
@@ -688,7 +694,8 @@ def directions_dir(checkpoint) -> Path:
 
 
 def save_directions(directions: Directions, directory, weights_sha: str | None = None) -> Path:
-    """Write ``directory/directions.safetensors`` (atomically replaced) and ``directions.json``."""
+    """Write ``directory/directions.safetensors`` (atomically replaced) and ``directions.json``,
+    which holds its SHA-256 (``directions_sha256``)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     info = {"format": DIRECTIONS_FORMAT, "num_dims": directions.num_dims, "weights_sha256": weights_sha,
@@ -697,16 +704,37 @@ def save_directions(directions: Directions, directory, weights_sha: str | None =
     with atomic_file(target) as tmp:
         save_file({"directions": directions.vectors.detach().float().contiguous().cpu()}, str(tmp),
                   metadata={"format": DIRECTIONS_FORMAT, "info": json.dumps(info)})
-    atomic_write_text(directory / DIRECTIONS_JSON, json.dumps(info, indent=2) + "\n")
+        digest = file_sha256(tmp)
+    atomic_write_text(directory / DIRECTIONS_JSON, json.dumps({**info, "directions_sha256": digest}, indent=2) + "\n")
     return target
 
 
+def _verify_directions_file(path: Path) -> None:
+    """Refuse ``path`` if its bytes no longer match the SHA-256 in ``directions.json`` beside it:
+    safetensors checks its header, not the numbers, so a flipped bit would load as a wrong direction.
+    Without a recorded checksum (an older glowflow wrote it) the file loads, with a warning."""
+    manifest = path.with_name(DIRECTIONS_JSON)
+    recorded = read_json(manifest, CheckpointError) if manifest.is_file() else None
+    if recorded is not None and not isinstance(recorded, dict):
+        raise CheckpointError(f"corrupt {manifest}: expected a JSON object, got {type(recorded).__name__}")
+    expected = (recorded or {}).get("directions_sha256")
+    if expected is None:
+        warnings.warn(f"{path} has no checksum in {manifest.name}: loaded unchecked (recompute the directions "
+                      "with `glowflow directions` to add one)", stacklevel=3)
+    elif file_sha256(path) != expected:
+        raise CheckpointError(f"corrupt file {path}: its SHA-256 does not match the one in {manifest} (the bytes "
+                              "changed after it was written, or its writing was interrupted); recompute the "
+                              "directions with `glowflow directions`")
+
+
 def load_directions(directory, num_dims: int | None = None) -> tuple[Directions, dict]:
-    """Read ``directory/directions.safetensors`` -> (directions, metadata dict). ``num_dims`` checks
-    that they fit the model's latent size."""
+    """Read ``directory/directions.safetensors`` -> (directions, metadata dict), checked against the
+    SHA-256 in ``directions.json`` and for finite values. ``num_dims`` checks that they fit the
+    model's latent size."""
     path = Path(directory) / DIRECTIONS_WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"no directions at {path}; compute them with `glowflow directions`")
+    _verify_directions_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
