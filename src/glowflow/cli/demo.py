@@ -111,7 +111,9 @@ upload_mb.__name__ = "a size in MB"  # argparse names the type in its messages
 def register(sub) -> None:
     p = sub.add_parser("demo", help="serve the interactive latent-editing web page")
     add_checkpoint(p)
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; requests must name it (default 127.0.0.1: this machine only, "
+                        "as localhost, 127.0.0.1 or [::1]); 0.0.0.0 or :: serves other machines under any name")
     p.add_argument("--port", type=port, default=8000)
     p.add_argument("--directions", type=Path, help="folder with directions.safetensors "
                                                    "(default: next to the checkpoint)")
