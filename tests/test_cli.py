@@ -102,6 +102,9 @@ def test_ablate_old_dataset_spelling_is_resolved_with_a_warning(capsys, tmp_path
     (["sample", "RUN", "--out", "s.png", "--seed", "99999999999999999999"], "expected a seed 0..4294967295"),
     (["score", "RUN", "noise", "--seed", "-1"], "expected a seed 0..4294967295"),
     (["train", "--out", "r", "--seed", "18446744073709551616"], "expected a seed 0..4294967295"),
+    (["demo", "RUN", "--max-upload-mb", "1e9"], "expected a size in MB above 0 and at most 64"),
+    (["demo", "RUN", "--max-upload-mb", "0"], "expected a size in MB above 0 and at most 64"),
+    (["demo", "RUN", "--max-upload-mb", "nan"], "expected a size in MB above 0 and at most 64"),
 ])
 def test_bad_numbers_are_refused_by_the_parser(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import shutil
 import socket
 import threading
@@ -183,6 +184,35 @@ def test_samples_follow_the_seed_and_temperature(demo):
     assert r.status_code == 422 and "n:" in r.json()["error"]
 
 
+def test_a_sample_that_does_not_decode_is_drawn_grey_and_named_not_a_500(demo, monkeypatch):
+    """At high temperature some latents lie where the inverse overflows (on a trained model, 5 of 5
+    seeds at the page's 1.5 had one). Their decode is NaN: once a 500 for the whole grid; now those
+    tiles are grey, the others drawn, and the answer names the failed ones for the page."""
+    url, model, _, _ = demo
+    expected = model.sample(4, 1.5, generator=torch.Generator().manual_seed(3))
+    decode = model.decode
+
+    def overflowing(eps, *args, **kwargs):
+        out = decode(eps, *args, **kwargs)
+        out[1] = float("nan")
+        out[3, 0, 0, 0] = float("inf")
+        return out
+    monkeypatch.setattr(model, "decode", overflowing)
+    r = httpx.post(url + "/api/sample", json={"n": 4, "temperature": 1.5, "seed": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["failed"] == [1, 3]
+    assert "samples 2 and 4 of 4" in body["warning"] and "temperature 1.5" in body["warning"]
+    got = [_image(u) for u in body["images"]]
+    for i in (0, 2):
+        torch.testing.assert_close(got[i], _quantised(expected[i]), atol=1 / 255, rtol=0)
+    for i in (1, 3):
+        assert (got[i] == _quantised(torch.tensor(0.5))).all()  # grey
+    monkeypatch.undo()
+    body = httpx.post(url + "/api/sample", json={"n": 2, "temperature": 0.5, "seed": 3}).json()
+    assert body["failed"] == [] and body["warning"] is None
+
+
 def test_concurrent_requests_give_the_sequential_answer_and_leave_the_model_unchanged(demo):
     url, model, _, x = demo
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -219,6 +249,30 @@ def test_concurrent_requests_give_the_sequential_answer_and_leave_the_model_unch
     assert seen == {"max_inside": 1, "grad": False, "training": False}
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_slow_decode_does_not_hold_up_other_requests(demo, monkeypatch):
+    """Images are decoded off the event loop: while one upload's decode is stuck, the server still
+    answers. (Decoded on the loop, the info request would wait for it and time out.)"""
+    import glowflow.demo.server as server
+
+    url, _, _, x = demo
+    entered, release = threading.Event(), threading.Event()
+    load_image = server.load_image
+
+    def stuck(*args, **kwargs):
+        entered.set()
+        release.wait(30)
+        return load_image(*args, **kwargs)
+    monkeypatch.setattr(server, "load_image", stuck)
+    with ThreadPoolExecutor(1) as pool:
+        upload = pool.submit(httpx.post, url + "/api/upload", content=png_bytes(x[0]), timeout=60)
+        try:
+            assert entered.wait(30)
+            assert httpx.get(url + "/api/info", timeout=5).status_code == 200
+        finally:
+            release.set()
+        assert upload.result().status_code == 200
 
 
 def test_page_and_info_and_test_images(demo):
@@ -343,7 +397,32 @@ def test_host_check_by_bind_address():
     assert not loop("127.0.0.1:9000") and not loop("example.com:8000") and not loop("")
     lan = host_check("192.168.1.5", None)
     assert lan("192.168.1.5:1234") and not lan("localhost")
-    assert host_check("0.0.0.0", 8000) is None
+    assert host_check("0.0.0.0", 8000) is None and host_check("::", 8000) is None
+    assert host_check("127.0.0.1", 0)("localhost:43123")  # --port 0: the port the system picked
+
+
+@pytest.mark.parametrize("bind, served, foreign", [
+    ("0.0.0.0", "192.168.1.5:8123", 200),  # every interface: any name the machine is reached by
+    ("::", "[fe80::1]:8123", 200),
+    ("192.168.1.5", "192.168.1.5:8123", 421),  # one address: that one
+    ("127.0.0.1", "localhost:8123", 421),  # the default: loopback names only, against DNS rebinding
+])
+def test_the_demo_command_answers_the_address_it_serves(tmp_path, monkeypatch, capsys, bind, served, foreign):
+    """The CLI hands the address it binds to the app: a demo on 0.0.0.0 or a LAN address answers
+    requests for it from other machines, a loopback one still refuses other names."""
+    from glowflow.cli import main
+    from glowflow.demo import server
+
+    _tiny_model().save_pretrained(tmp_path / "ckpt")
+    started = {}
+    monkeypatch.setattr(server, "serve", lambda app, host, port: started.update(app=app, host=host, port=port))
+    assert main(["demo", str(tmp_path / "ckpt"), "--host", bind, "--port", "8123", "--json"]) == 0
+    assert (started["host"], started["port"]) == (bind, 8123)
+    url = json.loads(capsys.readouterr().out.splitlines()[-1])["url"]
+    assert httpx.URL(url).port == 8123  # an IPv6 address in brackets
+    with running(started["app"]) as local:  # listening here; the Host header says what was asked for
+        assert httpx.get(local + "/api/info", headers={"Host": served}).status_code == 200
+        assert httpx.get(local + "/api/info", headers={"Host": "attacker.example:8123"}).status_code == foreign
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])

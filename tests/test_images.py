@@ -67,3 +67,45 @@ def test_a_decompression_bomb_in_a_training_folder_is_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match="bomb.png.*cannot be decoded.*the limit is") as e:
         get_dataset("folder", tmp_path, "train", image_size=8)
     assert "\n" not in str(e.value)
+
+
+def _no_large_resizes(monkeypatch, limit: int):
+    """Make every PIL resize to more than ``limit`` pixels fail, before it allocates them."""
+    resize = Image.Image.resize
+
+    def bounded(self, size, *args, **kwargs):
+        assert size[0] * size[1] <= limit, f"resize of {self.size} to {size}: {size[0] * size[1]} pixels"
+        return resize(self, size, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "resize", bounded)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_an_extreme_aspect_ratio_is_fitted_from_the_pixels_it_keeps(monkeypatch, wide):
+    """A 1 x 1,000,000 PNG (a few kB, within the pixel limit) used to be resized to cover 8x8 whole,
+    8 x 8,000,000 pixels (3 GB, seconds of a demo's event loop) before the crop kept 64 of them. The
+    fit resizes only the part of the image the crop keeps: never more pixels than the result."""
+    arr = np.zeros((1_000_000, 1), np.uint8)
+    arr[500_000 - 8:500_000 + 8] = 200  # the middle rows, which the centre crop keeps
+    img = Image.fromarray(arr.T.copy() if wide else arr)
+    _no_large_resizes(monkeypatch, 8 * 8)
+    got = read_image(_encode(img, "PNG"), 1, (8, 8))
+    assert got.shape == (1, 8, 8) and (got == 200).all()  # the middle, enlarged; nothing of the rest
+
+
+@pytest.mark.parametrize("mode,size,target", [("L", (12, 10), (8, 8)), ("L", (92, 112), (64, 64)),
+                                              ("RGB", (37, 53), (16, 16)), ("RGB", (300, 41), (10, 24)),
+                                              ("L", (5, 7), (20, 20))])
+def test_the_fit_is_a_cover_resize_then_a_centre_crop(mode, size, target):
+    """Resizing only what the crop keeps gives the pixels of resizing the whole image and cropping."""
+    g = np.random.default_rng(0)
+    shape = (size[1], size[0]) + ((3,) if mode == "RGB" else ())
+    img = Image.fromarray(g.integers(0, 256, shape, dtype=np.uint8), mode)
+    th, tw = target
+    scale = max(tw / size[0], th / size[1])
+    nw, nh = max(tw, round(size[0] * scale)), max(th, round(size[1] * scale))
+    left, top = (nw - tw) // 2, (nh - th) // 2
+    whole = img.resize((nw, nh), Image.Resampling.LANCZOS).crop((left, top, left + tw, top + th))
+    expected = np.asarray(whole, np.int16)
+    expected = expected[None] if expected.ndim == 2 else expected.transpose(2, 0, 1)
+    got = read_image(_encode(img, "PNG"), 3 if mode == "RGB" else 1, target).astype(np.int16)
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= 1

@@ -9,11 +9,14 @@ import math
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from glowflow import Glow, latent
 from glowflow.cli import edit as cli_edit
 from glowflow.checkpoint import CheckpointError
 from glowflow.images import ImageError, load_image, make_grid, png_bytes, save_grid
+from glowflow.io import file_sha256
 
 SHAPE = (1, 8, 8)
 
@@ -307,6 +310,41 @@ def test_save_load_directions_round_trip_and_checks(tmp_path, model):
         latent.load_directions(tmp_path / "empty")
 
 
+def test_a_directions_file_holding_nan_is_refused_naming_the_file_and_the_direction(tmp_path, model):
+    """A NaN in a direction made every edit of the demo fail; it is refused where it enters: when
+    the file is read (here one without a checksum, as an older glowflow wrote), or the directions built."""
+    vectors = torch.randn(2, model.num_dims)
+    latent.save_directions(latent.Directions(["a", "Smiling"], vectors, [1, 1], [1, 1], ["", ""]), tmp_path)
+    path = tmp_path / latent.DIRECTIONS_WEIGHTS
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    vectors[1, 5] = float("nan")
+    save_file({"directions": vectors}, str(path), metadata=metadata)
+    (tmp_path / latent.DIRECTIONS_JSON).unlink()
+    with pytest.warns(UserWarning, match="no checksum"), \
+            pytest.raises(CheckpointError, match=r"directions.safetensors.*'Smiling' holds NaN or inf \(1 of"):
+        latent.load_directions(tmp_path, model.num_dims)
+    with pytest.raises(ValueError, match="'Smiling' holds NaN or inf"):
+        latent.Directions(["a", "Smiling"], vectors, [1, 1], [1, 1], ["", ""])
+
+
+def test_a_directions_file_changed_after_it_was_written_is_refused_by_its_checksum(tmp_path, model):
+    """safetensors checks its header, not the numbers: a flipped bit in a vector loaded silently.
+    directions.json holds the file's SHA-256, checked on load, as checksums.json is for checkpoints."""
+    latent.save_directions(latent.Directions(["a"], torch.randn(1, model.num_dims), [1], [1], [""]), tmp_path)
+    path = tmp_path / latent.DIRECTIONS_WEIGHTS
+    assert json.loads((tmp_path / latent.DIRECTIONS_JSON).read_text())["directions_sha256"] == file_sha256(path)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # a bit of the last value
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"corrupt file .*directions.safetensors: its SHA-256 does not match "
+                                              r"the one in .*directions.json"):
+        latent.load_directions(tmp_path, model.num_dims)
+    (tmp_path / latent.DIRECTIONS_JSON).write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="directions.json: expected a JSON object"):
+        latent.load_directions(tmp_path, model.num_dims)
+
+
 def test_directions_live_in_the_run_directory(tmp_path, model):
     model.save_pretrained(tmp_path / "run" / "checkpoint")
     assert latent.directions_dir(tmp_path / "run") == tmp_path / "run"
@@ -522,6 +560,25 @@ def test_sampling_decodes_with_the_stable_floor_unless_told_otherwise(model):
                                model.decode(far).nan_to_num())  # the floor acts far out
         torch.testing.assert_close(model.sample(4, 0.5, generator=gen()),
                                    model.sample(4, 0.5, generator=gen(), scale_floor=0.0), atol=0, rtol=0)
+
+
+def test_latent_sample_draws_what_glow_sample_draws_and_greys_only_what_does_not_decode(model, monkeypatch):
+    """latent.sample (the demo's) draws Glow.sample's images; a sample whose decode is not finite is
+    grey and listed, one finite but far outside [0, 1] is drawn, as `glowflow sample` draws it."""
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    images, failed = latent.sample(model, 4, 0.5, generator=gen())
+    assert failed == [] and torch.equal(images, model.sample(4, 0.5, generator=gen()))
+    decode = model.decode
+
+    def overflowing(eps, *args, **kwargs):
+        out = decode(eps, *args, **kwargs)
+        out[1] = float("nan")
+        out[2] = 1e6
+        return out
+    monkeypatch.setattr(model, "decode", overflowing)
+    images, failed = latent.sample(model, 4, 0.5, generator=gen())
+    assert failed == [1] and (images[1] == 0.5).all() and (images[2] == 1.0).all()
+    assert torch.equal(images[[0, 3]], model.sample(4, 0.5, generator=gen())[[0, 3]].clamp(0, 1))
 
 
 def test_stable_edits_keep_level_norms_and_reconstructions_exact(model):

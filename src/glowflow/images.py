@@ -102,7 +102,11 @@ def _to_mode(img: Image.Image, channels: int) -> Image.Image:
 
 def fit(img: Image.Image, channels: int, size: tuple[int, int] | None) -> np.ndarray:
     """A PIL image -> uint8 ``[channels, H, W]``: converted (:func:`_to_mode`), then, if ``size =
-    (H, W)`` is given and differs, resized (Lanczos) to cover it and centre-cropped."""
+    (H, W)`` is given and differs, resized (Lanczos) to cover it and centre-cropped.
+
+    Only the part of the image the crop keeps is resized, straight to ``size``: the work is bounded
+    by the decoded image and the result, whatever the aspect ratio. (Resizing the whole image first
+    turned a 1 x 1,000,000 PNG of a few kB into 8 x 8,000,000 pixels to keep 64 of them.)"""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     img = _to_mode(img, channels)
@@ -112,10 +116,16 @@ def fit(img: Image.Image, channels: int, size: tuple[int, int] | None) -> np.nda
         if (w, h) != (tw, th):
             scale = max(tw / w, th / h)
             nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
-            if (nw, nh) != (w, h):
-                img = img.resize((nw, nh), Image.Resampling.LANCZOS)
             left, top = (nw - tw) // 2, (nh - th) // 2
-            img = img.crop((left, top, left + tw, top + th))
+            if (nw, nh) == (w, h):
+                img = img.crop((left, top, left + tw, top + th))
+            else:
+                # The crop's box in the source's coordinates: Pillow samples it on the grid of the
+                # whole resize (same scale, same filter support, reaching outside the box where the
+                # image goes on), so the pixels are those of resizing everything, then cropping.
+                sx, sy = w / nw, h / nh
+                box = (left * sx, top * sy, (left + tw) * sx, (top + th) * sy)
+                img = img.resize((tw, th), Image.Resampling.LANCZOS, box=box)
     arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 

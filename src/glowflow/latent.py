@@ -18,7 +18,7 @@ decode that still is not finite raises :class:`DecodeError` naming the alphas or
 
 Directions are stored beside the checkpoint as ``directions.safetensors`` (the ``[A, D]`` vectors,
 with names and counts in its metadata; the file the loader reads) and ``directions.json`` (a readable
-copy of the same metadata).
+copy of the same metadata, and the SHA-256 of ``directions.safetensors``, checked on load).
 """
 from __future__ import annotations
 
@@ -33,12 +33,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from .checkpoint import CHECKPOINT_DIR, CheckpointError, resolve_checkpoint_dir, weights_sha256
+from .checkpoint import CHECKPOINT_DIR, CheckpointError, resolve_checkpoint_dir, save_tensors, weights_sha256
 from .data import ImageDataset
 from .images import load_image
-from .io import atomic_file, atomic_write_text
+from .io import atomic_file, atomic_write_json, file_sha256, parse_json, read_json
 from .layers import STABLE_SCALE_FLOOR
 from .numerics import from_flow_input, to_flow_input, to_unit
 
@@ -49,8 +48,8 @@ MAX_FAR_FRACTION = 0.05
 # What a failed decode does: raise DecodeError, or come back as a grey image (with a warning).
 FAILED_EDITS = ("raise", "grey")
 
-__all__ = ["interpolate", "reconstruct", "manipulate", "edit", "DecodeError", "FAILED_EDITS", "STABLE_SCALE_FLOOR",
-           "DECODE_BATCH", "far_outside", "lerp", "slerp", "Directions",
+__all__ = ["interpolate", "reconstruct", "sample", "manipulate", "edit", "DecodeError", "FAILED_EDITS",
+           "STABLE_SCALE_FLOOR", "DECODE_BATCH", "far_outside", "lerp", "slerp", "Directions",
            "DirectionAccumulator", "attribute_directions", "directions_from_images", "class_attributes",
            "pair_attributes", "resolve_class", "AttributeTable", "parse_attribute_file", "parse_attribute_csv",
            "parse_celeba_attributes", "table_image_paths", "directions_dir", "save_directions", "load_directions",
@@ -122,15 +121,13 @@ def far_outside(z: torch.Tensor, logit_alpha: float = 0.0) -> torch.Tensor:
     return ((flat < lo - margin) | (flat > hi + margin)).float().mean(1) > MAX_FAR_FRACTION
 
 
-def _decode(model, eps: torch.Tensor, y=None, stable: bool = True, what=None, failed: str = "raise") -> torch.Tensor:
-    """Decode ``eps [N, D]`` batch by batch, clamped to [0, 1]; :class:`DecodeError` if any row is
-    not finite, or has more than :data:`MAX_FAR_FRACTION` of its values beyond
-    ``[-FAR_OUTSIDE, 1 + FAR_OUTSIDE]`` (data decode inside [0, 1]; such a row is the overflow of
-    the inverse caught before it reaches inf, and would be drawn as pixel noise). ``what(i)`` names
-    row ``i`` in the message ("alpha 1.5", "frame 7 of 8"). ``failed="grey"``: such rows come back
-    as a uniform grey image (0.5) with a warning naming them, instead of the error."""
-    if failed not in FAILED_EDITS:
-        raise ValueError(f"failed must be one of {FAILED_EDITS}, got {failed!r}")
+def _decode_rows(model, eps: torch.Tensor, y=None, stable: bool = True,
+                 in_range: bool = True) -> tuple[torch.Tensor, list[int]]:
+    """Decode ``eps [N, D]`` batch by batch -> (images clamped to [0, 1], the rows that failed,
+    drawn uniform grey (0.5)). A row fails when it is not finite, or, with ``in_range``, has more than
+    :data:`MAX_FAR_FRACTION` of its values beyond ``[-FAR_OUTSIDE, 1 + FAR_OUTSIDE]`` (data decode
+    inside [0, 1]; such a row is the overflow of the inverse caught before it reaches inf, and would
+    be drawn as pixel noise)."""
     floor = STABLE_SCALE_FLOOR if stable else 0.0
     out, bad = [], []
     for start in range(0, eps.shape[0], DECODE_BATCH):
@@ -138,14 +135,27 @@ def _decode(model, eps: torch.Tensor, y=None, stable: bool = True, what=None, fa
         yb = y[start:stop] if isinstance(y, torch.Tensor) and y.dim() >= 1 and y.shape[0] == eps.shape[0] else y
         z = model.decode(eps[start:stop], yb, scale_floor=floor, flow_input=True)
         x = from_flow_input(z, model.config.logit_alpha)
-        ok = torch.isfinite(z.flatten(1)).all(1) & ~far_outside(z, model.config.logit_alpha)
+        ok = torch.isfinite(z.flatten(1)).all(1)
+        if in_range:
+            ok &= ~far_outside(z, model.config.logit_alpha)
         bad += [start + int(i) for i in (~ok).nonzero().flatten()]
         out.append(x.clamp_(0.0, 1.0))
     images = torch.cat(out)
+    images[bad] = 0.5
+    return images, bad
+
+
+def _decode(model, eps: torch.Tensor, y=None, stable: bool = True, what=None, failed: str = "raise") -> torch.Tensor:
+    """Decode ``eps [N, D]`` batch by batch, clamped to [0, 1]; :class:`DecodeError` if any row
+    failed (:func:`_decode_rows`: not finite, or far outside the image range). ``what(i)`` names
+    row ``i`` in the message ("alpha 1.5", "frame 7 of 8"). ``failed="grey"``: such rows come back
+    as a uniform grey image (0.5) with a warning naming them, instead of the error."""
+    if failed not in FAILED_EDITS:
+        raise ValueError(f"failed must be one of {FAILED_EDITS}, got {failed!r}")
+    images, bad = _decode_rows(model, eps, y, stable)
     if bad:
         names = ", ".join(what(i) if what else f"latent {i}" for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
         if failed == "grey":
-            images[bad] = 0.5
             warnings.warn(f"the decode of {names} failed (not finite, or far outside the image range): drawn grey",
                           stacklevel=3)
             return images
@@ -236,6 +246,19 @@ def reconstruct(model, x: torch.Tensor, y=None, stable: bool = True) -> torch.Te
     return _decode(model, model.encode(x, y), y, stable, what=lambda i: f"image {i}")
 
 
+@torch.no_grad()
+def sample(model, n: int, temperature: float = 0.7, y=None,
+           generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[int]]:
+    """:meth:`Glow.sample <glowflow.model.Glow.sample>` that always draws: ``(images [n, C, H, W]
+    in [0, 1], failed)``, where ``failed`` lists the samples whose decode is not finite (their
+    latents lie where the inverse overflows even with the stable floor, more of them the higher the
+    temperature), drawn uniform grey (0.5). A finite sample is drawn as ``glowflow sample`` draws
+    it, however far outside [0, 1] it went: at a high temperature that is what the model makes."""
+    model.require_initialized()
+    y = _labels(model, y, n)
+    return _decode_rows(model, model.draw_latents(n, temperature, generator), y, in_range=False)
+
+
 # ------------------------------------------------------------------------- attribute directions
 
 @dataclass(frozen=True)
@@ -258,6 +281,12 @@ class Directions:
             raise ValueError(f"direction names must be unique, got {list(self.names)}")
         if not all(len(f) == a for f in (self.positive_counts, self.negative_counts, self.sources)):
             raise ValueError("names, positive_counts, negative_counts and sources must have equal lengths")
+        # A NaN here would turn every edit along any direction into a failed decode.
+        bad = (~torch.isfinite(self.vectors)).sum(1)
+        for name, count in zip(self.names, bad.tolist()):
+            if count:
+                raise ValueError(f"direction {name!r} holds NaN or inf ({count} of {self.vectors.shape[1]} "
+                                 "values); recompute it")
 
     @property
     def num_dims(self) -> int:
@@ -671,30 +700,52 @@ def directions_dir(checkpoint) -> Path:
 
 
 def save_directions(directions: Directions, directory, weights_sha: str | None = None) -> Path:
-    """Write ``directory/directions.safetensors`` (atomically replaced) and ``directions.json``."""
+    """Write ``directory/directions.safetensors`` (atomically replaced) and ``directions.json``,
+    which holds its SHA-256 (``directions_sha256``)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     info = {"format": DIRECTIONS_FORMAT, "num_dims": directions.num_dims, "weights_sha256": weights_sha,
             "directions": directions.info()}
     target = directory / DIRECTIONS_WEIGHTS
     with atomic_file(target) as tmp:
-        save_file({"directions": directions.vectors.detach().float().contiguous().cpu()}, str(tmp),
-                  metadata={"format": DIRECTIONS_FORMAT, "info": json.dumps(info)})
-    atomic_write_text(directory / DIRECTIONS_JSON, json.dumps(info, indent=2) + "\n")
+        save_tensors(tmp, {"directions": directions.vectors.detach().float()},
+                     metadata={"format": DIRECTIONS_FORMAT, "info": json.dumps(info)})
+        digest = file_sha256(tmp)
+    atomic_write_json(directory / DIRECTIONS_JSON, {**info, "directions_sha256": digest})
     return target
 
 
+def _verify_directions_file(path: Path) -> None:
+    """Refuse ``path`` if its bytes no longer match the SHA-256 in ``directions.json`` beside it:
+    safetensors checks its header, not the numbers, so a flipped bit would load as a wrong direction.
+    Without a recorded checksum (an older glowflow wrote it) the file loads, with a warning."""
+    manifest = path.with_name(DIRECTIONS_JSON)
+    recorded = read_json(manifest, CheckpointError) if manifest.is_file() else None
+    if recorded is not None and not isinstance(recorded, dict):
+        raise CheckpointError(f"corrupt {manifest}: expected a JSON object, got {type(recorded).__name__}")
+    expected = (recorded or {}).get("directions_sha256")
+    if expected is None:
+        warnings.warn(f"{path} has no checksum in {manifest.name}: loaded unchecked (recompute the directions "
+                      "with `glowflow directions` to add one)", stacklevel=3)
+    elif file_sha256(path) != expected:
+        raise CheckpointError(f"corrupt file {path}: its SHA-256 does not match the one in {manifest} (the bytes "
+                              "changed after it was written, or its writing was interrupted); recompute the "
+                              "directions with `glowflow directions`")
+
+
 def load_directions(directory, num_dims: int | None = None) -> tuple[Directions, dict]:
-    """Read ``directory/directions.safetensors`` -> (directions, metadata dict). ``num_dims`` checks
-    that they fit the model's latent size."""
+    """Read ``directory/directions.safetensors`` -> (directions, metadata dict), checked against the
+    SHA-256 in ``directions.json`` and for finite values. ``num_dims`` checks that they fit the
+    model's latent size."""
     path = Path(directory) / DIRECTIONS_WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"no directions at {path}; compute them with `glowflow directions`")
+    _verify_directions_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             vectors = f.get_tensor("directions")
-        info = json.loads(meta["info"])
+        info = parse_json(meta["info"])
         entries = info["directions"]
         if meta.get("format") != DIRECTIONS_FORMAT:
             raise ValueError(f"format {meta.get('format')!r}, expected {DIRECTIONS_FORMAT!r}")

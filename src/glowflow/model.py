@@ -269,6 +269,10 @@ class Glow(nn.Module):
         ``scale_floor`` (:data:`~glowflow.layers.STABLE_SCALE_FLOOR`) bounds the division, which
         changes only such latents' images (those of data decode as without it); 0 decodes exactly.
         """
+        return self.decode(self.draw_latents(n, temperature, generator), y, scale_floor=scale_floor).clamp_(0.0, 1.0)
+
+    def draw_latents(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` latents ``[n, D]`` from N(0, temperature^2 I), the ones :meth:`sample` decodes."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if not temperature >= 0:
@@ -277,7 +281,7 @@ class Glow(nn.Module):
         gen_device = generator.device if generator is not None else device
         eps = torch.randn(n, sum(math.prod(s) for s in self.latent_shapes), generator=generator,
                           device=gen_device, dtype=dtype).to(device)
-        return self.decode(eps * temperature, y, scale_floor=scale_floor).clamp_(0.0, 1.0)
+        return eps * temperature
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor, y: torch.Tensor | None = None,

@@ -1,8 +1,10 @@
 """``glowflow demo``: serve the interactive latent-editing page for a checkpoint."""
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import torch
 
 from .. import data
 from ..checkpoint import CheckpointError
+from ..demo import MAX_UPLOAD_MB
 from ..images import ImageError, load_image
 from .common import add_checkpoint, add_dataset, add_json, dataset_of, load_model, port, positive_int
 from .edit import load_directions
@@ -31,11 +34,12 @@ def cmd_demo(args) -> int:
         directions = None
     test_images, test_names, class_names = demo_test_images(model, args)
     app = create_app(model, directions, test_images, test_names, class_names,
-                     max_upload_bytes=int(args.max_upload_mb * 2**20), alpha_max=args.alpha_max)
+                     max_upload_bytes=int(args.max_upload_mb * 2**20), alpha_max=args.alpha_max,
+                     host=args.host, port=args.port)  # the app answers only requests for this address
     if not is_loopback(args.host):
         print(f"warning: serving on {args.host}, reachable from other machines; the demo has no "
               "authentication", file=sys.stderr)
-    url = f"http://{args.host}:{args.port}/"
+    url = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}/"  # IPv6 in brackets
     if args.json:
         print(json.dumps({"url": url, "directions": [] if directions is None else list(directions.names),
                           "test_images": 0 if test_images is None else len(test_images)}), flush=True)
@@ -90,10 +94,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def upload_mb(text: str) -> float:
+    """An argparse type: a size in MB in ``(0, MAX_UPLOAD_MB]``."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_UPLOAD_MB:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a size in MB above 0 and at most {MAX_UPLOAD_MB}, got {text!r}")
+    return value
+
+
+upload_mb.__name__ = "a size in MB"  # argparse names the type in its messages
+
+
 def register(sub) -> None:
     p = sub.add_parser("demo", help="serve the interactive latent-editing web page")
     add_checkpoint(p)
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; requests must name it (default 127.0.0.1: this machine only, "
+                        "as localhost, 127.0.0.1 or [::1]); 0.0.0.0 or :: serves other machines under any name")
     p.add_argument("--port", type=port, default=8000)
     p.add_argument("--directions", type=Path, help="folder with directions.safetensors "
                                                    "(default: next to the checkpoint)")
@@ -103,6 +123,7 @@ def register(sub) -> None:
     p.add_argument("--split", default="test", choices=("train", "test"))
     p.add_argument("--num-test-images", type=positive_int, default=12)
     p.add_argument("--alpha-max", type=float, default=1.0, help="sliders span [-alpha-max, alpha-max]")
-    p.add_argument("--max-upload-mb", type=float, default=4.0)
+    p.add_argument("--max-upload-mb", type=upload_mb, default=4.0,
+                   help=f"largest image a request may upload, in MB, at most {MAX_UPLOAD_MB} (default 4)")
     add_json(p)
     p.set_defaults(func=cmd_demo)

@@ -5,8 +5,10 @@ as the raw file bytes), nothing that executes code when decoded. Every request b
 byte limit, every image is validated (:func:`glowflow.images.open_image`), and a bad request gets a
 JSON ``{"error": message}`` with a 4xx status while the server keeps serving.
 
-Inference runs in worker threads, one at a time under a lock, in eval mode without autograd: the
-model holds caches (e.g. the inverse 1x1 conv weights) that concurrent calls must not race on.
+Image decoding and inference run in worker threads, never on the event loop, so that one slow
+request (a large upload, a big batch of samples) does not stop the server answering the others.
+Inference runs one call at a time under a lock, in eval mode without autograd: the model holds
+caches (e.g. the inverse 1x1 conv weights) that concurrent calls must not race on.
 
 API (all responses JSON):
   GET  /                 the page
@@ -14,7 +16,7 @@ API (all responses JSON):
   GET  /api/test-images  [{name, image}] preset images to start from
   POST /api/upload       body: image file bytes -> {image (as the model sees it), reconstruction}
   POST /api/edit         {image, alphas: {name: a}, mix, blend, method, label, mix_label} -> {image}
-  POST /api/sample       {n, temperature, seed, label} -> {images, seed}
+  POST /api/sample       {n, temperature, seed, label} -> {images, seed, temperature, failed, warning}
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import latent
 from ..images import DEFAULT_MAX_PIXELS, ImageError, load_image, png_bytes
+from . import MAX_UPLOAD_MB
 
 log = logging.getLogger("glowflow.demo")
 
@@ -193,11 +196,17 @@ def _split_host(header: str) -> tuple[str, int | None]:
 
 def host_check(host: str | None, port: int | None):
     """A predicate on ``Host`` headers for a server bound to ``host``: its own name (and, on
-    loopback, the usual names of loopback), on ``port`` if given. None (answer any) when ``host`` is
-    None or every interface, where the operator chose to be reachable under whatever name. It stops
-    DNS rebinding: a page on another site that resolves its own name to 127.0.0.1 to read the demo."""
-    if host is None or host in ("0.0.0.0", "::", ""):
+    loopback, the usual names of loopback), on ``port`` if given (0, a port the system picks, is not
+    known here: any). It stops DNS rebinding: a page on another site that resolves its own name to
+    127.0.0.1 to read, through the visitor's browser, a demo that only this machine can reach.
+
+    None (answer any) when ``host`` is None or every interface (0.0.0.0, ::): there the operator
+    chose to be reachable from the network under whatever names reach the machine (its host name,
+    its addresses, an alias, a tunnel), and anyone on that network can read the demo directly, so
+    the check would refuse real users while protecting nothing private."""
+    if host is None or host in ("0.0.0.0", "::", "[::]", ""):
         return None
+    port = port or None
     names = {host.strip("[]").lower()}
     if names & set(LOOPBACK_NAMES):
         names.update(n.strip("[]") for n in LOOPBACK_NAMES)
@@ -235,8 +244,9 @@ def create_app(model, directions: latent.Directions | None = None, test_images: 
                          f"{model.num_dims}")
     if not 0 < alpha_max <= MAX_ALPHA:
         raise ValueError(f"alpha_max must lie in (0, {MAX_ALPHA}], got {alpha_max}")
-    if max_upload_bytes < 1:
-        raise ValueError(f"max_upload_bytes must be >= 1, got {max_upload_bytes}")
+    if not 1 <= max_upload_bytes <= MAX_UPLOAD_MB * 2**20:
+        raise ValueError(f"max_upload_bytes must lie in [1, {MAX_UPLOAD_MB * 2**20}] ({MAX_UPLOAD_MB} MB), "
+                         f"got {max_upload_bytes}")
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -305,7 +315,7 @@ def create_app(model, directions: latent.Directions | None = None, test_images: 
     @app.post("/api/upload")
     async def upload(request: Request):
         data = await _read_body(request, max_upload_bytes)
-        x = state.read_image(data, "upload")
+        x = await run_in_threadpool(state.read_image, data, "upload")
         label = state.label(_int_or_none(request.query_params.get("label")))
         recon = await run_in_threadpool(state.run, latent.reconstruct, model, x, label)
         return {"image": data_url(x), "reconstruction": data_url(recon[0])}
@@ -313,10 +323,10 @@ def create_app(model, directions: latent.Directions | None = None, test_images: 
     @app.post("/api/edit")
     async def edit(request: Request):
         req = await _read_json(request, EditRequest, json_limit)
-        x = state.read_image(_decode_data_url(req.image, "image", max_upload_bytes), "image")
+        x = await run_in_threadpool(state.read_image, _decode_data_url(req.image, "image", max_upload_bytes), "image")
         mix = None
         if req.mix is not None:
-            mix = state.read_image(_decode_data_url(req.mix, "mix", max_upload_bytes), "mix")
+            mix = await run_in_threadpool(state.read_image, _decode_data_url(req.mix, "mix", max_upload_bytes), "mix")
         alphas = {k: v for k, v in req.alphas.items() if v != 0.0}
         unknown = [k for k in alphas if directions is None or k not in directions]
         if unknown:
@@ -341,8 +351,17 @@ def create_app(model, directions: latent.Directions | None = None, test_images: 
         label = state.label(req.label)
         y = None if label is None else torch.full((req.n,), label, dtype=torch.long)
         generator = torch.Generator().manual_seed(seed)
-        images = await run_in_threadpool(state.run, model.sample, req.n, req.temperature, y, generator)
-        return {"images": [data_url(img) for img in images], "seed": seed, "temperature": req.temperature}
+        images, failed = await run_in_threadpool(state.run, latent.sample, model, req.n, req.temperature, y,
+                                                 generator)
+        warning = None
+        if failed:  # drawn grey: the page shows the other samples and says why these are missing
+            numbers = [str(i + 1) for i in failed]
+            which = numbers[0] if len(numbers) == 1 else ", ".join(numbers[:-1]) + " and " + numbers[-1]
+            warning = (f"sample{'s' if len(failed) > 1 else ''} {which} of {req.n} at temperature "
+                       f"{req.temperature:g} did not decode to finite values (the model's inverse overflows "
+                       "there): drawn grey; a lower temperature keeps closer to the data")
+        return {"images": [data_url(img) for img in images], "seed": seed, "temperature": req.temperature,
+                "failed": failed, "warning": warning}
 
     return app
 
