@@ -239,6 +239,32 @@ def test_a_folder_is_decoded_in_parallel_as_the_loader_decodes_it_and_corrupt_fi
         assert disk.labels is None and disk.image_shape == (3, SIZE, SIZE)
 
 
+def test_a_file_whose_decoding_fails_in_any_way_is_skipped_and_named(tmp_path, monkeypatch):
+    """Memory running out on one image (an aspect-ratio bomb), or a decoder's own exception, costs
+    that file, named in a warning line, the summary and the manifest; never the preparation."""
+    source = write_folder(tmp_path / "source", n=12)
+    real = prep.decode_file
+    failures = {"a/001.jpg": MemoryError(), "b/002.pgm": SyntaxError("broken PNG file")}  # PIL raises both
+
+    def failing(path, size, channels):
+        failure = failures.get(path.relative_to(source).as_posix())
+        if failure is not None:
+            raise failure
+        return real(path, size, channels)
+
+    monkeypatch.setattr(prep, "decode_file", failing)
+    logs = []
+    summary = prepare("folder", source, tmp_path / "out", image_size=SIZE, shard_size=4, workers=0,
+                      progress=False, log=logs.append)
+    assert summary["status"] == "prepared" and summary["skipped"] == 2 and summary["train"] + summary["test"] == 10
+    named = {s["file"]: s["reason"] for s in summary["skipped_files"]}
+    assert "MemoryError" in named["a/001.jpg"] and "SyntaxError: broken PNG file" in named["b/002.pgm"]
+    in_manifest = {s["file"] for e in manifest(tmp_path / "out")["splits"].values() for s in e["skipped"]}
+    assert in_manifest == set(failures)
+    for name in failures:
+        assert any(line.startswith("warning:") and name in line for line in logs), logs
+
+
 KILLED_MID_WAY = textwrap.dedent("""
     import os, signal, sys
     import numpy as np

@@ -40,6 +40,7 @@ __all__ = ["prepare", "default_shard_size", "default_workers", "DEFAULT_SHARD_BY
 
 DEFAULT_SHARD_BYTES = 256 * 2**20  # a shard's size when --shard-size is not given
 PLAN = "plan.json"
+SUMMARY_SKIPPED_FILES = 20  # skipped files the summary names (the manifest lists them all)
 # the batches load_imagenet_npz reads, listed here so that each is prepared on its own
 _IMAGENET_FILES = {"train": "train_data_batch_*.npz", "test": "val_data.npz"}
 
@@ -66,12 +67,19 @@ def _worker_init() -> None:
 
 def _decode_one(task: tuple[str, int, int]):
     """``(path, size, channels)`` -> ``(uint8 [C, S, S], None)``, or ``(None, reason)`` for a file
-    that cannot be read or decoded."""
+    that cannot be read or decoded, whatever the decoder raised."""
     path, size, channels = task
     try:
         return decode_file(Path(path), size, channels), None
     except (ValueError, OSError) as e:
         return None, str(e).removeprefix(f"{path}: ")  # the manifest names the file beside the reason
+    except MemoryError:  # its arrays are freed with the exception: the next file has the memory again
+        return None, "decoding it needs more memory than there is (MemoryError)"
+    except Exception as e:
+        # Decoders meet hostile files and raise what their parsers do (PIL: SyntaxError, struct.error,
+        # EOFError, ...). Each such file costs itself, not the preparation; a fault of ours that hit
+        # every file still stops the run, in _finish: "no image of the split could be read".
+        return None, f"cannot be decoded ({type(e).__name__}: {e})"
 
 
 @contextlib.contextmanager
@@ -206,6 +214,8 @@ def _prepare_folder(out: Path, records: Path, split: str, base: Path, rel: list[
             names = rel[i * k:(i + 1) * k]
             good = [(n, a) for n, (a, _) in zip(names, results) if a is not None]
             skipped = [{"file": n, "reason": why} for n, (a, why) in zip(names, results) if a is None]
+            for s in skipped:
+                log(f"warning: prepare {split}: skipped {_shown(s['file'])}: {s['reason']}")
             images = np.stack([a for _, a in good]) if good else np.empty((0, *shape), np.uint8)
             _write_shard(out, records, split, 0, i, images, None, [n for n, _ in good], skipped,
                          [i * k, i * k + len(names)])
@@ -331,12 +341,21 @@ def _check_settings(image_size, channels, shard_size, workers, folder: bool) -> 
                          "cropped to (the model's)")
 
 
+def _shown(name: str) -> str:
+    """A file name as it can be printed: bytes that are not UTF-8 (legal in Linux names) as ``\\xff``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _summary(out: Path, manifest: dict, status: str, processed: int, seconds: float) -> dict:
     splits = manifest["splits"]
+    skipped = [{"split": split, "file": _shown(s["file"]), "reason": s["reason"]}
+               for split, entry in splits.items() for s in entry["skipped"]]
     return {"out": str(out), "status": status, "dataset": manifest["source"]["dataset"],
             "data": manifest["source"]["root"], "image_shape": manifest["image_shape"],
             **{split: splits[split]["count"] for split in splits},
-            "skipped": sum(len(e["skipped"]) for e in splits.values()),
+            "skipped": len(skipped),
+            # named here too, not only in the manifest; a few, so that a summary line stays a line
+            "skipped_files": skipped[:SUMMARY_SKIPPED_FILES],
             "shards": sum(len(e["shards"]) for e in splits.values()),
             "seconds": round(seconds, 2), "images_per_s": round(processed / max(seconds, 1e-9), 1)}
 
