@@ -265,6 +265,28 @@ def test_a_file_whose_decoding_fails_in_any_way_is_skipped_and_named(tmp_path, m
         assert any(line.startswith("warning:") and name in line for line in logs), logs
 
 
+def test_a_file_name_that_is_not_utf8_is_prepared_like_any_other(tmp_path, capsys):
+    """Linux allows any bytes but / in a name: such a file is split, decoded and named as any other."""
+    source = write_folder(tmp_path / "source", n=12)
+    name = os.fsdecode(b"bad\xff.png")
+    Image.new("RGB", (14, 14), (200, 10, 10)).save(os.path.join(os.fsencode(source), b"bad\xff.png"))
+    memory = {split: get_dataset("folder", source, split, image_size=SIZE) for split in SPLITS}
+    assert name in memory["train"].filenames + memory["test"].filenames
+    with open(os.path.join(os.fsencode(source), b"zz\xfe.png"), "wb") as f:
+        f.write(b"not an image")  # skipped, and named in a form that prints
+    out = tmp_path / "out"
+    assert main(["prepare", "--dataset", "folder", "--data", str(source), "--out", str(out),
+                 "--image-size", str(SIZE), "--workers", "0", "--no-progress", "--json"]) == 0
+    printed = capsys.readouterr()
+    summary = json.loads(printed.out.strip().splitlines()[-1])
+    assert summary["train"] + summary["test"] == 13 and summary["skipped"] == 1
+    assert summary["skipped_files"][0]["file"] == "zz\\xfe.png"
+    assert "skipped zz\\xfe.png: has an image extension but cannot be decoded" in printed.err
+    for split in SPLITS:  # the prepared set names it as the in-memory loader does, and reads it back
+        disk = get_dataset("prepared", out, split)
+        assert list(disk.filenames) == memory[split].filenames and torch.equal(whole(disk), memory[split].images)
+
+
 KILLED_MID_WAY = textwrap.dedent("""
     import os, signal, sys
     import numpy as np

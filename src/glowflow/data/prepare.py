@@ -215,7 +215,7 @@ def _prepare_folder(out: Path, records: Path, split: str, base: Path, rel: list[
             good = [(n, a) for n, (a, _) in zip(names, results) if a is not None]
             skipped = [{"file": n, "reason": why} for n, (a, why) in zip(names, results) if a is None]
             for s in skipped:
-                log(f"warning: prepare {split}: skipped {_shown(s['file'])}: {s['reason']}")
+                log(_shown(f"warning: prepare {split}: skipped {s['file']}: {s['reason']}"))
             images = np.stack([a for _, a in good]) if good else np.empty((0, *shape), np.uint8)
             _write_shard(out, records, split, 0, i, images, None, [n for n, _ in good], skipped,
                          [i * k, i * k + len(names)])
@@ -276,7 +276,7 @@ def _finish(out: Path, progress_dir: Path, plan: dict, n_units: dict) -> dict:
         count = sum(r["count"] for r in records)
         skipped = [s for r in records for s in r["skipped"]]
         if count == 0:
-            first = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
+            first = _shown("; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3]))
             raise ValueError(f"no image of the {split} split could be read ({len(skipped)} files skipped"
                              + (f"; first: {first}" if first else "") + ")")
         entry = {"count": count, "skipped": skipped, "labels": None, "filenames": None,
@@ -342,13 +342,14 @@ def _check_settings(image_size, channels, shard_size, workers, folder: bool) -> 
 
 
 def _shown(name: str) -> str:
-    """A file name as it can be printed: bytes that are not UTF-8 (legal in Linux names) as ``\\xff``."""
+    """Text naming files, as it can be printed: a name's bytes that are not UTF-8 (legal on Linux;
+    surrogates in the ``str``) as ``\\xff``."""
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _summary(out: Path, manifest: dict, status: str, processed: int, seconds: float) -> dict:
     splits = manifest["splits"]
-    skipped = [{"split": split, "file": _shown(s["file"]), "reason": s["reason"]}
+    skipped = [{"split": split, "file": _shown(s["file"]), "reason": _shown(s["reason"])}
                for split, entry in splits.items() for s in entry["skipped"]]
     return {"out": str(out), "status": status, "dataset": manifest["source"]["dataset"],
             "data": manifest["source"]["root"], "image_shape": manifest["image_shape"],
