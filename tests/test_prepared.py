@@ -355,6 +355,60 @@ def test_an_interrupted_preparation_resumes_to_the_set_an_uninterrupted_one_writ
     assert verify_prepared(out) == []
 
 
+KILLS_ITS_WORKER = textwrap.dedent('''
+    import os, signal, sys
+    from glowflow.cli import main
+    from glowflow.data import prepare as prep
+    real = prep.decode_file
+
+    def killed_on(path, size, channels):  # as the out-of-memory killer ends a process: SIGKILL
+        if path.name.startswith("zz-kill"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path, size, channels)
+
+    prep.decode_file = killed_on  # at import: each decoding worker imports this file too (as __mp_main__)
+    if __name__ == "__main__":
+        sys.exit(main(["prepare", "--dataset", "folder", *sys.argv[1:]]))
+''')
+
+
+def test_a_killed_decoding_worker_stops_the_preparation_with_what_happened_and_it_resumes(tmp_path):
+    source = tmp_path / "source"
+    write_folder(source / "train", n=12)
+    write_folder(source / "test", n=3, seed=1)
+    Image.new("RGB", (14, 14), (9, 9, 9)).save(source / "train" / "zz-kill.png")  # sorted last: shard 4 of 4
+    script = tmp_path / "kills_its_worker.py"  # a file, not -c: the workers import it by its path
+    script.write_text(KILLS_ITS_WORKER)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(script), "--data", str(source), "--out", str(out), "--image-size",
+                             str(SIZE), "--shard-size", "4", "--workers", "2", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("prepare still waits, 60 s after one of its decoding workers was killed")
+        assert proc.returncode == 1, err[-3000:]
+        assert "a decoding worker process ended abruptly" in err and "SIGKILL" in err, err[-3000:]
+        assert "train split" in err and "3 shards written so far are kept" in err and "again to resume" in err, err
+        if Path("/proc").is_dir():  # the other worker does not outlive it
+            deadline = time.monotonic() + 10
+            while _live_processes_in_group(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _live_processes_in_group(proc.pid) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not is_prepared(out)
+    logs = []  # the same command, now that memory suffices: it resumes after the written shards
+    prepare("folder", source, out, image_size=SIZE, shard_size=4, workers=2, progress=False, log=logs.append)
+    assert any("prepare train: resuming, 3 of 4 shards" in line for line in logs), logs
+    reference = tmp_path / "reference"
+    prepare("folder", source, reference, image_size=SIZE, shard_size=4, workers=0, **QUIET)
+    assert manifest(out)["splits"] == manifest(reference)["splits"] and verify_prepared(out) == []
+
+
 def test_an_interrupted_preparation_with_other_settings_starts_over(tmp_path, monkeypatch):
     source = write_folder(tmp_path / "source")
     out = tmp_path / "out"

@@ -11,7 +11,9 @@ Interruptions: each shard is written whole and atomically (:func:`glowflow.io.at
 recorded in ``.progress/``. A later run with the same plan (dataset, root, shape, shard size, the
 list of source files) skips the recorded shards; a run with another plan starts over. The manifest,
 which alone makes the directory a prepared set, is written last. The output directory is locked
-(:class:`glowflow.io.DirectoryLock`) while a preparation runs.
+(:class:`glowflow.io.DirectoryLock`) while a preparation runs. A decoding worker that dies (the
+out-of-memory killer) stops the preparation with a ``ChildProcessError`` saying so; the shards
+written are kept for the next run.
 """
 from __future__ import annotations
 
@@ -22,7 +24,10 @@ import multiprocessing
 import os
 import shutil
 import signal
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +65,17 @@ def default_workers() -> int:
 
 # ------------------------------------------------------------------------------------ decoding
 def _worker_init() -> None:
-    # Ctrl-C is the preparing process's to handle. (A worker of a killed run exits by itself: its
-    # task pipe reaches end-of-file once no live process holds the other end.)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the preparing process's to handle
+    # A worker of a killed preparation exits: the workers hold their task queue's write end too, so
+    # waiting for tasks would never end.
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: multiprocessing.process.BaseProcess) -> None:
+    parent.join()  # returns when the preparing process has ended
+    os._exit(1)
 
 
 def _decode_one(task: tuple[str, int, int]):
@@ -85,7 +98,11 @@ def _decode_one(task: tuple[str, int, int]):
 @contextlib.contextmanager
 def _decoder(workers: int, shard_size: int):
     """A function ``tasks -> iterator of _decode_one results, in order``: ``workers`` processes, or
-    this process for 0. The forkserver starts workers from a clean process (no threads of ours)."""
+    this process for 0. The forkserver starts workers from a clean process (no threads of ours).
+
+    A worker that dies (the out-of-memory killer's SIGKILL, a crash in a decoder) makes the
+    iterator raise ``BrokenProcessPool``: a ``multiprocessing.Pool`` would start another worker and
+    wait forever for the dead one's files."""
     if workers == 0:
         yield lambda tasks: map(_decode_one, tasks)
         return
@@ -94,8 +111,12 @@ def _decoder(workers: int, shard_size: int):
     if ctx.get_start_method() == "forkserver":
         ctx.set_forkserver_preload([__name__])  # imported once, in the server, not in every worker
     chunk = max(1, min(64, shard_size // (4 * workers)))
-    with ctx.Pool(workers, initializer=_worker_init) as pool:
-        yield lambda tasks: pool.imap(_decode_one, tasks, chunksize=chunk)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
+    try:
+        yield lambda tasks: pool.map(_decode_one, tasks, chunksize=chunk)
+    finally:
+        # on an error or Ctrl-C, the queued files are dropped rather than decoded for nobody
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------ the plan
@@ -201,16 +222,24 @@ def _prepare_folder(out: Path, records: Path, split: str, base: Path, rel: list[
     def tasks(i):
         return [(str(base / r), shape[1], shape[0]) for r in rel[i * k:(i + 1) * k]]
 
-    decoded = 0
+    decoded, written = 0, n_shards - len(todo)
     with (Progress(len(rel), f"prepare {split}", enabled=show, unit="img", initial=len(rel) - remaining) as bar,
           _decoder(min(workers, remaining), k) as decode):
         pending = decode(tasks(todo[0])) if todo else None
         for j, i in enumerate(todo):
             results = []
-            for result in pending:
-                results.append(result)
-                bar.update(1)
-            pending = decode(tasks(todo[j + 1])) if j + 1 < len(todo) else None  # decodes while we write
+            try:
+                for result in pending:
+                    results.append(result)
+                    bar.update(1)
+                pending = decode(tasks(todo[j + 1])) if j + 1 < len(todo) else None  # decodes while we write
+            except BrokenProcessPool:
+                raise ChildProcessError(
+                    "a decoding worker process ended abruptly (killed: the out-of-memory "
+                    f"killer sends SIGKILL; or crashed) while decoding the {split} split's files from "
+                    f"{_shown(rel[i * k])} on (shard {i + 1} of {n_shards}); the {written} shards written so far "
+                    "are kept: run the same command again to resume (with fewer --workers if memory ran "
+                    "out)") from None
             names = rel[i * k:(i + 1) * k]
             good = [(n, a) for n, (a, _) in zip(names, results) if a is not None]
             skipped = [{"file": n, "reason": why} for n, (a, why) in zip(names, results) if a is None]
@@ -219,7 +248,7 @@ def _prepare_folder(out: Path, records: Path, split: str, base: Path, rel: list[
             images = np.stack([a for _, a in good]) if good else np.empty((0, *shape), np.uint8)
             _write_shard(out, records, split, 0, i, images, None, [n for n, _ in good], skipped,
                          [i * k, i * k + len(names)])
-            decoded += len(names)
+            decoded, written = decoded + len(names), written + 1
     atomic_write_json(_unit_path(records, split, 0), {"shards": n_shards, "sources": len(rel), "class_names": None})
     return decoded
 
