@@ -32,6 +32,7 @@ DEQUANTIZATIONS = ("uniform", "variational")  # see dequantization.py
 LR_DECAYS = ("none", "linear", "cosine")  # the learning rate after warm-up (see train.learning_rate)
 OPTIMIZERS = ("adam", "adamax")
 PRECISIONS = ("fp32", "bf16", "fp16")
+DIST_TIMEOUT_MINUTES = 10.0  # the default dist_timeout_minutes (Gloo's own is 30)
 
 # Bounds on what a config may ask to build. The paper's largest model (ImageNet 64, L=4, K=48,
 # width 512) has about 130M parameters and 192 flow steps; these leave an order of magnitude of
@@ -337,6 +338,9 @@ class TrainConfig:
     compile: bool = False
     channels_last: bool = False
     device: str = "auto"
+    # under torchrun: how long a rank waits for the others in a collective (a gradient all-reduce)
+    # before the run stops and names the rank that did not answer
+    dist_timeout_minutes: float = DIST_TIMEOUT_MINUTES
     progress: bool = True
 
     def __post_init__(self):
@@ -362,6 +366,8 @@ class TrainConfig:
             raise ValueError("augment_shift and max_recoveries must be >= 0")
         if not 0.0 <= self.perturb_rate < 1.0:
             raise ValueError(f"perturb_rate must be in [0, 1) (a probability per pixel), got {self.perturb_rate}")
+        if not (self.dist_timeout_minutes > 0 and math.isfinite(self.dist_timeout_minutes)):
+            raise ValueError(f"dist_timeout_minutes must be a positive number, got {self.dist_timeout_minutes}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         for name in ("beta1", "beta2"):

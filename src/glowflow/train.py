@@ -573,7 +573,8 @@ def train(cfg: TrainConfig, out_dir, resume: bool = False, log=print, overwrite:
     ``overwrite`` (replace it); one that another training is writing is refused.
     """
     check_run_dir(out_dir, resume, overwrite)  # before minutes of data loading
-    dist = dist_utils.setup(cfg.device)
+    dist = dist_utils.setup(cfg.device, cfg.dist_timeout_minutes)
+    trainer = None
     try:
         shape = cfg.model.image_shape
         train_data = load_split(cfg.dataset, cfg.data, "train", shape, cfg.train_limit)
@@ -585,5 +586,11 @@ def train(cfg: TrainConfig, out_dir, resume: bool = False, log=print, overwrite:
         # final checkpoint and samples can close connections the other still holds
         dist_utils.barrier()
         return summary
+    except RuntimeError as e:  # a collective that timed out: say which rank is missing, not a traceback
+        where = f"after {trainer.step} training steps" if trainer else "while setting up (initialisation, DDP)"
+        timed_out = dist_utils.timeout_error(dist, e, where)
+        if timed_out is None:
+            raise
+        raise timed_out from e
     finally:
         dist_utils.teardown()
