@@ -1,7 +1,8 @@
 """Prepared datasets: the images, labels and batches of the in-memory loaders, the same training,
 parallel decoding equal to serial, corrupt files skipped and listed, an interrupted preparation that
 resumes to the set an uninterrupted one writes, half-written or damaged directories refused with
-what to do, memory that does not grow with the set, and 2 processes reading one equal to 1 process."""
+what to do, memory that does not grow with the set, and 2 processes reading one equal to 1 process
+up to float32 rounding."""
 from __future__ import annotations
 
 import contextlib

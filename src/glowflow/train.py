@@ -2,7 +2,9 @@
 
 Every random choice of step ``s`` (which images, their dequantisation noise, their augmentation) is
 drawn from generators seeded by ``(seed, s)``, for the global batch, and each rank takes its slice.
-So a resumed run repeats an uninterrupted one exactly, and N processes match one process.
+So a resumed run repeats an uninterrupted one bit for bit, and N processes train on the batches of
+one process: equal at each step up to float32 rounding, since the all-reduce sums the gradients in
+another order, a difference that compounds over many steps.
 """
 from __future__ import annotations
 
