@@ -119,8 +119,8 @@ def timeout_error(info: DistInfo, error: BaseException, where: str) -> RankTimeo
     timeout, the :class:`RankTimeout` to raise instead, saying what timed out and which ranks did
     not answer a check made then; else None.
 
-    Every live rank must call it (the check is itself a collective of the live ranks): each one's
-    collective times out in turn."""
+    The check is a collective of the live ranks: each calls this when its own collective times
+    out, as each does, within about a step of the others."""
     if not info.enabled or not _TIMED_OUT.search(str(error)):
         return None
     first_line = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip().splitlines()[0])  # without "[file.cc:78]"
