@@ -447,6 +447,20 @@ def test_folder_errors(tmp_path):
         get_dataset("folder", tmp_path / "missing")
 
 
+def test_a_file_name_that_is_not_utf8_is_read_like_any_other(tmp_path):
+    """Linux allows any bytes but / in a name: the hashed split and the loader take them as they are."""
+    from PIL import Image
+
+    write_folder(tmp_path, n=6)
+    Image.new("RGB", (12, 12), (200, 10, 10)).save(os.path.join(os.fsencode(tmp_path), b"bad\xff.png"))
+    name = os.fsdecode(b"bad\xff.png")
+    split = "test" if data.in_test_split(name) else "train"
+    ds = get_dataset("folder", tmp_path, split, image_size=8)
+    assert name in ds.filenames and len(ds) == len(ds.filenames)
+    other = get_dataset("folder", tmp_path, "train" if split == "test" else "test", image_size=8)
+    assert name not in other.filenames and len(ds) + len(other) == 7
+
+
 def test_a_folder_of_a_few_images_gets_a_non_empty_test_split(tmp_path):
     from PIL import Image
 

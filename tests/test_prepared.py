@@ -1,7 +1,8 @@
 """Prepared datasets: the images, labels and batches of the in-memory loaders, the same training,
 parallel decoding equal to serial, corrupt files skipped and listed, an interrupted preparation that
 resumes to the set an uninterrupted one writes, half-written or damaged directories refused with
-what to do, memory that does not grow with the set, and 2 processes reading one equal to 1 process."""
+what to do, memory that does not grow with the set, and 2 processes reading one equal to 1 process
+up to float32 rounding."""
 from __future__ import annotations
 
 import contextlib
@@ -239,21 +240,69 @@ def test_a_folder_is_decoded_in_parallel_as_the_loader_decodes_it_and_corrupt_fi
         assert disk.labels is None and disk.image_shape == (3, SIZE, SIZE)
 
 
+def test_a_file_whose_decoding_fails_in_any_way_is_skipped_and_named(tmp_path, monkeypatch):
+    """Memory running out on one image (an aspect-ratio bomb), or a decoder's own exception, costs
+    that file, named in a warning line, the summary and the manifest; never the preparation."""
+    source = write_folder(tmp_path / "source", n=12)
+    real = prep.decode_file
+    failures = {"a/001.jpg": MemoryError(), "b/002.pgm": SyntaxError("broken PNG file")}  # PIL raises both
+
+    def failing(path, size, channels):
+        failure = failures.get(path.relative_to(source).as_posix())
+        if failure is not None:
+            raise failure
+        return real(path, size, channels)
+
+    monkeypatch.setattr(prep, "decode_file", failing)
+    logs = []
+    summary = prepare("folder", source, tmp_path / "out", image_size=SIZE, shard_size=4, workers=0,
+                      progress=False, log=logs.append)
+    assert summary["status"] == "prepared" and summary["skipped"] == 2 and summary["train"] + summary["test"] == 10
+    named = {s["file"]: s["reason"] for s in summary["skipped_files"]}
+    assert "MemoryError" in named["a/001.jpg"] and "SyntaxError: broken PNG file" in named["b/002.pgm"]
+    in_manifest = {s["file"] for e in manifest(tmp_path / "out")["splits"].values() for s in e["skipped"]}
+    assert in_manifest == set(failures)
+    for name in failures:
+        assert any(line.startswith("warning:") and name in line for line in logs), logs
+
+
+def test_a_file_name_that_is_not_utf8_is_prepared_like_any_other(tmp_path, capsys):
+    """Linux allows any bytes but / in a name: such a file is split, decoded and named as any other."""
+    source = write_folder(tmp_path / "source", n=12)
+    name = os.fsdecode(b"bad\xff.png")
+    Image.new("RGB", (14, 14), (200, 10, 10)).save(os.path.join(os.fsencode(source), b"bad\xff.png"))
+    memory = {split: get_dataset("folder", source, split, image_size=SIZE) for split in SPLITS}
+    assert name in memory["train"].filenames + memory["test"].filenames
+    with open(os.path.join(os.fsencode(source), b"zz\xfe.png"), "wb") as f:
+        f.write(b"not an image")  # skipped, and named in a form that prints
+    out = tmp_path / "out"
+    assert main(["prepare", "--dataset", "folder", "--data", str(source), "--out", str(out),
+                 "--image-size", str(SIZE), "--workers", "0", "--no-progress", "--json"]) == 0
+    printed = capsys.readouterr()
+    summary = json.loads(printed.out.strip().splitlines()[-1])
+    assert summary["train"] + summary["test"] == 13 and summary["skipped"] == 1
+    assert summary["skipped_files"][0]["file"] == "zz\\xfe.png"
+    assert "skipped zz\\xfe.png: has an image extension but cannot be decoded" in printed.err
+    for split in SPLITS:  # the prepared set names it as the in-memory loader does, and reads it back
+        disk = get_dataset("prepared", out, split)
+        assert list(disk.filenames) == memory[split].filenames and torch.equal(whole(disk), memory[split].images)
+
+
 KILLED_MID_WAY = textwrap.dedent("""
     import os, signal, sys
-    import numpy as np
+    from glowflow import io
     from glowflow.data import prepare as prep
-    real, shards = np.save, []
+    real, shards = prep.atomic_save_npy, []
 
-    def dying(f, array, allow_pickle=True):
+    def dying(path, array):
         shards.append(array.shape)
         if len(shards) == 3:  # half of the third shard's bytes are on disk when the process dies
-            f.write(array.tobytes()[: array.nbytes // 2])
-            f.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-        real(f, array, allow_pickle=allow_pickle)
+            with io.atomic_file(path) as tmp:
+                tmp.write_bytes(array.tobytes()[: array.nbytes // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+        real(path, array)
 
-    np.save = dying
+    prep.atomic_save_npy = dying
     prep.prepare("folder", sys.argv[1], sys.argv[2], image_size=%d, shard_size=4, workers=2, progress=False)
 """ % SIZE)
 
@@ -305,6 +354,77 @@ def test_an_interrupted_preparation_resumes_to_the_set_an_uninterrupted_one_writ
     assert sorted(p.relative_to(out) for p in out.rglob("*") if p.name != ".lock") == \
         sorted(p.relative_to(reference) for p in reference.rglob("*") if p.name != ".lock")  # nothing left over
     assert verify_prepared(out) == []
+
+
+def test_a_shard_cut_short_by_a_full_disk_is_an_error_never_a_recorded_shard(tmp_path):
+    """numpy's own writes to a file do not report a short write; a shard must be whole or absent."""
+    source = write_folder(tmp_path / "source")
+    out = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import resource, sys
+        from glowflow.cli import main
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1500, 1500))  # a shard of 4 RGB 12x12 images is 1,856 bytes
+        sys.exit(main(["prepare", "--dataset", "folder", "--data", {str(source)!r}, "--image-size", "{SIZE}",
+                       "--channels", "3", "--shard-size", "4", "--workers", "0", "--out", {str(out)!r}]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "could not write" in proc.stderr and "file-size limit" in proc.stderr
+    assert not is_prepared(out) and not list(out.rglob("images-*.npy"))
+
+
+KILLS_ITS_WORKER = textwrap.dedent('''
+    import os, signal, sys
+    from glowflow.cli import main
+    from glowflow.data import prepare as prep
+    real = prep.decode_file
+
+    def killed_on(path, size, channels):  # as the out-of-memory killer ends a process: SIGKILL
+        if path.name.startswith("zz-kill"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path, size, channels)
+
+    prep.decode_file = killed_on  # at import: each decoding worker imports this file too (as __mp_main__)
+    if __name__ == "__main__":
+        sys.exit(main(["prepare", "--dataset", "folder", *sys.argv[1:]]))
+''')
+
+
+def test_a_killed_decoding_worker_stops_the_preparation_with_what_happened_and_it_resumes(tmp_path):
+    source = tmp_path / "source"
+    write_folder(source / "train", n=12)
+    write_folder(source / "test", n=3, seed=1)
+    Image.new("RGB", (14, 14), (9, 9, 9)).save(source / "train" / "zz-kill.png")  # sorted last: shard 4 of 4
+    script = tmp_path / "kills_its_worker.py"  # a file, not -c: the workers import it by its path
+    script.write_text(KILLS_ITS_WORKER)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(script), "--data", str(source), "--out", str(out), "--image-size",
+                             str(SIZE), "--shard-size", "4", "--workers", "2", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    try:
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("prepare still waits, 60 s after one of its decoding workers was killed")
+        assert proc.returncode == 1, err[-3000:]
+        assert "a decoding worker process ended abruptly" in err and "SIGKILL" in err, err[-3000:]
+        assert "train split" in err and "3 shards written so far are kept" in err and "again to resume" in err, err
+        if Path("/proc").is_dir():  # the other worker does not outlive it
+            deadline = time.monotonic() + 10
+            while _live_processes_in_group(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _live_processes_in_group(proc.pid) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not is_prepared(out)
+    logs = []  # the same command, now that memory suffices: it resumes after the written shards
+    prepare("folder", source, out, image_size=SIZE, shard_size=4, workers=2, progress=False, log=logs.append)
+    assert any("prepare train: resuming, 3 of 4 shards" in line for line in logs), logs
+    reference = tmp_path / "reference"
+    prepare("folder", source, reference, image_size=SIZE, shard_size=4, workers=0, **QUIET)
+    assert manifest(out)["splits"] == manifest(reference)["splits"] and verify_prepared(out) == []
 
 
 def test_an_interrupted_preparation_with_other_settings_starts_over(tmp_path, monkeypatch):

@@ -32,6 +32,7 @@ DEQUANTIZATIONS = ("uniform", "variational")  # see dequantization.py
 LR_DECAYS = ("none", "linear", "cosine")  # the learning rate after warm-up (see train.learning_rate)
 OPTIMIZERS = ("adam", "adamax")
 PRECISIONS = ("fp32", "bf16", "fp16")
+DIST_TIMEOUT_MINUTES = 10.0  # the default dist_timeout_minutes (Gloo's own is 30)
 
 # Bounds on what a config may ask to build. The paper's largest model (ImageNet 64, L=4, K=48,
 # width 512) has about 130M parameters and 192 flow steps; these leave an order of magnitude of
@@ -390,6 +391,9 @@ class TrainConfig:
     compile: bool = False
     channels_last: bool = False
     device: str = "auto"
+    # under torchrun: how long a rank waits for the others in a collective (a gradient all-reduce)
+    # before the run stops and names the rank that did not answer
+    dist_timeout_minutes: float = DIST_TIMEOUT_MINUTES
     progress: bool = True
 
     def __post_init__(self):
@@ -434,6 +438,7 @@ _TRAIN_BOUNDS = {
     "checkpoint_every": (1, None, "[)"), "max_bad_steps": (1, None, "[)"),
     "lr_backoff": (0, 1, "(]"),  # a factor on each restore: 1 keeps the rate, more would raise it
     "max_recoveries": (0, None, "[)"),
+    "dist_timeout_minutes": (0, None, "()"),  # how long ranks wait for each other before the run stops
 }
 
 

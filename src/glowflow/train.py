@@ -2,7 +2,9 @@
 
 Every random choice of step ``s`` (which images, their dequantisation noise, their augmentation) is
 drawn from generators seeded by ``(seed, s)``, for the global batch, and each rank takes its slice.
-So a resumed run repeats an uninterrupted one exactly, and N processes match one process.
+So a resumed run repeats an uninterrupted one bit for bit, and N processes train on the batches of
+one process: equal at each step up to float32 rounding, since the all-reduce sums the gradients in
+another order, a difference that compounds over many steps.
 """
 from __future__ import annotations
 
@@ -614,7 +616,8 @@ def train(cfg: TrainConfig, out_dir, resume: bool = False, log=print, overwrite:
     ``overwrite`` (replace it); one that another training is writing is refused.
     """
     check_run_dir(out_dir, resume, overwrite)  # before minutes of data loading
-    dist = dist_utils.setup(cfg.device)
+    dist = dist_utils.setup(cfg.device, cfg.dist_timeout_minutes)
+    trainer = None
     try:
         check_precision(cfg.precision, dist.device)
         shape = cfg.model.image_shape
@@ -627,5 +630,11 @@ def train(cfg: TrainConfig, out_dir, resume: bool = False, log=print, overwrite:
         # final checkpoint and samples can close connections the other still holds
         dist_utils.barrier()
         return summary
+    except RuntimeError as e:  # a collective that timed out: say which rank is missing, not a traceback
+        where = f"after {trainer.step} training steps" if trainer else "while setting up (initialisation, DDP)"
+        timed_out = dist_utils.timeout_error(dist, e, where)
+        if timed_out is None:
+            raise
+        raise timed_out from e
     finally:
         dist_utils.teardown()

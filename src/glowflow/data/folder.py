@@ -23,7 +23,9 @@ DEFAULT_TEST_FRACTION = 0.1
 
 
 def _hash_unit(relpath: str) -> float:
-    return int(hashlib.sha1(relpath.encode()).hexdigest()[:8], 16) / 2**32
+    # the name's own bytes: a Linux name need not be UTF-8 (its other bytes come as surrogates), and
+    # for one that is, these are the UTF-8 bytes, so no split changes
+    return int(hashlib.sha1(relpath.encode("utf-8", "surrogateescape")).hexdigest()[:8], 16) / 2**32
 
 
 def in_test_split(relpath: str, fraction: float = DEFAULT_TEST_FRACTION) -> bool:

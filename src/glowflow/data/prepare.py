@@ -7,11 +7,13 @@ that cannot be decoded is skipped and listed in the manifest with its reason. Ot
 read by their loaders one loadable unit at a time (a downsampled-ImageNet ``.npz`` batch; the whole
 split for IDX and CIFAR-10, which fit in memory) and cut into shards.
 
-Interruptions: each shard is written whole and atomically (:func:`glowflow.io.atomic_file`), then
+Interruptions: each shard is written whole and atomically (:func:`glowflow.io.atomic_save_npy`), then
 recorded in ``.progress/``. A later run with the same plan (dataset, root, shape, shard size, the
 list of source files) skips the recorded shards; a run with another plan starts over. The manifest,
 which alone makes the directory a prepared set, is written last. The output directory is locked
-(:class:`glowflow.io.DirectoryLock`) while a preparation runs.
+(:class:`glowflow.io.DirectoryLock`) while a preparation runs. A decoding worker that dies (the
+out-of-memory killer) stops the preparation with a ``ChildProcessError`` saying so; the shards
+written are kept for the next run.
 """
 from __future__ import annotations
 
@@ -22,12 +24,15 @@ import multiprocessing
 import os
 import shutil
 import signal
+import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 
-from ..io import (DirectoryLock, atomic_file, atomic_write_json, default_permissions, file_sha256, read_json,
+from ..io import (DirectoryLock, atomic_save_npy, atomic_write_json, default_permissions, file_sha256, read_json,
                   remove_stale_temporaries)
 from ..progress import Progress
 from . import SPLITS, canonical_name, default_root, get_dataset
@@ -40,6 +45,7 @@ __all__ = ["prepare", "default_shard_size", "default_workers", "DEFAULT_SHARD_BY
 
 DEFAULT_SHARD_BYTES = 256 * 2**20  # a shard's size when --shard-size is not given
 PLAN = "plan.json"
+SUMMARY_SKIPPED_FILES = 20  # skipped files the summary names (the manifest lists them all)
 # the batches load_imagenet_npz reads, listed here so that each is prepared on its own
 _IMAGENET_FILES = {"train": "train_data_batch_*.npz", "test": "val_data.npz"}
 
@@ -59,25 +65,44 @@ def default_workers() -> int:
 
 # ------------------------------------------------------------------------------------ decoding
 def _worker_init() -> None:
-    # Ctrl-C is the preparing process's to handle. (A worker of a killed run exits by itself: its
-    # task pipe reaches end-of-file once no live process holds the other end.)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the preparing process's to handle
+    # A worker of a killed preparation exits: the workers hold their task queue's write end too, so
+    # waiting for tasks would never end.
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent: multiprocessing.process.BaseProcess) -> None:
+    parent.join()  # returns when the preparing process has ended
+    os._exit(1)
 
 
 def _decode_one(task: tuple[str, int, int]):
     """``(path, size, channels)`` -> ``(uint8 [C, S, S], None)``, or ``(None, reason)`` for a file
-    that cannot be read or decoded."""
+    that cannot be read or decoded, whatever the decoder raised."""
     path, size, channels = task
     try:
         return decode_file(Path(path), size, channels), None
     except (ValueError, OSError) as e:
         return None, str(e).removeprefix(f"{path}: ")  # the manifest names the file beside the reason
+    except MemoryError:  # its arrays are freed with the exception: the next file has the memory again
+        return None, "decoding it needs more memory than there is (MemoryError)"
+    except Exception as e:
+        # Decoders meet hostile files and raise what their parsers do (PIL: SyntaxError, struct.error,
+        # EOFError, ...). Each such file costs itself, not the preparation; a fault of ours that hit
+        # every file still stops the run, in _finish: "no image of the split could be read".
+        return None, f"cannot be decoded ({type(e).__name__}: {e})"
 
 
 @contextlib.contextmanager
 def _decoder(workers: int, shard_size: int):
     """A function ``tasks -> iterator of _decode_one results, in order``: ``workers`` processes, or
-    this process for 0. The forkserver starts workers from a clean process (no threads of ours)."""
+    this process for 0. The forkserver starts workers from a clean process (no threads of ours).
+
+    A worker that dies (the out-of-memory killer's SIGKILL, a crash in a decoder) makes the
+    iterator raise ``BrokenProcessPool``: a ``multiprocessing.Pool`` would start another worker and
+    wait forever for the dead one's files."""
     if workers == 0:
         yield lambda tasks: map(_decode_one, tasks)
         return
@@ -86,8 +111,12 @@ def _decoder(workers: int, shard_size: int):
     if ctx.get_start_method() == "forkserver":
         ctx.set_forkserver_preload([__name__])  # imported once, in the server, not in every worker
     chunk = max(1, min(64, shard_size // (4 * workers)))
-    with ctx.Pool(workers, initializer=_worker_init) as pool:
-        yield lambda tasks: pool.imap(_decode_one, tasks, chunksize=chunk)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
+    try:
+        yield lambda tasks: pool.map(_decode_one, tasks, chunksize=chunk)
+    finally:
+        # on an error or Ctrl-C, the queued files are dropped rather than decoded for nobody
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------ the plan
@@ -193,23 +222,33 @@ def _prepare_folder(out: Path, records: Path, split: str, base: Path, rel: list[
     def tasks(i):
         return [(str(base / r), shape[1], shape[0]) for r in rel[i * k:(i + 1) * k]]
 
-    decoded = 0
+    decoded, written = 0, n_shards - len(todo)
     with (Progress(len(rel), f"prepare {split}", enabled=show, unit="img", initial=len(rel) - remaining) as bar,
           _decoder(min(workers, remaining), k) as decode):
         pending = decode(tasks(todo[0])) if todo else None
         for j, i in enumerate(todo):
             results = []
-            for result in pending:
-                results.append(result)
-                bar.update(1)
-            pending = decode(tasks(todo[j + 1])) if j + 1 < len(todo) else None  # decodes while we write
+            try:
+                for result in pending:
+                    results.append(result)
+                    bar.update(1)
+                pending = decode(tasks(todo[j + 1])) if j + 1 < len(todo) else None  # decodes while we write
+            except BrokenProcessPool:
+                raise ChildProcessError(
+                    "a decoding worker process ended abruptly (killed: the out-of-memory "
+                    f"killer sends SIGKILL; or crashed) while decoding the {split} split's files from "
+                    f"{_shown(rel[i * k])} on (shard {i + 1} of {n_shards}); the {written} shards written so far "
+                    "are kept: run the same command again to resume (with fewer --workers if memory ran "
+                    "out)") from None
             names = rel[i * k:(i + 1) * k]
             good = [(n, a) for n, (a, _) in zip(names, results) if a is not None]
             skipped = [{"file": n, "reason": why} for n, (a, why) in zip(names, results) if a is None]
+            for s in skipped:
+                log(_shown(f"warning: prepare {split}: skipped {s['file']}: {s['reason']}"))
             images = np.stack([a for _, a in good]) if good else np.empty((0, *shape), np.uint8)
             _write_shard(out, records, split, 0, i, images, None, [n for n, _ in good], skipped,
                          [i * k, i * k + len(names)])
-            decoded += len(names)
+            decoded, written = decoded + len(names), written + 1
     atomic_write_json(_unit_path(records, split, 0), {"shards": n_shards, "sources": len(rel), "class_names": None})
     return decoded
 
@@ -248,10 +287,8 @@ def _prepare_unit(out: Path, records: Path, split: str, u: int, key: str, load, 
 
 
 def _save_array(out: Path, rel: str, array: np.ndarray) -> dict:
-    with atomic_file(out / rel) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        return {"file": rel, "sha256": file_sha256(tmp)}
+    atomic_save_npy(out / rel, array)  # a short write (disk full) raises, never records a truncated shard
+    return {"file": rel, "sha256": file_sha256(out / rel)}
 
 
 def _finish(out: Path, progress_dir: Path, plan: dict, n_units: dict) -> dict:
@@ -266,7 +303,7 @@ def _finish(out: Path, progress_dir: Path, plan: dict, n_units: dict) -> dict:
         count = sum(r["count"] for r in records)
         skipped = [s for r in records for s in r["skipped"]]
         if count == 0:
-            first = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
+            first = _shown("; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3]))
             raise ValueError(f"no image of the {split} split could be read ({len(skipped)} files skipped"
                              + (f"; first: {first}" if first else "") + ")")
         entry = {"count": count, "skipped": skipped, "labels": None, "filenames": None,
@@ -331,12 +368,22 @@ def _check_settings(image_size, channels, shard_size, workers, folder: bool) -> 
                          "cropped to (the model's)")
 
 
+def _shown(name: str) -> str:
+    """Text naming files, as it can be printed: a name's bytes that are not UTF-8 (legal on Linux;
+    surrogates in the ``str``) as ``\\xff``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _summary(out: Path, manifest: dict, status: str, processed: int, seconds: float) -> dict:
     splits = manifest["splits"]
+    skipped = [{"split": split, "file": _shown(s["file"]), "reason": _shown(s["reason"])}
+               for split, entry in splits.items() for s in entry["skipped"]]
     return {"out": str(out), "status": status, "dataset": manifest["source"]["dataset"],
             "data": manifest["source"]["root"], "image_shape": manifest["image_shape"],
             **{split: splits[split]["count"] for split in splits},
-            "skipped": sum(len(e["skipped"]) for e in splits.values()),
+            "skipped": len(skipped),
+            # named here too, not only in the manifest; a few, so that a summary line stays a line
+            "skipped_files": skipped[:SUMMARY_SKIPPED_FILES],
             "shards": sum(len(e["shards"]) for e in splits.values()),
             "seconds": round(seconds, 2), "images_per_s": round(processed / max(seconds, 1e-9), 1)}
 

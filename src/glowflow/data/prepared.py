@@ -6,7 +6,8 @@ A prepared directory::
     manifest.json                  written last: a directory without it is not a prepared set
     train/images-0000-00000.npy    uint8 [k, C, H, W] shards (.npy, so numpy reads them by itself)
     train/labels.npy               int64 [N] (labelled datasets)
-    train/filenames.npy            the source files' paths, UTF-8 as fixed-width bytes [N] (folders)
+    train/filenames.npy            the source files' paths as fixed-width bytes [N] (folders): UTF-8,
+                                   or a name's own bytes where they are not
     test/...
     .progress/                     only while preparing: the plan and one record per finished shard
 
@@ -175,7 +176,9 @@ class FileNames(Sequence):
         i = int(index)
         if not -len(self) <= i < len(self):
             raise IndexError(f"name {i} is out of range for {len(self)} names")
-        return bytes(self._array[self._start + i % len(self)]).decode("utf-8")
+        # as prepare encoded them: a name's bytes that are not UTF-8 come back as the surrogates
+        # os.fsdecode gives, so the name opens the same file
+        return bytes(self._array[self._start + i % len(self)]).decode("utf-8", "surrogateescape")
 
     def __repr__(self) -> str:
         return f"FileNames(n={len(self)})"
