@@ -320,6 +320,16 @@ def _live_processes_in_group(group: int) -> list[int]:
     return live
 
 
+def _assert_no_process_outlives(group: int, seconds: float = 10.0) -> None:
+    """Every process of ``group`` ends within ``seconds`` (where /proc tells)."""
+    if not Path("/proc").is_dir():
+        return
+    deadline = time.monotonic() + seconds
+    while _live_processes_in_group(group) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _live_processes_in_group(group) == []
+
+
 def test_an_interrupted_preparation_resumes_to_the_set_an_uninterrupted_one_writes(tmp_path):
     source = write_folder(tmp_path / "source")
     add_corrupt_files(source)
@@ -329,11 +339,7 @@ def test_an_interrupted_preparation_resumes_to_the_set_an_uninterrupted_one_writ
     try:
         output = proc.communicate(timeout=120)[0].decode()
         assert proc.returncode == -signal.SIGKILL, output[-3000:]
-        if Path("/proc").is_dir():  # its decoding workers die with it
-            deadline = time.monotonic() + 10
-            while _live_processes_in_group(proc.pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert _live_processes_in_group(proc.pid) == []
+        _assert_no_process_outlives(proc.pid)  # its decoding workers die with it
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -410,11 +416,7 @@ def test_a_killed_decoding_worker_stops_the_preparation_with_what_happened_and_i
         assert proc.returncode == 1, err[-3000:]
         assert "a decoding worker process ended abruptly" in err and "SIGKILL" in err, err[-3000:]
         assert "train split" in err and "3 shards written so far are kept" in err and "again to resume" in err, err
-        if Path("/proc").is_dir():  # the other worker does not outlive it
-            deadline = time.monotonic() + 10
-            while _live_processes_in_group(proc.pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert _live_processes_in_group(proc.pid) == []
+        _assert_no_process_outlives(proc.pid)  # the other worker does not outlive it
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
