@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint import CHECKPOINT_DIR, CheckpointError, resolve_checkpoint_dir, save_tensors, weights_sha256
+from .checkpoint import CHECKPOINT_DIR, CheckpointError, resolve_checkpoint_dir, save_tensors
 from .data import ImageDataset
 from .images import load_image
 from .io import atomic_file, atomic_write_json, file_sha256, parse_json, read_json
