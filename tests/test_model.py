@@ -7,6 +7,7 @@ part of the map is the identity.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -528,6 +529,17 @@ def test_a_manifest_that_would_check_nothing_is_refused(tmp_path, sums, message)
     Glow(**TINY).save_pretrained(tmp_path)
     (tmp_path / "checksums.json").write_text(json.dumps(sums))
     with pytest.raises(CheckpointError, match=message):
+        Glow.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["config.json", "checksums.json"])
+def test_json_nested_too_deeply_is_a_corrupt_checkpoint_not_a_recursion_error(tmp_path, name):
+    Glow(**TINY).save_pretrained(tmp_path)
+    (tmp_path / name).write_text("[" * 100_000 + "]" * 100_000)
+    if name == "config.json":
+        (tmp_path / "checksums.json").unlink()
+    with pytest.warns() if name == "config.json" else contextlib.nullcontext(), \
+            pytest.raises(CheckpointError, match="JSON nested too deeply"):
         Glow.from_pretrained(tmp_path)
 
 
