@@ -70,7 +70,7 @@ def test_log_prob_is_gaussian_of_encoding_plus_log_det_jacobian(variant, perturb
     x = _images(TINY["image_shape"], batch, seed=1)
     y = _labels(batch) if variant.get("num_classes") else None
     log_prob = model.log_prob(x, y)
-    eps = model.encode(x, y)
+    eps = model.encode(x, y, quantized=False)
     dims = model.num_dims
     assert log_prob.shape == (batch,) and eps.shape == (batch, dims)
 
@@ -79,7 +79,7 @@ def test_log_prob_is_gaussian_of_encoding_plus_log_det_jacobian(variant, perturb
         yi = None if y is None else y[i: i + 1]
 
         def encode_one(xi, yi=yi):
-            return model.encode(xi.unsqueeze(0), yi)[0]
+            return model.encode(xi.unsqueeze(0), yi, quantized=False)[0]
 
         jac = jacobian(encode_one, x[i]).reshape(dims, dims)
         sign, log_abs_det = torch.linalg.slogdet(jac)
@@ -98,7 +98,7 @@ def test_log_prob_is_gaussian_of_encoding_plus_log_det_jacobian(variant, perturb
 def test_decode_inverts_encode_float64(coupling, permutation, perturb_zero_init):
     model = _tiny_model(perturb_zero_init, coupling=coupling, permutation=permutation)
     x = _images(TINY["image_shape"], 4, seed=2)
-    eps = model.encode(x)
+    eps = model.encode(x, quantized=False)
     assert (model.decode(eps) - x).abs().max().item() <= 1e-10
 
 
@@ -107,7 +107,7 @@ def test_decode_inverts_encode_float64_logit_input(alpha, perturb_zero_init):
     model = _tiny_model(perturb_zero_init, logit_alpha=alpha)
     x = _images(TINY["image_shape"], 4, seed=2)
     x[0, 0, 0, 0], x[0, 0, 0, 1] = 0.0, 1.0  # the ends of the range, where the logit is steepest
-    assert (model.decode(model.encode(x)) - x).abs().max().item() <= 1e-10
+    assert (model.decode(model.encode(x, quantized=False)) - x).abs().max().item() <= 1e-10
 
 
 def test_logit_input_log_det_is_the_sum_of_the_elementwise_derivatives():
@@ -125,7 +125,7 @@ def test_logit_input_log_det_is_the_sum_of_the_elementwise_derivatives():
 def test_decode_inverts_encode_float64_class_conditional(perturb_zero_init):
     model = _tiny_model(perturb_zero_init, num_classes=NUM_CLASSES)
     x, y = _images(TINY["image_shape"], 4, seed=2), _labels(4)
-    assert (model.decode(model.encode(x, y), y) - x).abs().max().item() <= 1e-10
+    assert (model.decode(model.encode(x, y, quantized=False), y) - x).abs().max().item() <= 1e-10
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -138,7 +138,7 @@ def test_decode_inverts_encode_float32_cifar_size(mode, perturb_zero_init):
     model.train(mode == "train")
     x = _images(shape, 4, seed=4, dtype=torch.float32)
     with torch.no_grad():
-        eps = model.encode(x)
+        eps = model.encode(x, quantized=False)
         x_back = model.decode(eps)
     assert eps.dtype == torch.float32
     assert (x_back - x).abs().max().item() <= 1e-4
@@ -184,7 +184,7 @@ def test_model_double_end_to_end(perturb_zero_init):
     lp = model.log_prob(x)  # float32 input is converted to the model's dtype
     assert lp.dtype == torch.float64
     torch.testing.assert_close(lp, lp32.double(), rtol=1e-4, atol=1e-3)
-    eps = model.encode(x.double())
+    eps = model.encode(x.double(), quantized=False)
     assert eps.dtype == torch.float64
     assert (model.decode(eps) - x.double()).abs().max().item() <= 1e-10
     out = model(x.double(), generator=_generator(0))

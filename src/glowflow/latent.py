@@ -2,9 +2,12 @@
 
 Everything works on the model's standardised latents ``eps = model.encode(x)`` ``[B, D]``, which are
 unit Gaussian under the model, so straight lines and great circles in ``eps`` stay in typical regions.
+Images are encoded at the centres of their quantisation bins (``Glow.encode``), where training put
+its mass.
 
-Attribute directions follow the paper (section 5.2): encode labelled images and take
-``direction = mean(eps | attribute) - mean(eps | not attribute)``; manipulating an image decodes
+Attribute directions follow the paper (section 5.2): encode labelled images and estimate a
+direction, by default ``mean(eps | attribute) - mean(eps | not attribute)``
+(:mod:`glowflow.estimators` holds the others); manipulating an image decodes
 ``encode(x) + alpha * direction``. Labels are a matrix ``[N, A]`` with +1 (has the attribute), -1
 (does not) and 0 (unknown: left out of both means).
 
@@ -13,8 +16,10 @@ Stable decoding. An edit moves the latent off the data, and there the affine cou
 too, so it is the map, not rounding. With ``stable=True`` (the default) the editing functions decode
 with the coupling scales floored at :data:`STABLE_SCALE_FLOOR` (far below those data produce, so
 reconstructions are exact) and, for directions, rescale each level's block of the edited latent to
-the norm of the image's own (at ``alpha = 0`` nothing changes); docs/results.md measures both. A
-decode that still is not finite raises :class:`DecodeError` naming the alphas or frames.
+the norm of the image's own and keep a share (:data:`EDIT_DETAIL` at ``|alpha| >= 1``) of the
+image's fine detail (at ``alpha = 0`` nothing changes); docs/editing.md measures each. A decode a
+person would see as broken (:func:`failed_decodes`) raises :class:`DecodeError` naming the alphas
+or frames, or is drawn grey where asked.
 
 Directions are stored beside the checkpoint as ``directions.safetensors`` (the ``[A, D]`` vectors,
 with names and counts in its metadata; the file the loader reads) and ``directions.json`` (a readable
@@ -36,20 +41,32 @@ from safetensors import SafetensorError, safe_open
 
 from .checkpoint import CHECKPOINT_DIR, CheckpointError, resolve_checkpoint_dir, save_tensors
 from .data import ImageDataset
+from .estimators import DEFAULT_ESTIMATOR, Estimator, project_out
+from .estimators import estimator as make_estimator
 from .images import load_image
 from .io import atomic_file, atomic_write_json, file_sha256, parse_json, read_json
 from .layers import STABLE_SCALE_FLOOR
-from .numerics import from_flow_input, to_flow_input, to_unit
+from .numerics import to_unit
 
-# An edit's decode counts as failed when more than this fraction of its values lie more than
-# FAR_OUTSIDE beyond [0, 1] (on the face model a glasses edit at alpha 0.5 reached 1e23, finite).
+# When a decode counts as failed (:func:`failed_decodes`), judged on the image as it would be drawn:
+# more than MAX_FAR_FRACTION of its values more than FAR_OUTSIDE beyond [0, 1] (an overflow caught
+# before it reaches inf), or more than MAX_SPECK_FRACTION of its pixels specks, each differing by more
+# than SPECK_CONTRAST from all four of its neighbours (the salt-and-pepper noise an inverse makes where
+# it leaves the data). Data have almost none: at most 1.7% on the 10,000 Fashion-MNIST test images
+# (1-pixel stripes), none on the faces; 99.9% of those images stay under 0.5%.
 FAR_OUTSIDE = 0.5
 MAX_FAR_FRACTION = 0.05
+SPECK_CONTRAST = 0.5
+MAX_SPECK_FRACTION = 0.005
+# How much of an image's own fine detail an edit keeps, at |alpha| >= 1: the latents of every level
+# but the coarsest are scaled by this (by 1 at alpha 0, linearly between). The source's details were
+# drawn for its own coarse content; carried whole into another they make specks (docs/editing.md).
+EDIT_DETAIL = 0.7
 # What a failed decode does: raise DecodeError, or come back as a grey image (with a warning).
 FAILED_EDITS = ("raise", "grey")
 
 __all__ = ["interpolate", "reconstruct", "sample", "manipulate", "edit", "DecodeError", "FAILED_EDITS",
-           "STABLE_SCALE_FLOOR", "DECODE_BATCH", "far_outside", "lerp", "slerp", "Directions",
+           "STABLE_SCALE_FLOOR", "DECODE_BATCH", "failed_decodes", "specks", "EDIT_DETAIL", "lerp", "slerp", "Directions",
            "DirectionAccumulator", "attribute_directions", "directions_from_images", "class_attributes",
            "pair_attributes", "resolve_class", "AttributeTable", "parse_attribute_file", "parse_attribute_csv",
            "parse_celeba_attributes", "table_image_paths", "directions_dir", "save_directions", "load_directions",
@@ -107,52 +124,66 @@ def _onehot_path(model, y1, y2, t: torch.Tensor) -> torch.Tensor | None:
     return (1 - t)[:, None] * a + t[:, None] * b
 
 
-def far_outside(z: torch.Tensor, logit_alpha: float = 0.0) -> torch.Tensor:
-    """``[N]`` bool: which decodes, given as the flow's input ``z [N, ...]``
-    (:func:`~glowflow.numerics.to_flow_input`), have more than :data:`MAX_FAR_FRACTION` of their
-    values outside the data's range there widened on each side by :data:`FAR_OUTSIDE` of its
-    width (one half of a failed edit; the other is a value that is not finite). For the paper's
-    input ``x - 0.5`` that is an image beyond ``[-FAR_OUTSIDE, 1 + FAR_OUTSIDE]``; a logit input
-    is judged before its inverse squashes every value into the image range."""
-    ends, _ = to_flow_input(torch.tensor([[0.0, 1.0]], dtype=torch.float64), logit_alpha)
-    lo, hi = ends[0].tolist()
-    margin = FAR_OUTSIDE * (hi - lo)
-    flat = z.flatten(1)
-    return ((flat < lo - margin) | (flat > hi + margin)).float().mean(1) > MAX_FAR_FRACTION
+def specks(x: torch.Tensor) -> torch.Tensor:
+    """``[N]``: the fraction of each image's pixels (``x [N, C, H, W]`` in [0, 1]) that differ by
+    more than :data:`SPECK_CONTRAST` from each of their four neighbours. A stripe or an edge is
+    not one (it has a neighbour of its own value); a salt-and-pepper pixel is."""
+    x = x.clamp(0.0, 1.0)
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    neighbours = (padded[..., :-2, 1:-1], padded[..., 2:, 1:-1], padded[..., 1:-1, :-2], padded[..., 1:-1, 2:])
+    alone = torch.stack([(x - n).abs() > SPECK_CONTRAST for n in neighbours]).all(0)
+    return alone.flatten(1).float().mean(1)
 
 
-def _decode_rows(model, eps: torch.Tensor, y=None, stable: bool = True,
-                 in_range: bool = True) -> tuple[torch.Tensor, list[int]]:
+def failed_decodes(x: torch.Tensor, source_specks: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """``[N]`` bool: which decodes ``x [N, C, H, W]`` (images, not yet clamped) a person would see
+    as broken: not finite; more than :data:`MAX_FAR_FRACTION` of their values beyond
+    ``[-FAR_OUTSIDE, 1 + FAR_OUTSIDE]``; or more than :data:`MAX_SPECK_FRACTION` of their pixels
+    :func:`specks` beyond ``source_specks`` (a float, or one per decode), those of the image
+    edited (a noisy photo's own reconstruction is not a failure). A background pushed far into the black (or the white) is
+    drawn as it should be and is not a failure, whatever the flow's input held there."""
+    flat = x.flatten(1)
+    finite = torch.isfinite(flat).all(1)
+    values = torch.nan_to_num(flat, 0.5, 0.5, 0.5)
+    far = ((values < -FAR_OUTSIDE) | (values > 1.0 + FAR_OUTSIDE)).float().mean(1) > MAX_FAR_FRACTION
+    allowed = MAX_SPECK_FRACTION + torch.as_tensor(source_specks, dtype=torch.float32).to(flat.device)
+    return ~finite | far | (specks(values.view_as(x)) > allowed)
+
+
+def _decode_rows(model, eps: torch.Tensor, y=None, stable: bool = True, in_range: bool = True,
+                 source_specks: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
     """Decode ``eps [N, D]`` batch by batch -> (images clamped to [0, 1], the rows that failed,
-    drawn uniform grey (0.5)). A row fails when it is not finite, or, with ``in_range``, has more than
-    :data:`MAX_FAR_FRACTION` of its values beyond ``[-FAR_OUTSIDE, 1 + FAR_OUTSIDE]`` (data decode
-    inside [0, 1]; such a row is the overflow of the inverse caught before it reaches inf, and would
-    be drawn as pixel noise)."""
+    drawn uniform grey (0.5)). A row fails when it is not finite, or, with ``in_range``, when
+    :func:`failed_decodes` says it would be seen as broken."""
     floor = STABLE_SCALE_FLOOR if stable else 0.0
     out, bad = [], []
     for start in range(0, eps.shape[0], DECODE_BATCH):
         stop = min(start + DECODE_BATCH, eps.shape[0])
         yb = y[start:stop] if isinstance(y, torch.Tensor) and y.dim() >= 1 and y.shape[0] == eps.shape[0] else y
-        z = model.decode(eps[start:stop], yb, scale_floor=floor, flow_input=True)
-        x = from_flow_input(z, model.config.logit_alpha)
-        ok = torch.isfinite(z.flatten(1)).all(1)
-        if in_range:
-            ok &= ~far_outside(z, model.config.logit_alpha)
-        bad += [start + int(i) for i in (~ok).nonzero().flatten()]
+        x = model.decode(eps[start:stop], yb, scale_floor=floor)
+        allowed = 0.0 if source_specks is None else source_specks[start:stop]
+        failed = failed_decodes(x, allowed) if in_range else ~torch.isfinite(x.flatten(1)).all(1)
+        bad += [start + int(i) for i in failed.nonzero().flatten()]
         out.append(x.clamp_(0.0, 1.0))
     images = torch.cat(out)
     images[bad] = 0.5
     return images, bad
 
 
-def _decode(model, eps: torch.Tensor, y=None, stable: bool = True, what=None, failed: str = "raise") -> torch.Tensor:
+def _decode(model, eps: torch.Tensor, y=None, stable: bool = True, what=None, failed: str = "raise",
+            source: torch.Tensor | None = None) -> torch.Tensor:
     """Decode ``eps [N, D]`` batch by batch, clamped to [0, 1]; :class:`DecodeError` if any row
     failed (:func:`_decode_rows`: not finite, or far outside the image range). ``what(i)`` names
     row ``i`` in the message ("alpha 1.5", "frame 7 of 8"). ``failed="grey"``: such rows come back
-    as a uniform grey image (0.5) with a warning naming them, instead of the error."""
+    as a uniform grey image (0.5) with a warning naming them, instead of the error. ``source``: the
+    images edited (``[N, ...]``, one per row, or any number), whose own specks a row may have."""
     if failed not in FAILED_EDITS:
         raise ValueError(f"failed must be one of {FAILED_EDITS}, got {failed!r}")
-    images, bad = _decode_rows(model, eps, y, stable)
+    seen = None
+    if source is not None:  # the specks of the image each row edits (one per row, or the most of several)
+        seen = specks(source.to(eps.dtype))
+        seen = seen if len(seen) == len(eps) else seen.max().expand(len(eps))
+    images, bad = _decode_rows(model, eps, y, stable, source_specks=seen)
     if bad:
         names = ", ".join(what(i) if what else f"latent {i}" for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
         if failed == "grey":
@@ -164,6 +195,18 @@ def _decode(model, eps: torch.Tensor, y=None, stable: bool = True, what=None, fa
                           f"latent lies where the model's inverse leaves the data; a smaller step (alpha) keeps "
                           f"closer to the data{hint}", bad)
     return images
+
+
+def _stable_edit(model, z: torch.Tensor, reference: torch.Tensor, size) -> torch.Tensor:
+    """The stable form of an edited latent ``z [N, D]`` of ``reference``: each level keeps the
+    norm it had (:func:`_keep_norms`), and every level but the coarsest keeps a share of the
+    image's own detail that falls from 1 at ``size`` (an edit's ``|alpha|``, a float or ``[N]``) 0
+    to :data:`EDIT_DETAIL` at 1 and beyond."""
+    z = _keep_norms(model, z, reference)
+    size = torch.as_tensor(size, dtype=z.dtype, device=z.device).abs().clamp(max=1.0).reshape(-1, 1)
+    keep = 1.0 - (1.0 - EDIT_DETAIL) * size
+    fine = sum(math.prod(s) for s in model.latent_shapes[:-1])
+    return torch.cat([z[:, :fine] * keep, z[:, fine:]], 1)
 
 
 def _keep_norms(model, z: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -234,7 +277,7 @@ def interpolate(model, x1: torch.Tensor, x2: torch.Tensor, steps: int = 8, metho
     z1 = model.encode(x1, _labels(model, y1, 1))[0]
     z2 = model.encode(x2, _labels(model, y2 if y2 is not None else y1, 1))[0]
     return _decode(model, _path(z1, z2, t.to(z1), method), onehots, stable,
-                   what=lambda i: f"frame {i + 1} of {int(steps)}")
+                   what=lambda i: f"frame {i + 1} of {int(steps)}", source=torch.cat([x1, x2]))
 
 
 @torch.no_grad()
@@ -243,7 +286,7 @@ def reconstruct(model, x: torch.Tensor, y=None, stable: bool = True) -> torch.Te
     model.require_initialized()
     x = _as_batch(x, "x")
     y = _labels(model, y, x.shape[0])
-    return _decode(model, model.encode(x, y), y, stable, what=lambda i: f"image {i}")
+    return _decode(model, model.encode(x, y), y, stable, what=lambda i: f"image {i}", source=x)
 
 
 @torch.no_grad()
@@ -310,6 +353,12 @@ class Directions:
         for name, alpha in alphas.items():
             out += float(alpha) * self[name]
         return out
+
+    def conditioned(self, name: str, keep: Sequence[str]) -> torch.Tensor:
+        """The direction ``name`` with its components along the ``keep`` directions removed: moving
+        along it leaves those attributes' projections as they were (conditional manipulation)."""
+        others = [self[k] for k in keep if k != name]
+        return project_out(self[name], others)
 
     def merged(self, other: "Directions") -> "Directions":
         """These directions plus ``other``'s; a name in both takes ``other``'s vector."""
@@ -413,25 +462,42 @@ def pair_attributes(labels: torch.Tensor, class_names: Sequence[str], positive, 
     return column[:, None], f"{class_names[p]}-vs-{class_names[n]}"
 
 
+# Latents kept in memory for an estimator that needs them (all but mean and coarse): 2**28 values,
+# 1 GiB in float32. Larger sets take --limit, or an estimator that works from running sums.
+MAX_KEPT_LATENT_VALUES = 2**28
+
+
 @torch.no_grad()
 def directions_from_images(model, images, attributes: torch.Tensor, names: Sequence[str],
                            labels: torch.Tensor | None = None, batch_size: int = 64,
-                           source: str = "", progress=None) -> Directions:
-    """Encode ``images`` batch by batch and average their latents per attribute.
+                           source: str = "", progress=None, estimator: str | Estimator = DEFAULT_ESTIMATOR,
+                           groups: torch.Tensor | None = None) -> Directions:
+    """Encode ``images`` batch by batch and estimate one direction per attribute.
 
     ``images``: a tensor ``[N, C, H, W]`` (uint8, or float in [0, 1]), an :class:`ImageDataset`
     (read a batch at a time, so a memory-mapped set is never loaded whole) or a sequence of N image
     paths (read and resized to the model's ``image_shape``). ``attributes [N, A]`` in {+1, -1, 0}.
-    ``labels [N]`` only for class-conditional models. ``progress(done, total)`` is called per batch.
+    ``labels [N]`` only for class-conditional models. ``estimator``: a name of
+    :data:`glowflow.estimators.ESTIMATORS` or an :class:`~glowflow.estimators.Estimator`; the mean
+    estimators work from running sums, the others keep the latents (at most
+    :data:`MAX_KEPT_LATENT_VALUES` values). ``groups [N]`` (the person of each photo) for the
+    paired estimator. ``progress(done, total)`` is called per batch.
     """
     model.require_initialized()
+    est = make_estimator(estimator)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     attributes = torch.as_tensor(attributes)
     n = len(images)
     if attributes.dim() != 2 or attributes.shape[0] != n:
         raise ValueError(f"attributes must be [{n}, A] for {n} images, got {list(attributes.shape)}")
+    if est.needs_groups and (groups is None or len(groups) != n):
+        raise ValueError(f"the {est.name} estimator needs a group (e.g. the person) for each of the {n} images")
+    if not est.streams and n * model.num_dims > MAX_KEPT_LATENT_VALUES:
+        raise ValueError(f"the {est.name} estimator keeps every latent: {n} images x {model.num_dims} values is more "
+                         f"than {MAX_KEPT_LATENT_VALUES:,}; use fewer images (--limit) or the mean or coarse estimator")
     acc = DirectionAccumulator(names, model.num_dims)
+    kept = []
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         if isinstance(images, torch.Tensor):
@@ -441,10 +507,29 @@ def directions_from_images(model, images, attributes: torch.Tensor, names: Seque
         else:
             x = torch.stack([load_image(p, model.config.image_shape) for p in images[start:stop]])
         y = None if labels is None else labels[start:stop]
-        acc.update(model.encode(x, y).cpu(), attributes[start:stop])
+        z = model.encode(x, y).cpu()
+        acc.update(z, attributes[start:stop])
+        if not est.streams:
+            kept.append(z.float())
         if progress is not None:
             progress(stop, n)
-    return acc.result(source)
+    counted = acc.result(source)  # checks that every attribute has examples on both sides
+    sizes = [math.prod(s) for s in model.latent_shapes]
+    if est.streams:
+        vectors = [est.from_means(acc.sum_pos[i] / acc.count_pos[i], acc.sum_neg[i] / acc.count_neg[i], sizes)
+                   for i in range(len(counted))]
+    else:
+        latents = torch.cat(kept)
+        groups = None if groups is None else torch.as_tensor(groups).reshape(-1)
+        vectors = []
+        for i in range(len(counted)):
+            pos, neg = attributes[:, i] > 0, attributes[:, i] < 0
+            vectors.append(est.direction(latents[pos], latents[neg], sizes,
+                                         None if groups is None else groups[pos],
+                                         None if groups is None else groups[neg]))
+    note = f"{source}; estimator {est.name}" if source else f"estimator {est.name}"
+    return Directions(counted.names, torch.stack(vectors).float(), counted.positive_counts,
+                      counted.negative_counts, [note] * len(counted))
 
 
 # --------------------------------------------------------------------------------- manipulation
@@ -477,12 +562,13 @@ def manipulate(model, x: torch.Tensor, direction: torch.Tensor, alpha=1.0, y=Non
     z0 = model.encode(x, y)
     z = z0 + alphas.to(z0)[:, None] * direction.to(z0)[None, :]
     if stable:
-        z = _keep_norms(model, z, z0)
+        z = _stable_edit(model, z, z0, alphas.to(z0).expand(z.shape[0]))
     if y is not None and z.shape[0] != y.shape[0]:
         y = y.expand(z.shape[0])
     per_row = alphas.expand(z.shape[0]).tolist()
     return _decode(model, z, y, stable,
-                   what=lambda i: f"alpha {per_row[i]:g}" + (f" (image {i})" if b > 1 else ""), failed=failed)
+                   what=lambda i: f"alpha {per_row[i]:g}" + (f" (image {i})" if b > 1 else ""), failed=failed,
+                   source=x if b > 1 else x.expand(z.shape[0], *x.shape[1:]))
 
 
 @torch.no_grad()
@@ -512,11 +598,12 @@ def edit(model, x: torch.Tensor, directions: Directions | None = None,
         if directions is None:
             raise ValueError("alphas were given but no directions")
         moved = z + directions.combine(alphas).to(z)
-        z = _keep_norms(model, moved[None], z)[0] if stable else moved
+        size = max(abs(float(a)) for a in alphas.values())
+        z = _stable_edit(model, moved[None], z, size)[0] if stable else moved
     moves = ", ".join(f"{k} {v:g}" for k, v in (alphas or {}).items() if v)
     return _decode(model, z[None], onehot, stable,
                    what=lambda i: "this edit" + (f" ({moves}" + (f", blend {blend:g}" if mix is not None else "") + ")"
-                                                 if moves else ""))
+                                                 if moves else ""), source=x if mix is None else torch.cat([x, mix]))
 
 
 # ------------------------------------------------------------------------- attribute file parsers

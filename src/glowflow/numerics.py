@@ -9,7 +9,7 @@ import math
 
 import torch
 
-__all__ = ["to_unit", "n_bins", "quantize", "dequantize", "discrete_log_likelihood", "bits_per_dim",
+__all__ = ["to_unit", "n_bins", "quantize", "dequantize", "bin_centre", "discrete_log_likelihood", "bits_per_dim",
            "gaussian_log_prob", "to_flow_input", "from_flow_input", "LOG_2PI"]
 
 LOG_2PI = math.log(2 * math.pi)
@@ -51,6 +51,14 @@ def dequantize(x_bins: torch.Tensor, n_bits: int, generator: torch.Generator | N
         raise ValueError(f"noise must have the shape of x {list(x_bins.shape)}, got {list(noise.shape)}")
     noise = noise.to(device=x_bins.device, dtype=x_bins.dtype)
     return (x_bins + noise) / n_bins(n_bits)
+
+
+def bin_centre(x: torch.Tensor, n_bits: int) -> torch.Tensor:
+    """Images in [0, 1] (8-bit values / 255) -> the centre of each value's ``n_bits`` bin,
+    ``(bin + 1/2) / n_bins``: the point a discrete image stands for in the continuous space a model
+    with uniform dequantisation was trained on (its training values spread over the whole bin). A
+    pixel at 0 becomes 1/512 for 8 bits, not 0, which a logit input would stretch to its extreme."""
+    return (quantize(x, n_bits) + 0.5) / n_bins(n_bits)
 
 
 def discrete_log_likelihood(log_prob: torch.Tensor, num_dims: int, n_bits: int,
