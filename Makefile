@@ -56,22 +56,30 @@ bench: setup
 	$(PY) benchmarks/memory.py
 	$(PY) benchmarks/compare_normflows.py
 
-# Pictures for the README from the model `make run` trained: temperatures, interpolation, a class
-# direction, each image enlarged 4x (nearest neighbour) so that 28x28 can be seen.
+# Pictures for the README from the model `make run` trained: temperatures, interpolation, class
+# transfer on held-out images, each image enlarged 4x (nearest neighbour) so that 28x28 can be seen.
+# Edits: the first four test ankle boots (trousers) moved towards sneakers (dresses), one row each,
+# with the directions from the whole training set.
 FIG := docs/images
 GLOWFLOW := $(VENV)/bin/glowflow
+EDIT_ALPHAS := -1,-0.5,0,0.5,1,1.5
 figures: setup data
 	mkdir -p $(FIG)
 	$(PY) -c "from glowflow.data import get_dataset; from glowflow.images import save_grid; \
 	  d = get_dataset('fashion-mnist', '$(FMNIST)', 'test'); \
-	  [save_grid(d.images[i:i + 1], '$(RUN_DIR)/test-%d.png' % i, nrow=1, padding=0) for i in (0, 1)]"
+	  [save_grid(d.images[i:i + 1], '$(RUN_DIR)/test-%d.png' % i, nrow=1, padding=0) for i in (0, 1)]; \
+	  [save_grid(d.images[int(i)][None], '$(RUN_DIR)/%s-%d.png' % (name, j), nrow=1, padding=0) \
+	   for k, name in ((9, 'ankle-boot'), (1, 'trouser')) for j, i in enumerate((d.labels == k).nonzero()[:4, 0])]"
 	$(GLOWFLOW) sample $(RUN_DIR) --n 8 --temperature 0,0.5,0.7,1.0 --scale 4 --out $(FIG)/temperatures.png
 	$(GLOWFLOW) interpolate $(RUN_DIR) $(RUN_DIR)/test-0.png $(RUN_DIR)/test-1.png --steps 8 --scale 4 \
 	  --out $(FIG)/interpolation.png
 	$(GLOWFLOW) directions $(RUN_DIR) --dataset fashion-mnist --data $(FMNIST) \
-	  --positive Sneaker --negative "Ankle boot"
-	$(GLOWFLOW) manipulate $(RUN_DIR) $(RUN_DIR)/test-0.png --attribute "Sneaker-vs-Ankle boot" --grey-failed \
-	  --alphas -1.5,-1,-0.5,0,0.5,1,1.5 --scale 4 --out $(FIG)/sneaker-vs-ankle-boot.png
+	  --positive Sneaker --negative "Ankle boot" --replace
+	$(GLOWFLOW) directions $(RUN_DIR) --dataset fashion-mnist --data $(FMNIST) --positive Dress --negative Trouser
+	$(GLOWFLOW) manipulate $(RUN_DIR) $(patsubst %,$(RUN_DIR)/ankle-boot-%.png,0 1 2 3) --attribute "Sneaker-vs-Ankle boot" \
+	  --grey-failed --alphas $(EDIT_ALPHAS) --scale 4 --out $(FIG)/sneaker-vs-ankle-boot.png
+	$(GLOWFLOW) manipulate $(RUN_DIR) $(patsubst %,$(RUN_DIR)/trouser-%.png,0 1 2 3) --attribute "Dress-vs-Trouser" \
+	  --grey-failed --alphas $(EDIT_ALPHAS) --scale 4 --out $(FIG)/dress-vs-trouser.png
 	cp $(RUN_DIR)/samples.png $(FIG)/samples.png
 	cp $(RUN_DIR)/curve.png $(FIG)/curve.png
 
@@ -89,7 +97,7 @@ FACES_PRESET ?= orl-faces-64
 FACES_RUN    ?= runs/$(FACES_PRESET)
 FACES_CSV    := src/glowflow/data/orl_faces_attributes.csv
 FACES_ALPHAS := -1,-0.67,-0.33,0,0.33,0.67,1
-FACES_ALPHA_MAX ?= 1
+FACES_ALPHA_MAX ?= 2
 
 # Resuming a finished run returns at once: its time budget is spent.
 faces-train: faces
@@ -99,10 +107,12 @@ faces-train: faces
 	  $(GLOWFLOW) train --preset $(FACES_PRESET) --data $(FACES_DATA) --out $(FACES_RUN) --json; \
 	fi
 
-# Only the training photos enter the means (--dataset ... --split train picks their rows of the CSV).
+# Only the training photos enter the directions (--dataset ... --split train picks their rows of the
+# CSV); FACES_ESTIMATOR=paired (or any of glowflow.estimators) to compare (docs/editing.md).
+FACES_ESTIMATOR ?= mean
 faces-directions: faces-train
 	$(GLOWFLOW) directions $(FACES_RUN) --attributes $(FACES_CSV) --dataset orl-faces --data $(FACES_DATA) \
-	  --split train --replace --json
+	  --split train --estimator $(FACES_ESTIMATOR) --replace --json
 
 # Bits/dim of the EMA weights on all 360 training photos (no flips) and on the 40 held-out ones.
 faces-eval: faces-train
@@ -110,20 +120,23 @@ faces-eval: faces-train
 	$(GLOWFLOW) eval $(FACES_RUN) --split test --no-progress --json | tail -n 1 > $(FACES_RUN)/eval-test.json
 	@cat $(FACES_RUN)/eval-train.json $(FACES_RUN)/eval-test.json
 
-# Held-out faces (photo 10 of each person), read from the PGM files with the loader's crop.
+# Held-out faces (photo 10 of each person), read from the PGM files with the loader's crop. Each
+# attribute's picture: the first three held-out people labelled without it, then the first with it,
+# one row each, alpha -1 to 1.
+FACE := $(FACES_DATA)/%/10.pgm
 faces-figures: faces-directions faces-eval
 	mkdir -p $(FIG)
 	$(GLOWFLOW) sample $(FACES_RUN) --n 8 --temperature 0,0.5,0.7,1.0 --scale 3 --out $(FIG)/faces-temperatures.png
 	$(GLOWFLOW) interpolate $(FACES_RUN) $(FACES_DATA)/s5/10.pgm $(FACES_DATA)/s37/10.pgm --steps 8 --scale 3 \
 	  --out $(FIG)/faces-interpolation.png
-	$(GLOWFLOW) manipulate $(FACES_RUN) $(FACES_DATA)/s1/10.pgm --attribute glasses --alphas=$(FACES_ALPHAS) \
-	  --scale 3 --out $(FIG)/faces-glasses.png
-	$(GLOWFLOW) manipulate $(FACES_RUN) $(FACES_DATA)/s5/10.pgm --attribute beard_or_moustache \
-	  --alphas=$(FACES_ALPHAS) --scale 3 --out $(FIG)/faces-beard_or_moustache.png
-	$(GLOWFLOW) manipulate $(FACES_RUN) $(FACES_DATA)/s1/10.pgm --attribute smiling --alphas=$(FACES_ALPHAS) \
-	  --scale 3 --out $(FIG)/faces-smiling.png
-	$(GLOWFLOW) manipulate $(FACES_RUN) $(FACES_DATA)/s33/10.pgm --attribute bald_or_receding \
-	  --alphas=$(FACES_ALPHAS) --scale 3 --out $(FIG)/faces-bald_or_receding.png
+	$(GLOWFLOW) manipulate $(FACES_RUN) $(patsubst %,$(FACE),s1 s3 s4 s2) --attribute glasses \
+	  --alphas=$(FACES_ALPHAS) --grey-failed --scale 2 --out $(FIG)/faces-glasses.png
+	$(GLOWFLOW) manipulate $(FACES_RUN) $(patsubst %,$(FACE),s1 s2 s4 s7) --attribute beard_or_moustache \
+	  --alphas=$(FACES_ALPHAS) --grey-failed --scale 2 --out $(FIG)/faces-beard_or_moustache.png
+	$(GLOWFLOW) manipulate $(FACES_RUN) $(patsubst %,$(FACE),s1 s2 s4 s5) --attribute smiling \
+	  --alphas=$(FACES_ALPHAS) --grey-failed --scale 2 --out $(FIG)/faces-smiling.png
+	$(GLOWFLOW) manipulate $(FACES_RUN) $(patsubst %,$(FACE),s1 s2 s3 s13) --attribute bald_or_receding \
+	  --alphas=$(FACES_ALPHAS) --grey-failed --scale 2 --out $(FIG)/faces-bald_or_receding.png
 	cp $(FACES_RUN)/curve.png $(FIG)/faces-curve.png
 
 faces-demo: faces-directions

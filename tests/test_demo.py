@@ -331,6 +331,54 @@ def _wait_src_change(page, selector: str, old: str) -> str:
 
 
 @pytest.mark.browser
+def test_browser_shows_a_refused_edit_on_the_image_and_offers_the_edit_for_download(demo, browser, tmp_path,
+                                                                                   monkeypatch):
+    """An edit the server refuses leaves no older picture under the moved slider: the edited view is
+    marked refused, without an image and without a download; the next good edit brings both back.
+    The uploaded image's bits/dim is shown beside it, and each slider spans its measured range."""
+    url, model, _, x = demo
+    real = latent.edit
+
+    def refusing(*args, **kwargs):  # an edit along Bangs past 0.5 "does not decode"
+        alphas = args[3] if len(args) > 3 else kwargs.get("alphas") or {}
+        if alphas.get("Bangs", 0.0) > 0.5:
+            raise latent.DecodeError("the decode of this edit (Bangs) is not finite", [0])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(latent, "edit", refusing)
+    image = tmp_path / "a.png"
+    image.write_bytes(png_bytes(x[4]))
+    page = open_page(browser, url)
+    info = httpx.get(url + "/api/info").json()
+    for d in info["directions"]:  # the page's slider spans what the server measured
+        low, high = d["alpha_range"]
+        assert page.eval_on_selector(f".attr-slider[data-name={d['name']}]", "el => [Number(el.min), Number(el.max)]") \
+            == [low, high]
+        assert -2.0 <= low < 0 < high <= 2.0
+    page.set_input_files("#file-a", str(image))
+    _wait_src_change(page, "#reconstruction", "")
+    bpd = float(model.bits_per_dim(_image(_src(page, "#original"))[None], generator=torch.Generator().manual_seed(0)))
+    assert page.inner_text("#a-bpd") == f"{bpd:.2f} bits/dim"
+    page.wait_for_function("() => !document.querySelector('#download').hidden")
+    smiled = _src(page, "#edited")
+    page.locator(".attr-slider[data-name=Smiling]").fill(str(info["directions"][0]["alpha_range"][1]))
+    smiled = _wait_src_change(page, "#edited", smiled)
+    assert page.get_attribute("#download", "href") == smiled
+
+    page.locator(".attr-slider[data-name=Bangs]").fill(str(info["directions"][1]["alpha_range"][1]))
+    page.wait_for_selector("#edited[data-refused=true]", state="attached")
+    assert _src(page, "#edited") == ""  # the previous edit is gone, not left under the moved slider
+    assert "refused" in page.inner_text("#edited-caption") and page.is_hidden("#download")
+    assert "not finite" in page.inner_text("#error")
+
+    page.locator(".attr-slider[data-name=Bangs]").fill("0")  # back where edits decode
+    page.wait_for_function("() => document.querySelector('#edited').getAttribute('src')")
+    assert page.get_attribute("#edited", "data-refused") is None and not page.is_hidden("#download")
+    assert page.inner_text("#edited-caption") == "edited"
+    assert not page.errors, page.errors
+    page.close()
+
+
+@pytest.mark.browser
 def test_browser_upload_slider_blend_samples_and_errors(demo, browser, tmp_path):
     url, _, _, x = demo
     image_a, image_b, not_image = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "notes.png"

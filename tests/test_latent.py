@@ -640,3 +640,51 @@ def test_cli_names_the_alpha_that_diverged(run_dir, capsys):
                  "--raw", "--out", str(run.parent / "s.png")]) == 2
     err = capsys.readouterr().err
     assert "alpha 1" in err and "not finite" in err and not (run.parent / "s.png").exists()
+
+
+def test_manipulate_takes_several_images_one_row_each_and_keeps_other_directions(run_dir, capsys):
+    from PIL import Image
+
+    from glowflow.cli import main
+
+    run, folder = run_dir
+    model = Glow.from_pretrained(run)
+    g = torch.Generator().manual_seed(4)
+    both = latent.Directions(("a", "b"), 0.3 * torch.randn(2, model.num_dims, generator=g), (1, 1), (1, 1), ("", ""))
+    latent.save_directions(both, run)
+    out = run.parent / "rows.png"
+    assert main(["manipulate", str(run), str(folder / "0.png"), str(folder / "1.png"), str(folder / "2.png"),
+                 "--attribute", "a", "--keep", "b", "--alphas", "-1,0,1", "--json", "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert len(result["images"]) == 3
+    assert Image.open(out).size == (3 * 8 + 4 * 2, 3 * 8 + 4 * 2)  # three rows of three, 2-pixel padding
+    kept = both.conditioned("a", ["b"])
+    assert abs(float(kept @ both["b"])) < 1e-4 * float(both["b"].norm()) ** 2
+    x = load_image(folder / "0.png", SHAPE).float()
+    assert not torch.allclose(latent.manipulate(model, x, kept, [-1.0, 1.0]),
+                              latent.manipulate(model, x, both["a"], [-1.0, 1.0]))
+
+
+def test_the_valid_alpha_range_stops_where_edits_stop_decoding(run_dir, monkeypatch):
+    run, folder = run_dir
+    model = Glow.from_pretrained(run)
+    x = torch.stack([load_image(folder / f"{i}.png", SHAPE) for i in range(4)])
+    d = 1e-3 * torch.randn(model.num_dims, generator=torch.Generator().manual_seed(0))
+    assert latent.valid_alpha_range(model, x, d, alpha_max=1.5) == (-1.5, 1.5)
+    assert latent.valid_alpha_range(model, x, d, alpha_max=0.6) == (-0.5, 0.5)
+    seen, limit = [], {"alpha": 1.0}
+    real_edit, real_decode = latent.edited_latents, latent.decode_latents
+
+    def edit(model_, z0, direction, alpha, stable=True):
+        seen.append(abs(float(alpha)))
+        return real_edit(model_, z0, direction, alpha, stable)
+
+    def decode(model_, eps, y=None, stable=True, source=None):  # every edit past the limit "breaks"
+        images, failed = real_decode(model_, eps, y, stable, source)
+        return images, list(range(len(eps))) if seen[-1] > limit["alpha"] else failed
+
+    monkeypatch.setattr(latent, "edited_latents", edit)
+    monkeypatch.setattr(latent, "decode_latents", decode)
+    assert latent.valid_alpha_range(model, x, d) == (-1.0, 1.0)
+    limit["alpha"] = 0.0  # nothing decodes: the slider still moves one step
+    assert latent.valid_alpha_range(model, x, d) == (-latent.ALPHA_STEPS[0], latent.ALPHA_STEPS[0])

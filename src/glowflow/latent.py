@@ -66,7 +66,8 @@ EDIT_DETAIL = 0.7
 FAILED_EDITS = ("raise", "grey")
 
 __all__ = ["interpolate", "reconstruct", "sample", "manipulate", "edit", "DecodeError", "FAILED_EDITS",
-           "STABLE_SCALE_FLOOR", "DECODE_BATCH", "failed_decodes", "specks", "EDIT_DETAIL", "lerp", "slerp", "Directions",
+           "STABLE_SCALE_FLOOR", "DECODE_BATCH", "failed_decodes", "specks", "EDIT_DETAIL", "edited_latents",
+           "decode_latents", "valid_alpha_range", "ALPHA_STEPS", "MIN_VALID", "lerp", "slerp", "Directions",
            "DirectionAccumulator", "attribute_directions", "directions_from_images", "class_attributes",
            "pair_attributes", "resolve_class", "AttributeTable", "parse_attribute_file", "parse_attribute_csv",
            "parse_celeba_attributes", "table_image_paths", "directions_dir", "save_directions", "load_directions",
@@ -173,25 +174,23 @@ def _decode_rows(model, eps: torch.Tensor, y=None, stable: bool = True, in_range
 def _decode(model, eps: torch.Tensor, y=None, stable: bool = True, what=None, failed: str = "raise",
             source: torch.Tensor | None = None) -> torch.Tensor:
     """Decode ``eps [N, D]`` batch by batch, clamped to [0, 1]; :class:`DecodeError` if any row
-    failed (:func:`_decode_rows`: not finite, or far outside the image range). ``what(i)`` names
+    failed (:func:`failed_decodes`: not finite, far outside the image range, or specks). ``what(i)`` names
     row ``i`` in the message ("alpha 1.5", "frame 7 of 8"). ``failed="grey"``: such rows come back
     as a uniform grey image (0.5) with a warning naming them, instead of the error. ``source``: the
     images edited (``[N, ...]``, one per row, or any number), whose own specks a row may have."""
     if failed not in FAILED_EDITS:
         raise ValueError(f"failed must be one of {FAILED_EDITS}, got {failed!r}")
-    seen = None
-    if source is not None:  # the specks of the image each row edits (one per row, or the most of several)
-        seen = specks(source.to(eps.dtype))
-        seen = seen if len(seen) == len(eps) else seen.max().expand(len(eps))
-    images, bad = _decode_rows(model, eps, y, stable, source_specks=seen)
+    images, bad = decode_latents(model, eps, y, stable, source)
     if bad:
         names = ", ".join(what(i) if what else f"latent {i}" for i in bad[:5]) + (" ..." if len(bad) > 5 else "")
         if failed == "grey":
-            warnings.warn(f"the decode of {names} failed (not finite, or far outside the image range): drawn grey",
+            warnings.warn(f"the decode of {names} failed (not finite, far outside the image range or pixel noise): "
+                          "drawn grey",
                           stacklevel=3)
             return images
         hint = ("" if stable else "; stable=True (the default) decodes most such edits")
-        raise DecodeError(f"the decode of {names} is not finite (NaN or inf) or far outside the image range: the "
+        raise DecodeError(f"the decode of {names} is not finite (NaN or inf), far outside the image range or pixel "
+                          "noise: the "
                           f"latent lies where the model's inverse leaves the data; a smaller step (alpha) keeps "
                           f"closer to the data{hint}", bad)
     return images
@@ -534,6 +533,56 @@ def directions_from_images(model, images, attributes: torch.Tensor, names: Seque
 
 # --------------------------------------------------------------------------------- manipulation
 
+def edited_latents(model, z0: torch.Tensor, direction: torch.Tensor, alpha, stable: bool = True) -> torch.Tensor:
+    """``z0 [B, D] + alpha * direction``, in the stable form the editing functions decode
+    (:func:`_stable_edit`) unless ``stable=False``; ``alpha`` a float or ``[T]`` (``B`` 1, ``T`` 1 or
+    ``B == T``), broadcast as :func:`manipulate` does."""
+    alphas = torch.as_tensor(alpha, dtype=z0.dtype, device=z0.device).reshape(-1)
+    z = z0 + alphas[:, None] * torch.as_tensor(direction).to(z0)[None, :]
+    return _stable_edit(model, z, z0, alphas.expand(z.shape[0])) if stable else z
+
+
+@torch.no_grad()
+def decode_latents(model, eps: torch.Tensor, y=None, stable: bool = True,
+                   source: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+    """Decode ``eps [N, D]`` as the editing functions do: ``(images [N, C, H, W] in [0, 1], failed)``,
+    ``failed`` the rows a person would see as broken (:func:`failed_decodes`, allowing the specks of
+    ``source``, the image each row edits), drawn grey."""
+    seen = None
+    if source is not None:  # the specks of the image each row edits (one per row, or the most of several)
+        seen = specks(_as_batch(source, "source").to(eps.dtype))
+        seen = seen if len(seen) == len(eps) else seen.max().expand(len(eps))
+    return _decode_rows(model, eps, y, stable, source_specks=seen)
+
+
+# The alphas a slider's range is measured at, and the share of edits that must decode.
+ALPHA_STEPS = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
+MIN_VALID = 0.95
+
+
+@torch.no_grad()
+def valid_alpha_range(model, images: torch.Tensor, direction: torch.Tensor, alpha_max: float = 2.0,
+                      y=None) -> tuple[float, float]:
+    """``(low, high)``: how far along ``direction`` edits of ``images`` (``[N, C, H, W]``, a few held-out
+    images) stay valid. On each side, the largest of :data:`ALPHA_STEPS` (at most ``alpha_max``) up
+    to which every step has at least :data:`MIN_VALID` of the edits pass :func:`failed_decodes`;
+    never less than the smallest step, so a slider always moves (its edits may then be refused)."""
+    model.require_initialized()
+    x = _as_batch(images, "images")
+    z0 = model.encode(x, _labels(model, y, x.shape[0]))
+    steps = [a for a in ALPHA_STEPS if a <= alpha_max] or [alpha_max]
+    ends = []
+    for sign in (-1.0, 1.0):
+        reached = steps[0]
+        for a in steps:
+            _, failed = decode_latents(model, edited_latents(model, z0, direction, sign * a), y, source=x)
+            if 1.0 - len(failed) / len(x) < MIN_VALID:
+                break
+            reached = a
+        ends.append(sign * reached)
+    return ends[0], ends[1]
+
+
 @torch.no_grad()
 def manipulate(model, x: torch.Tensor, direction: torch.Tensor, alpha=1.0, y=None,
                stable: bool = True, failed: str = "raise") -> torch.Tensor:
@@ -560,9 +609,7 @@ def manipulate(model, x: torch.Tensor, direction: torch.Tensor, alpha=1.0, y=Non
         raise ValueError(f"got {b} images and {t} alphas; pass one image, one alpha, or as many of each")
     y = _labels(model, y, b)
     z0 = model.encode(x, y)
-    z = z0 + alphas.to(z0)[:, None] * direction.to(z0)[None, :]
-    if stable:
-        z = _stable_edit(model, z, z0, alphas.to(z0).expand(z.shape[0]))
+    z = edited_latents(model, z0, direction, alphas, stable)
     if y is not None and z.shape[0] != y.shape[0]:
         y = y.expand(z.shape[0])
     per_row = alphas.expand(z.shape[0]).tolist()

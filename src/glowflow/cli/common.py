@@ -145,11 +145,18 @@ def resolve_positionals(args) -> None:
         deprecated("--checkpoint/-c", f"the checkpoint as the first argument: glowflow {args.command} "
                                       f"CHECKPOINT {' '.join(names)}")
         values = [args.checkpoint_option, *values]
-    if len(values) != len(names) + 1:
-        raise ValueError(f"expected CHECKPOINT {' '.join(names)} ({len(names) + 1} paths), got {len(values)}")
+    variadic = names[-1].endswith("...")  # "IMAGE...": one or more, as a list in args.images
+    if len(values) < len(names) + 1 or (not variadic and len(values) != len(names) + 1):
+        counted = f"{len(names) + 1} or more" if variadic else f"{len(names) + 1}"
+        raise ValueError(f"expected CHECKPOINT {' '.join(names)} ({counted} paths), got {len(values)}")
     args.checkpoint = values[0]
-    for name, value in zip(names, values[1:]):
+    for name, value in zip(names[:-1], values[1:]):
         setattr(args, name.lower(), value)
+    last = names[-1]
+    if variadic:
+        setattr(args, last[:-3].lower() + "s", values[len(names):])
+    else:
+        setattr(args, last.lower(), values[-1])
 
 
 def add_dataset(p, required: bool = False, default_help: str = "") -> None:

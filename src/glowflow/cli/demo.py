@@ -122,7 +122,9 @@ def register(sub) -> None:
                                 "training dataset)")
     p.add_argument("--split", default="test", choices=("train", "test"))
     p.add_argument("--num-test-images", type=positive_int, default=12)
-    p.add_argument("--alpha-max", type=float, default=1.0, help="sliders span [-alpha-max, alpha-max]")
+    p.add_argument("--alpha-max", type=float, default=2.0,
+                   help="sliders span at most [-alpha-max, alpha-max] (default 2), each narrowed to where its edits "
+                        "of the test images stay valid; the server refuses more")
     p.add_argument("--max-upload-mb", type=upload_mb, default=4.0,
                    help=f"largest image a request may upload, in MB, at most {MAX_UPLOAD_MB} (default 4)")
     add_json(p)

@@ -4,15 +4,19 @@
   glowflow directions RUN --dataset fashion-mnist --positive Sneaker --negative "Ankle boot"
   glowflow directions RUN --attributes list_attr_celeba.txt --images img_align_celeba --limit 5000
   glowflow directions RUN --attributes labels.csv            (images beside the CSV)
-  glowflow manipulate RUN IMG --attribute Smiling --alphas -1,-0.5,0,0.5,1 --out strip.png
+  glowflow directions RUN --attributes faces.csv --dataset orl-faces --estimator paired
+  glowflow manipulate RUN IMG [IMG ...] --attribute Smiling --alphas -1,-0.5,0,0.5,1 --out strips.png
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import torch
+
 from .. import data, latent
 from ..checkpoint import CheckpointError, weights_sha256
+from ..estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from ..images import load_image, save_grid
 from .common import (add_checkpoint, add_dataset, add_json, add_picture_output, allow_negative_number_lists,
                      check_count, dataset_of, emit, float_list, int_between, load_model, positive_int,
@@ -46,14 +50,19 @@ def cmd_interpolate(args) -> int:
 
 def cmd_manipulate(args) -> int:
     resolve_positionals(args)
-    check_count(args, len(args.alphas), "manipulate --alphas")
+    check_count(args, len(args.alphas) * len(args.images), "manipulate (images x alphas)")
     model = load_model(args)
     directions = load_directions(model, args.checkpoint, args.directions)
-    x = load_image(args.image, model.config.image_shape)
-    strip = latent.manipulate(model, x, directions[args.attribute], args.alphas, args.label, stable=not args.raw,
-                              failed="grey" if args.grey_failed else "raise")
-    save_grid(strip, args.out, nrow=len(args.alphas), scale=args.scale)
-    emit(args, {"out": str(args.out), "attribute": args.attribute, "alphas": args.alphas})
+    keep = [k.strip() for k in args.keep.split(",") if k.strip()] if args.keep else []
+    direction = directions.conditioned(args.attribute, keep) if keep else directions[args.attribute]
+    strips = []
+    for path in args.images:  # one row per image
+        x = load_image(path, model.config.image_shape)
+        strips.append(latent.manipulate(model, x, direction, args.alphas, args.label, stable=not args.raw,
+                                        failed="grey" if args.grey_failed else "raise"))
+    save_grid(torch.cat(strips), args.out, nrow=len(args.alphas), scale=args.scale)
+    emit(args, {"out": str(args.out), "attribute": args.attribute, "alphas": args.alphas,
+                "images": [str(p) for p in args.images]})
     return 0
 
 
@@ -65,16 +74,19 @@ def cmd_directions(args) -> int:
                          "(with --dataset: only the rows of that dataset's --split images)")
     model = load_model(args)
     if args.attributes is None:
-        images, attributes, names, labels, source = _class_labelled(model, args)
+        images, attributes, names, labels, source, groups = _class_labelled(model, args)
     else:
-        images, attributes, names, labels, source = _attribute_file(model, args)
+        images, attributes, names, labels, source, groups = _attribute_file(model, args)
+    if ESTIMATORS[args.estimator].needs_groups and groups is None:
+        raise ValueError(f"the {args.estimator} estimator pairs images of the same group (person): give "
+                         "--attributes with --dataset, whose labels are the groups (orl-faces: the person)")
 
     def progress(done, total):
         if not args.json:
             print(f"\rencoded {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-    directions = latent.directions_from_images(model, images, attributes, names, labels,
-                                               args.batch_size, source, progress)
+    directions = latent.directions_from_images(model, images, attributes, names, labels, args.batch_size,
+                                               source, progress, args.estimator, groups)
     out = args.out or latent.directions_dir(args.checkpoint)
     if not args.replace:
         try:
@@ -105,7 +117,7 @@ def _class_labelled(model, args):
     else:
         attributes, names = latent.class_attributes(ds.labels, ds.class_names), list(ds.class_names)
     labels = ds.labels if model.config.num_classes else None
-    return ds, attributes, names, labels, f"{name} {args.split} classes"  # read a batch at a time
+    return ds, attributes, names, labels, f"{name} {args.split} classes", None  # read a batch at a time
 
 
 def _attribute_file(model, args):
@@ -118,17 +130,19 @@ def _attribute_file(model, args):
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     table = table.select(only)
     if args.dataset:  # e.g. only the training faces enter the means
-        images, values = _split_rows(model, table, args)
+        images, values, groups = _split_rows(model, table, args)
         source = f"{args.attributes.name}, {args.dataset} {args.split} images"
-        return images[:args.limit], values[:args.limit], list(table.names), None, source
+        groups = None if groups is None else groups[:args.limit]
+        return images[:args.limit], values[:args.limit], list(table.names), None, source, groups
     table = table.head(args.limit)
     paths = latent.table_image_paths(table, args.images or args.attributes.parent)
-    return paths, table.values, list(table.names), None, str(args.attributes.name)
+    return paths, table.values, list(table.names), None, str(args.attributes.name), None
 
 
 def _split_rows(model, table, args):
     """The images of the ``--dataset`` split that ``table`` has rows for, decoded as that dataset
-    decodes them, and those rows' values."""
+    decodes them, those rows' values, and the images' dataset labels (the groups of the paired
+    estimator: the person, for the faces) or None."""
     if args.images:
         raise ValueError("--images is for --attributes alone; with --dataset the images are that dataset's")
     c, h, _ = model.config.image_shape
@@ -142,7 +156,8 @@ def _split_rows(model, table, args):
     if not rows:
         raise ValueError(f"none of the {len(table)} rows of {args.attributes} names an image of {name}'s "
                          f"{args.split} split (its {len(ds)} files are named like {ds.filenames[:1]})")
-    return ds.batch([index[table.filenames[i]] for i in rows]), table.values[rows]
+    picked = [index[table.filenames[i]] for i in rows]
+    return ds.batch(picked), table.values[rows], None if ds.labels is None else ds.labels[picked]
 
 
 def _add_raw(p) -> None:
@@ -163,7 +178,7 @@ def register(sub) -> None:
     add_picture_output(p, what="PNG grid to write")
     p.set_defaults(func=cmd_interpolate)
 
-    p = sub.add_parser("directions", help="compute attribute directions mean(z|attr) - mean(z|not attr)")
+    p = sub.add_parser("directions", help="compute attribute directions (by default mean(z|attr) - mean(z|not attr))")
     add_checkpoint(p)
     add_dataset(p)
     p.add_argument("--attributes", type=Path, help="CelebA list_attr_celeba.txt, or a CSV filename,attr1,attr2,... "
@@ -175,6 +190,10 @@ def register(sub) -> None:
     p.add_argument("--positive", help="with --negative: one direction from this class vs that class")
     p.add_argument("--negative")
     p.add_argument("--limit", type=positive_int, help="use the first N images")
+    p.add_argument("--estimator", choices=list(ESTIMATORS), default=DEFAULT_ESTIMATOR,
+                   help="how a direction is estimated from the images with and without the attribute "
+                        f"(default {DEFAULT_ESTIMATOR}; docs/editing.md compares them): "
+                        + "; ".join(f"{n}: {c.description}" for n, c in ESTIMATORS.items()))
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--replace", action="store_true", help="drop directions saved before instead of merging")
     p.add_argument("--out", type=Path, help="where to save (default: next to the checkpoint)")
@@ -183,12 +202,14 @@ def register(sub) -> None:
 
     p = sub.add_parser("manipulate", help="move an image along a saved attribute direction")
     allow_negative_number_lists(p)
-    add_checkpoint(p, "IMAGE")
+    add_checkpoint(p, "IMAGE...")
     p.add_argument("--attribute", required=True, help="name of a saved direction")
     p.add_argument("--alphas", default="-1,-0.5,0,0.5,1", type=float_list,
                    help="comma-separated steps along the direction (default -1,-0.5,0,0.5,1)")
     p.add_argument("--directions", type=Path, help="folder with directions.safetensors "
                                                    "(default: next to the checkpoint)")
+    p.add_argument("--keep", help="comma-separated saved directions to hold still: the attribute's direction "
+                                  "with its components along them removed (e.g. --attribute smiling --keep glasses)")
     p.add_argument("--label", type=int, help="class of the image (class-conditional models only)")
     p.add_argument("--grey-failed", action="store_true",
                    help="draw an alpha whose decode fails as a grey tile, with a warning, instead of stopping")

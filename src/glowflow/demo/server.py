@@ -79,12 +79,14 @@ class SampleRequest(BaseModel):
 
 
 class DemoError(Exception):
-    """A request the demo refuses: ``status`` and a message for the page."""
+    """A request the demo refuses: ``status``, a message for the page, and ``refused`` for an edit
+    whose decode failed (the page then shows that image as refused)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, refused: bool = False):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.refused = refused
 
 
 def data_url(image: torch.Tensor) -> str:
@@ -132,7 +134,7 @@ class DemoState:
             try:
                 return fn(*args, **kwargs)
             except latent.DecodeError as e:  # an edit the model cannot invert: say so, don't draw black
-                raise DemoError(422, f"{e}. Move the sliders back towards 0.") from None
+                raise DemoError(422, f"{e}. Move the sliders back towards 0.", refused=True) from None
 
     def read_image(self, data: bytes, field: str = "image") -> torch.Tensor:
         if len(data) > self.max_upload_bytes:
@@ -258,6 +260,7 @@ def create_app(model, directions: latent.Directions | None = None, test_images: 
         test_names = list(test_names or [f"test {i}" for i in range(len(test_images))])
     state = DemoState(model, directions, test_images, test_names, class_names, max_upload_bytes,
                       max_pixels, alpha_max)
+    ranges = slider_ranges(model, directions, test_images, alpha_max)
     # The JSON of /api/edit carries two base64 images (4/3 larger) plus small fields.
     json_limit = 2 * (4 * math.ceil(max_upload_bytes / 3) + 64) + 64 * 1024
 
@@ -267,7 +270,8 @@ def create_app(model, directions: latent.Directions | None = None, test_images: 
 
     @app.exception_handler(DemoError)
     async def _demo_error(request: Request, exc: DemoError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        body = {"error": exc.message, **({"refused": True} if exc.refused else {})}
+        return JSONResponse(body, status_code=exc.status)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
@@ -297,7 +301,8 @@ def create_app(model, directions: latent.Directions | None = None, test_images: 
             "num_dims": model.num_dims,
             "num_classes": cfg.num_classes,
             "class_names": class_names,
-            "directions": directions.info() if directions is not None else [],
+            "directions": [{**d, "alpha_range": ranges[d["name"]]} for d in directions.info()]
+                          if directions is not None else [],
             "alpha_max": alpha_max,
             "max_upload_bytes": max_upload_bytes,
             "max_pixels": max_pixels,
@@ -318,7 +323,8 @@ def create_app(model, directions: latent.Directions | None = None, test_images: 
         x = await run_in_threadpool(state.read_image, data, "upload")
         label = state.label(_int_or_none(request.query_params.get("label")))
         recon = await run_in_threadpool(state.run, latent.reconstruct, model, x, label)
-        return {"image": data_url(x), "reconstruction": data_url(recon[0])}
+        bpd = await run_in_threadpool(state.run, bits_per_dim, model, x, label)
+        return {"image": data_url(x), "reconstruction": data_url(recon[0]), "bits_per_dim": bpd}
 
     @app.post("/api/edit")
     async def edit(request: Request):
@@ -364,6 +370,29 @@ def create_app(model, directions: latent.Directions | None = None, test_images: 
                 "failed": failed, "warning": warning}
 
     return app
+
+
+def bits_per_dim(model, x: torch.Tensor, label: int | None) -> float:
+    """The image's bits/dim under the model, with a fixed dequantisation draw (the same image, the
+    same number)."""
+    x = x if x.dim() == 4 else x[None]
+    y = None if label is None else torch.tensor([label])
+    return float(model.bits_per_dim(x, y, generator=torch.Generator().manual_seed(0))[0])
+
+
+# Held-out images a slider's range is measured on (latent.valid_alpha_range), at most.
+RANGE_IMAGES = 16
+
+
+def slider_ranges(model, directions, test_images, alpha_max: float) -> dict[str, list[float]]:
+    """Each direction's slider range: where its edits of the test images stay valid, within
+    ``[-alpha_max, alpha_max]``; without test images, that whole span."""
+    if directions is None:
+        return {}
+    if test_images is None or not len(test_images) or model.config.num_classes:
+        return {name: [-alpha_max, alpha_max] for name in directions.names}
+    x = test_images[:RANGE_IMAGES]
+    return {name: list(latent.valid_alpha_range(model, x, directions[name], alpha_max)) for name in directions.names}
 
 
 def _int_or_none(value: str | None) -> int | None:
