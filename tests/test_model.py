@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -613,3 +614,24 @@ def test_decode_refuses_latents_that_are_not_real_numbers():
     with pytest.raises(ValueError, match="NaN or inf"):
         model.decode(torch.full((1, d), float("nan")))
     assert model.decode(torch.zeros(1, d, dtype=torch.int64)).shape == (1, *TINY["image_shape"])
+
+
+# ---------------------------------------------------------------------------- old checkpoints
+BEFORE_REDESIGN = Path(__file__).parent / "data" / "checkpoints-before-redesign"
+
+
+@pytest.mark.parametrize("name", sorted(json.loads((BEFORE_REDESIGN / "expected.json").read_text())))
+def test_checkpoints_written_before_the_redesign_score_the_same(name):
+    """Tiny checkpoints of every kind of layer, written by glowflow before its core was redesigned
+    (tests/data/checkpoints-before-redesign/make.py), load and give the per-image bits/dim and
+    log-densities recorded then."""
+    expected = json.loads((BEFORE_REDESIGN / "expected.json").read_text())[name]
+    model = Glow.from_pretrained(BEFORE_REDESIGN / name)
+    shape = model.config.image_shape
+    x = torch.randint(0, 256, (4, *shape), generator=torch.Generator().manual_seed(7)) / 255.0
+    y = torch.arange(4) % model.config.num_classes if model.config.num_classes else None
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        bpd, logp = model.bits_per_dim(x, y, noise=noise), model.log_prob(x, y)
+    torch.testing.assert_close(bpd, torch.tensor(expected["bits_per_dim"]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logp, torch.tensor(expected["log_prob"]), rtol=1e-5, atol=1e-4)
