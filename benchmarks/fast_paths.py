@@ -1,18 +1,15 @@
-"""Training steps with one of glowflow's CPU fast paths on, against the same steps with it off;
-prints JSON. ``--path``:
-
-- ``prepared``: the flow steps' weight-side tensors prepared per level (``fast.prepared_weights``),
-  against each layer computing its own;
-- ``one-node``: few-channel affine flow steps as one matrix-product node (``fast.affine_step``),
-  against their layers run one by one.
+"""Training steps with glowflow's CPU fast paths on, against the same steps with one of them off
+(``--path NAME``, a name of ``glowflow.fast.PATHS``) or with all of them off (``--path all``: the
+layers as written); prints JSON.
 
 At each configuration one model trains (forward, backward and fused Adam on random 8-bit batches);
 its steps alternate between the two ways (ABBA order), so a change in the machine's speed hits both
 alike. Reported per configuration: the median step time of each way, their ratio, and the median
-of the per-pair ratios (the estimate least hurt by drift).
+of the per-pair ratios (the estimate least hurt by drift). The paths are switched with
+``glowflow.fast.using``, the switch the library documents.
 
-    python benchmarks/fast_paths.py --path one-node       # the configurations below, about 5 minutes
-    python benchmarks/fast_paths.py --path prepared --iters 40 --threads 1
+    python benchmarks/fast_paths.py --path one_node_steps     # the configurations below, about 5 minutes
+    python benchmarks/fast_paths.py --path all --iters 40 --threads 1
 
 The configurations are the six of ``benchmarks/compare_normflows.py --grid`` and the architectures
 of the two Fashion-MNIST presets (``make run``'s and the hour-long one).
@@ -44,35 +41,16 @@ CONFIGS = (
 )
 
 
-@contextlib.contextmanager
-def _each_layer_its_own(root):
-    yield
+PATHS = ("all", *fast.PATHS)
 
 
-# --path: (the name in glowflow.fast the layers look up at call time, its value with the path off,
-# what the JSON calls the comparison)
-_PATHS = {
-    "prepared": ("prepared_weights", _each_layer_its_own, "prepared weight-side tensors against each layer its own"),
-    "one-node": ("GEMM_STEP_MAX_CHANNELS", 0,
-                 "few-channel affine steps as one node against their layers one by one"),
-}
-PATHS = tuple(_PATHS)
-
-
-@contextlib.contextmanager
 def _off(path: str):
-    """The block runs with fast path ``path`` off."""
-    name, value, _ = _PATHS[path]
-    before = getattr(fast, name)
-    setattr(fast, name, value)
-    try:
-        yield
-    finally:
-        setattr(fast, name, before)
+    """A block in which fast path ``path`` (or every one, ``"all"``) is off."""
+    return fast.reference() if path == "all" else fast.using(**{path: False})
 
 
 def time_config(shape, levels, steps, width, batch, iters: int, warmup: int, seed: int = 0,
-                path: str = "prepared") -> dict:
+                path: str = "all") -> dict:
     config = GlowConfig(image_shape=shape, levels=levels, steps=list(steps) if isinstance(steps, tuple) else steps,
                         hidden_channels=width, coupling="affine", permutation="invconv_lu", seed=seed)
     model = Glow(config=config)
@@ -118,7 +96,8 @@ def main(argv=None) -> dict:
     configs, iters, warmup = (CONFIGS[:2], 4, 1) if args.quick else (CONFIGS, args.iters, args.warmup)
     load_before = round(os.getloadavg()[0], 2)
     rows = [time_config(*c, iters=iters, warmup=warmup, path=args.path) for c in configs]
-    result = {"benchmark": f"{_PATHS[args.path][2]}, training steps", "path": args.path,
+    what = "all fast paths" if args.path == "all" else f"fast path {args.path}"
+    result = {"benchmark": f"training steps with {what} on against off", "path": args.path,
               "configs": rows, "min_speedup": min(r["speedup"] for r in rows),
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpu": platform.processor() or platform.machine(),

@@ -10,8 +10,9 @@ import torch
 
 from glowflow import Glow, GlowConfig, TrainConfig
 from glowflow.checkpoint import CheckpointError
-from glowflow.config import MAX_FLOW_STEPS, apply_overrides, build_train_config
-from glowflow.layers import Coupling
+from glowflow.config import MAX_FLOW_STEPS, build_train_config
+from glowflow.couplings import Coupling
+from glowflow.presets import apply_overrides
 
 OLD_CHECKPOINT = Path(__file__).parent / "data" / "checkpoint-v0.1"
 
@@ -22,7 +23,8 @@ OLD_CHECKPOINT = Path(__file__).parent / "data" / "checkpoint-v0.1"
     dict(image_shape=(1, 28, 28), levels=2, steps=3, hidden_channels=8, permutation="invconv_lu",
          split_prior="conv+position", num_classes=10),
     dict(image_shape=(3, 8, 8), levels=1, steps=2, hidden_channels=5, learn_top=False, permutation="shuffle"),
-    dict(image_shape=(1, 8, 8), levels=2, steps=2, hidden_channels=4, coupling="mixture", mixture_components=3),
+    dict(image_shape=(1, 8, 8), levels=2, steps=2, hidden_channels=4, coupling="mixture",
+         coupling_options={"components": 3}),
     dict(image_shape=(1, 8, 8), levels=2, steps=2, hidden_channels=4, attention_levels=1, attention_heads=2),
     dict(image_shape=(3, 8, 8), levels=3, steps=1, hidden_channels=6, attention_levels=2, attention_heads=3),
     dict(image_shape=(1, 8, 8), levels=2, steps=2, hidden_channels=4, gated_levels=1),
@@ -48,7 +50,10 @@ def test_num_parameters_counts_what_the_model_builds(cfg):
     ({"image_shape": [1, 28]}, "image_shape must have 3 entries"),
     ({"learn_top": "yes"}, "learn_top must be true or false"),
     ({"coupling": "affin"}, "coupling must be one of"),
-    ({"mixture_components": 0}, "mixture_components must be an integer >= 1"),
+    ({"coupling": "mixture", "coupling_options": {"components": 0}}, "needs at least 1 component"),
+    ({"coupling_options": {"components": 3}}, r"unknown options \['components'\] for coupling 'affine'"),
+    ({"coupling": "mixture", "coupling_options": {"components": 2.5}}, "components must be an integer"),
+    ({"conditioned_couplings": True}, "conditioned_couplings needs num_classes"),
     ({"attention_levels": 3}, "attention_levels must be an integer from 0 to levels"),
     ({"gated_levels": -1}, "gated_levels must be an integer from 0 to levels"),
     ({"gated_levels": True}, "gated_levels must be an integer"),
@@ -80,7 +85,6 @@ def test_config_json_values_are_checked_before_anything_is_built(tmp_path, chang
     ({"n_bits": 1.5}, "n_bits must be an integer, got 1.5"),
     ({"num_classes": 1.5}, "num_classes must be an integer, got 1.5"),
     ({"num_classes": 0}, r"num_classes must be in \[1, inf\)"),
-    ({"class_loss_weight": float("nan")}, "class_loss_weight must be a finite number"),
     ({"seed": 2**64}, "seed must be an integer from 0 to"),
     ({"seed": -1}, "seed must be an integer from 0 to"),
     ({"image_shape": (1, 65536, 65536), "learn_top": False}, "values per image; the limit is"),
@@ -107,6 +111,7 @@ def test_python_arguments_are_checked_like_config_files(changes, message):
     ("batch_size=1.5", "batch_size must be an integer"),
     ("seed=99999999999999999999", "seed must be an integer from 0 to"),
     ("lr=.nan", "lr must be a finite number"),
+    ("class_loss_weight=.nan", "class_loss_weight must be a finite number"),
 ])
 def test_every_numeric_training_setting_has_its_range_checked(setting, message):
     with pytest.raises(ValueError, match=message):
@@ -177,3 +182,16 @@ def test_overrides_and_presets():
     cfg = build_train_config("fashion-mnist-cpu", ["model.steps=3", "max_minutes=null"])
     assert cfg.model.steps == 3 and cfg.max_minutes is None
     assert build_train_config("imagenet64-paper").memory == "invertible"
+
+
+def test_configs_written_before_the_redesign_load_with_their_settings_moved():
+    """A mixture's components became a coupling option and the class loss's weight a setting of
+    the run; config.json files that hold them the old way still load, meaning the same."""
+    old = {**GlowConfig(image_shape=(1, 8, 8), levels=2, steps=1, hidden_channels=4).to_dict(),
+           "coupling": "mixture", "mixture_components": 3, "class_loss_weight": 0.5, "memory": "invertible"}
+    del old["coupling_options"], old["conditioned_couplings"]
+    assert GlowConfig.from_dict(old).coupling_options == {"components": 3}
+    run = TrainConfig.from_dict({"model": old})
+    assert (run.class_loss_weight, run.memory, run.model.coupling_options) == (0.5, "invertible", {"components": 3})
+    affine = GlowConfig.from_dict({**old, "coupling": "affine"})
+    assert affine.coupling_options == {} and hash(affine) == hash(GlowConfig.from_dict(affine.to_dict()))

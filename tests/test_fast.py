@@ -1,18 +1,20 @@
-"""The CPU fast paths equal the reference paths: the thin-side 3x3 convolutions equal F.conv2d
-(values and gradients, float64), the coupling network takes them where it says it does (its values
-on these routes: test_layers.py), the flow steps' weight-side tensors are prepared per level where
-they should be and nowhere else, few-channel affine steps run as one node where they should (values
-and gradients against the layers, float64, and against finite differences), and a whole model
-computes the same log-density and gradients with the fast paths on and off."""
+"""The CPU fast paths equal the reference paths (the layers as written): the thin-side 3x3
+convolutions equal F.conv2d (values and gradients, float64), a level takes them where it says it
+does, each path alone and all together give a whole model's log-density and gradients, the
+weight-side tensors are computed per group of one kind and shape, few-channel affine steps run as
+one node where they should (values and gradients against the layers, float64, and against finite
+differences), and no fast path leaves state on a layer."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from glowflow import Glow
+from glowflow import Glow, GlowConfig
 from glowflow import fast as convs
-from glowflow.layers import ActNorm, Chain, CouplingNet, FlowStep, InvConv1x1
+from glowflow.blocks import FlowStep
+from glowflow.layers import ActNorm, InvConv1x1, ZeroConv2d
+from glowflow.networks import NormedConv
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -91,130 +93,142 @@ def test_conv2d_same_under_autocast_is_plain_conv2d(monkeypatch):
     assert y.dtype == torch.bfloat16 and calls == {"in": 0, "out": 0}
 
 
-def test_coupling_net_takes_the_thin_routes(monkeypatch):
-    """The shape test_layers.py checks against the literal network takes both thin routes
-    (first and last convolution) once initialised."""
+def _thin_model():
+    """One level of 4 channels at 10x10 with width 128: the coupling network's first convolution
+    (2 -> 128) and last (128 -> 4) are thin-side shapes. Initialised, in float64."""
+    model = Glow(image_shape=(1, 20, 20), levels=1, steps=1, hidden_channels=128, permutation="invconv").double()
+    model.initialize(torch.rand(3, 1, 20, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(10)))
+    return model
+
+
+def test_a_level_takes_the_thin_routes(monkeypatch):
+    """The shape above takes both thin routes (first and last convolution) once initialised, and
+    none on the reference paths or with that path off."""
+    model = _thin_model()
+    x = torch.rand(3, 1, 20, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
     calls = _count_routes(monkeypatch)
-    net = CouplingNet(2, 2, 128).double()
-    x = _rand(3, 2, 10, 10, seed=10)
-    net(x)  # data-dependent init runs the unfolded layers
-    calls.update({"in": 0, "out": 0})
-    net(x)
+    with convs.using(one_node_steps=False):
+        model.log_prob(x)
     assert calls == {"in": 1, "out": 1}
+    for block in (convs.reference(), convs.using(thin_convs=False, one_node_steps=False)):
+        calls.update({"in": 0, "out": 0})
+        with block:
+            model.log_prob(x)
+        assert calls == {"in": 0, "out": 0}
 
 
-@pytest.mark.parametrize("shape,levels,hidden,options", [
-    ((2, 8, 8), 2, 8, {"permutation": "invconv"}),
-    ((2, 8, 8), 2, 8, {"permutation": "invconv_lu", "steps": 3}),
-    ((2, 8, 8), 2, 8, {"permutation": "invconv_lu", "gated_levels": 1, "attention_levels": 1, "attention_heads": 2}),
-    ((2, 8, 8), 2, 8, {"permutation": "shuffle", "coupling": "additive"}),
-    ((1, 20, 20), 1, 128, {"permutation": "invconv"})],
-    ids=["plain-shapes", "lu", "gated-attention", "shuffle-additive", "thin-routes"])
-def test_model_on_fast_paths_equals_reference_paths(shape, levels, hidden, options, perturb_zero_init):
+MODELS = {
+    "plain-shapes": ((2, 8, 8), 2, 8, {"permutation": "invconv"}),
+    "lu": ((2, 8, 8), 2, 8, {"permutation": "invconv_lu", "steps": 3}),
+    "gated-attention": ((2, 8, 8), 2, 8, {"permutation": "invconv_lu", "gated_levels": 1, "attention_levels": 1,
+                                          "attention_heads": 2}),
+    "shuffle-additive": ((2, 8, 8), 2, 8, {"permutation": "shuffle", "coupling": "additive"}),
+    "mixture-conditioned": ((2, 8, 8), 2, 8, {"coupling": "mixture", "num_classes": 3, "conditioned_couplings": True}),
+    "thin-routes": ((1, 20, 20), 1, 128, {"permutation": "invconv"}),
+}
+
+
+@pytest.mark.parametrize("paths", ["all", *convs.PATHS])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_on_fast_paths_equals_reference_paths(name, paths, perturb_zero_init):
+    """Each path alone, and all of them, against the layers as written: log-density and every
+    parameter's gradient, float64."""
+    shape, levels, hidden, options = MODELS[name]
     options = {"steps": 2, **options}
     model = Glow(image_shape=shape, levels=levels, hidden_channels=hidden, **options).double()
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (3, *shape), generator=g) / 255.0
-    model.initialize(x.double(), generator=g)
+    y = torch.arange(3) % 3 if options.get("num_classes") else None
+    model.initialize(x.double(), y, generator=g)
     perturb_zero_init(model, std=0.05)
+    on = convs.FastOptions() if paths == "all" else convs.FastOptions(**{p: p == paths for p in convs.PATHS})
     results = {}
-    for fast_paths in (True, False):
-        with convs.reference(active=not fast_paths):
-            assert convs.enabled() == fast_paths
+    for label, fast_options in (("fast", on), ("reference", convs.FastOptions.none())):
+        with convs.using(fast_options):
+            assert convs.enabled() == (label == "fast")
             model.zero_grad(set_to_none=True)
-            logp = model.log_prob(x.double())
+            logp = model.log_prob(x.double(), y)
             logp.sum().backward()
-            results[fast_paths] = (logp.detach(), [p.grad.clone() for p in model.parameters()])
-    assert convs.enabled()
-    (lp_fast, g_fast), (lp_ref, g_ref) = results[True], results[False]
+            results[label] = (logp.detach(), [p.grad for p in model.parameters()])
+    assert convs.options() == convs.FastOptions()
+    (lp_fast, g_fast), (lp_ref, g_ref) = results["fast"], results["reference"]
     torch.testing.assert_close(lp_fast, lp_ref, rtol=1e-12, atol=1e-10)
     for a, b in zip(g_fast, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+        assert (a is None) == (b is None)  # a class head gets none from the log-density
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
-def test_reference_paths_take_no_thin_route(monkeypatch):
-    calls = _count_routes(monkeypatch)
-    net = CouplingNet(2, 4, 128).double()
-    x = torch.randn(2, 2, 10, 10, dtype=torch.float64)
-    with convs.reference():
-        net(x)
-        net(x)
-    assert calls == {"in": 0, "out": 0}
-    net(x)
-    assert calls["in"] == 1 and calls["out"] == 1
+def test_unknown_fast_path_names_are_refused():
+    with pytest.raises(ValueError, match="unknown fast paths.*grouped_weights"):
+        with convs.using(grouped=False):
+            pass
 
 
-def _prepared_during_forward(model, x):
-    """{layer class name: [whether each flow-step layer of that class ran on prepared tensors]}."""
-    seen: dict = {}
+def test_no_fast_path_leaves_state_on_a_layer():
+    """A forward and backward pass on every fast path leaves each module's attributes as it found
+    them: the fast paths read the layers, they never write to them."""
+    model = Glow(image_shape=(2, 8, 8), levels=2, steps=2, hidden_channels=8)
+    x = torch.rand(4, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    model.initialize(x)
 
-    def hook(layer, args):
-        seen.setdefault(type(layer).__name__, []).append(layer._prepared is not None)
-
-    handles = [layer.register_forward_pre_hook(hook) for level in model.levels
-               for layer in convs.weight_side_layers(level.steps)]
-    try:
-        model.log_prob(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
-def test_flow_steps_run_on_prepared_weights_and_release_them():
-    # 12 channels at the first level: steps run layer by layer (few-channel steps: below)
-    model = Glow(image_shape=(3, 8, 8), levels=2, steps=3, hidden_channels=8)
-    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    seen = _prepared_during_forward(model, x)  # the first forward initialises actnorm from x
-    assert seen and not any(any(v) for v in seen.values())
-    seen = _prepared_during_forward(model, x)
-    assert set(seen) == {"ActNorm", "InvConv1x1", "_NormedConv", "ZeroConv2d"}
-    assert all(all(v) for v in seen.values()) and len(seen["_NormedConv"]) == 2 * 2 * 3
-    layers = [m for m in model.modules() if isinstance(m, convs.WeightSide)]
-    assert layers and all(m._prepared is None for m in layers)  # nothing kept after the forward
-    with convs.reference():
-        seen = _prepared_during_forward(model, x)
-    assert not any(any(v) for v in seen.values())
-    model.memory = "checkpoint"  # recomputes each layer on its own: nothing to share
-    assert not any(any(v) for v in _prepared_during_forward(model, x).values())
+    def state():
+        return {name: {k: (id(v) if isinstance(v, torch.Tensor) else repr(v)) for k, v in vars(m).items()
+                       if k not in ("_parameters", "_buffers", "_modules", "_forward_pre_hooks")}
+                for name, m in model.named_modules()}
+    before = state()
+    model.log_prob(x).sum().backward()
+    assert state() == before
 
 
-def test_prepared_weights_group_by_kind_and_shape(monkeypatch):
-    """One computation per group of equal kind and shapes; a layer alone in its group computes its own."""
+def test_weight_side_tensors_are_computed_once_per_group(monkeypatch):
+    """One computation per kind and shape in a level (stacked), equal to each layer's own; with
+    ``grouped_weights`` off, one per layer."""
+    model = Glow(image_shape=(3, 8, 8), levels=2, steps=3, hidden_channels=8, permutation="invconv_lu")
+    model.initialize(torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+    steps = model.levels[0].steps
     calls = []
-    compute = ActNorm.compute_weights
-    monkeypatch.setattr(ActNorm, "compute_weights", staticmethod(lambda logs: calls.append(logs.shape) or compute(logs)))
-    layers = torch.nn.ModuleList([ActNorm(3), ActNorm(3), ActNorm(3), ActNorm(5), InvConv1x1(3, lu=True)])
-    for layer in layers[:4]:
-        layer.initialize(torch.randn(4, layer.logs.shape[1], 2, 2))
-    with convs.prepared_weights(layers):
-        assert calls == [torch.Size([3, 1, 3, 1, 1])]
-        assert layers[3]._prepared is None and layers[4]._prepared is None
-        for layer in layers[:3]:
-            torch.testing.assert_close(layer.weight_tensors()[0], torch.exp(layer.logs), rtol=0, atol=0)
-    assert all(layer._prepared is None for layer in layers)
+    compute = convs._compute
+    monkeypatch.setattr(convs, "_compute", lambda kind, inputs, opts: calls.append(
+        (kind, inputs[0].dim())) or compute(kind, inputs, opts))
+    weights = convs._weight_tensors(steps, convs.FastOptions())
+    # 12 channels: actnorms, 1x1 convs, the two hidden convs (3x3 and 1x1 shapes differ), the last conv
+    assert sorted(k.__name__ for k, _ in calls) == sorted(["ActNorm", "InvConv1x1", "NormedConv", "NormedConv",
+                                                            "ZeroConv2d"])
+    assert len(weights) == 3 * (2 + 3)
+    for step in steps:
+        scale, logs_sum = weights[step.actnorm]
+        torch.testing.assert_close(scale, torch.exp(step.actnorm.logs), rtol=0, atol=0)
+        torch.testing.assert_close(weights[step.permute][0], step.permute.compose(*step.permute.factors())[0])
+    calls.clear()
+    convs._weight_tensors(steps, convs.FastOptions(grouped_weights=False))
+    assert len(calls) == 3 * 5 and all(kind in (ActNorm, InvConv1x1, NormedConv, ZeroConv2d) for kind, _ in calls)
 
 
-@pytest.mark.parametrize("path", ["prepared", "one-node"])
-def test_fast_paths_benchmark_runs_both_ways_and_restores_the_switch(path):
-    """benchmarks/fast_paths.py on a tiny model: both ways timed, the module left as found."""
+@pytest.mark.parametrize("path", ["grouped_weights", "one_node_steps"])
+def test_fast_paths_benchmark_runs_both_ways_and_leaves_the_options_as_found(path):
+    """benchmarks/fast_paths.py on a tiny model: both ways timed, the options left as found."""
     import importlib.util
     from pathlib import Path
     file = Path(__file__).resolve().parents[1] / "benchmarks" / "fast_paths.py"
     spec = importlib.util.spec_from_file_location("fast_paths_benchmark", file)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    before = convs.prepared_weights, convs.GEMM_STEP_MAX_CHANNELS
+    before = convs.options()
     row = bench.time_config((1, 8, 8), 2, (2, 1), 8, 2, iters=2, warmup=1, path=path)
-    assert (convs.prepared_weights, convs.GEMM_STEP_MAX_CHANNELS) == before
+    assert convs.options() == before
     assert row["steps"] == [2, 1] and row["step_ms_on"] > 0 and row["step_ms_off"] > 0
 
 
 # ------------------------------------------------------------------- few-channel affine steps
-def _step(channels, permutation="invconv_lu", coupling="affine", hidden=8, seed=0, **options):
-    """An initialised flow step in float64, moved off its zero init, and an input for it."""
+def _step(channels, permutation="invconv_lu", coupling="affine", hidden=8, seed=0, gated=False, attention_heads=0):
+    """An initialised flow step of ``channels`` (a multiple of 4) in float64, moved off its zero
+    init, and an input for it."""
     g = torch.Generator().manual_seed(seed)
-    step = FlowStep(channels, hidden, coupling, permutation, g, **options).double()
+    config = GlowConfig(image_shape=(channels // 4, 10, 12), levels=1, steps=1, hidden_channels=hidden,
+                        permutation=permutation, coupling=coupling, gated_levels=int(gated),
+                        attention_levels=int(attention_heads > 0), attention_heads=attention_heads or 4)
+    step = FlowStep(config, 0, g).double()
     x = torch.randn(2, channels, 5, 6, generator=g, dtype=torch.float64) * 2.0 + 0.5
     step(x)  # data-dependent init
     with torch.no_grad():
@@ -230,12 +244,12 @@ def _count_one_node(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("channels,permutation,sliced", [(4, "invconv_lu", False), (3, "invconv_lu", False),
-                                                         (8, "invconv", False), (4, "invconv_lu", True)])
+@pytest.mark.parametrize("channels,permutation,sliced", [(4, "invconv_lu", False), (8, "invconv", False),
+                                                         (4, "invconv_lu", True)])
 def test_affine_step_equals_the_layers(monkeypatch, channels, permutation, sliced):
     """Output, log|det| and every gradient (input, parameters) of the one-node step equal the layers
-    run one by one, for even and odd channel counts, both 1x1 parametrisations and an input that is
-    a channel slice of a larger tensor (as after a split)."""
+    run one by one, for both 1x1 parametrisations and an input that is a channel slice of a larger
+    tensor (as after a split)."""
     calls = _count_one_node(monkeypatch)
     step, x = _step(channels, permutation)
     results = []
@@ -244,7 +258,7 @@ def test_affine_step_equals_the_layers(monkeypatch, channels, permutation, slice
         leaf = x.clone().requires_grad_(True)
         xi = torch.cat([leaf, leaf], 1)[:, 1: channels + 1] if sliced else leaf
         assert xi.is_contiguous() != sliced
-        y, logdet = step(xi) if one_node else Chain.forward(step, xi)
+        y, logdet = convs.step_forward(step, xi) if one_node else step(xi)
         (y.sin().sum() + (logdet * torch.tensor([0.7, -1.3], dtype=torch.float64)).sum()).backward()
         results.append([y, logdet, leaf.grad] + [p.grad for p in step.parameters()])
     assert calls == [1]
@@ -272,25 +286,33 @@ def test_affine_step_backward_is_the_derivative():
 
 
 def test_affine_step_only_where_it_applies(monkeypatch):
-    """One node for initialised affine steps with a 1x1 convolution on at most
-    GEMM_STEP_MAX_CHANNELS channels on the fast paths; layer by layer otherwise."""
+    """One node for initialised, unconditioned affine steps with the plain network after a 1x1
+    convolution on at most GEMM_STEP_MAX_CHANNELS channels, with the path on; layer by layer
+    otherwise, and never under the other memory modes."""
     calls = _count_one_node(monkeypatch)
 
     def used(step, x):
         calls.clear()
-        step(x)
+        convs.step_forward(step, x)
         return len(calls) == 1
     step, x = _step(convs.GEMM_STEP_MAX_CHANNELS)
     assert used(step, x)
-    assert not used(*_step(convs.GEMM_STEP_MAX_CHANNELS + 1))
+    assert not used(*_step(convs.GEMM_STEP_MAX_CHANNELS + 4))
     assert not used(*_step(4, coupling="additive"))
     assert not used(*_step(4, permutation="shuffle"))
     assert not used(*_step(4, gated=True))
     assert not used(*_step(4, attention_heads=2))
     with convs.reference():
         assert not used(step, x)
-    step.memory = "checkpoint"
-    assert not used(step, x)
-    fresh = FlowStep(4, 8, "affine", "invconv_lu", torch.Generator().manual_seed(0)).double()
-    assert not used(fresh, x[:, :4])  # the first call initialises the actnorms
-    assert used(fresh, x[:, :4])
+    with convs.using(one_node_steps=False):
+        assert not used(step, x)
+    fresh = FlowStep(GlowConfig(image_shape=(2, 10, 12), levels=1, steps=1, hidden_channels=8), 0).double()
+    assert not used(fresh, x)  # the first call initialises the actnorms
+    assert used(fresh, x)
+    model = Glow(image_shape=(1, 8, 8), levels=1, steps=2, hidden_channels=8)
+    model.initialize(torch.rand(4, 1, 8, 8))
+    for memory, expected in (("none", 2), ("checkpoint", 0), ("invertible", 0)):
+        model.memory = memory
+        calls.clear()
+        model.log_prob(torch.rand(2, 1, 8, 8)).sum().backward()
+        assert len(calls) == expected, memory

@@ -15,7 +15,10 @@ import torch
 
 from glowflow import Glow
 from glowflow.data import ImageDataset
-from glowflow.layers import ActNorm, Coupling, CouplingNet, FlowStep, InvConv1x1, Permute, SplitPrior, Squeeze, TopPrior
+from glowflow.blocks import FlowStep
+from glowflow.couplings import Coupling
+from glowflow.layers import ActNorm, InvConv1x1, Permute, SplitPrior, Squeeze, TopPrior
+from glowflow.networks import CouplingNet
 from glowflow.train import TrainConfig, Trainer
 
 HAS_CUDA = torch.cuda.is_available()

@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.functional import jacobian
 
-from glowflow import fast
-from glowflow.layers import (ActNorm, Chain, Coupling, CouplingNet, FlowStep, InvConv1x1, InvertibleLayer, Level,
-                             Permute, SelfAttention, SplitPrior, Squeeze, TopPrior)
+from glowflow import GlowConfig
+from glowflow.blocks import FlowStep, Level
+from glowflow.couplings import COUPLINGS, coupling_class
+from glowflow.layers import ActNorm, Chain, InvConv1x1, Permute, SplitPrior, Squeeze, TopPrior
+from glowflow.networks import CouplingNet, SelfAttention
 
 B, C, H, W = 2, 4, 4, 4
 HIDDEN = 8
@@ -84,12 +86,22 @@ def _permute(mode: str):
     return build
 
 
-def _coupling(kind: str, attention_heads: int = 0, gated: bool = False):
+def _config(**overrides) -> GlowConfig:
+    """An architecture whose first level's flow steps see ``[B, C, H, W]``."""
+    return GlowConfig(**{"image_shape": (C // 4, 2 * H, 2 * W), "levels": 1, "steps": 2, "hidden_channels": HIDDEN,
+                         **overrides})
+
+
+def _coupling(kind: str, std: float = 0.2, condition: torch.Tensor | None = None, **options):
+    """A coupling of the registered ``kind``, its zero-initialised output perturbed by ``std``;
+    with ``condition`` (rows per sample), a conditioned one."""
     def build(x, pz, pa):
-        layer = pz(Coupling(C, HIDDEN, kind, _generator(), attention_heads=attention_heads, gated=gated).double(),
-                   std=0.2)
-        layer(x)  # init the actnorms inside the coupling network
-        return _as_bijection(layer, changes_volume=kind != "additive")
+        channels = 0 if condition is None else condition.shape[1]
+        layer = coupling_class(kind)(C, HIDDEN, generator=_generator(), condition_channels=channels, **options)
+        cond = None if condition is None else {"condition": condition.double()}
+        layer = pz(layer.double(), std=std)
+        layer(x, **(cond or {}))  # init the actnorms inside the coupling network
+        return _as_bijection(layer, changes_volume=kind != "additive", cond=cond)
     return build
 
 
@@ -99,7 +111,7 @@ def _squeeze(x, pz, pa):
 
 def _flowstep(permutation: str, coupling: str, std: float = 0.2):
     def build(x, pz, pa):
-        layer = pz(FlowStep(C, HIDDEN, coupling, permutation, _generator()).double(), std=std)
+        layer = pz(FlowStep(_config(coupling=coupling, permutation=permutation), 0, _generator()).double(), std=std)
         layer(x)  # data-dependent init
         pa(layer, std=0.05)  # off the init point: nothing is exactly standardised or orthogonal
         return _as_bijection(layer, changes_volume=True)
@@ -111,7 +123,8 @@ def _split_prior(x, pz, pa):
 
 
 def _chain(x, pz, pa):
-    layer = Chain(ActNorm(C), InvConv1x1(C, lu=True, generator=_generator()), Coupling(C, HIDDEN, "affine", _generator()))
+    layer = Chain(ActNorm(C), InvConv1x1(C, lu=True, generator=_generator()),
+                  coupling_class("affine")(C, HIDDEN, generator=_generator()))
     layer = pz(layer.double(), std=0.2)
     layer(x)  # data-dependent init
     pa(layer, std=0.05)
@@ -123,7 +136,9 @@ def _level(last: bool):
         # squeeze to 16 channels at 2x2, two steps of flow, and (unless last) the split; smaller
         # perturbations than a single step's, whose composition at 2x2 gets too ill-conditioned
         # for a float64 inverse at 1e-10
-        layer = pz(Level(C, 2, HIDDEN, "affine", "invconv_lu", last, _generator()).double(), std=0.1)
+        config = GlowConfig(image_shape=(C, H, W), levels=1 if last else 2, steps=2, hidden_channels=HIDDEN,
+                            permutation="invconv_lu")
+        layer = pz(Level(config, 0, _generator()).double(), std=0.1)
         layer(x)  # data-dependent init
         pa(layer, std=0.02)
         return _as_bijection(layer, changes_volume=True)
@@ -135,7 +150,7 @@ def _top_prior(num_classes):
         layer = pz(TopPrior((C, H, W), learn_top=True, num_classes=num_classes).double(), std=0.2)
         cond = None
         if num_classes:
-            cond = {"y_onehot": F.one_hot(torch.tensor([0, 2]), num_classes).double()}
+            cond = {"condition": F.one_hot(torch.tensor([0, 2]), num_classes).double()}
         return _as_bijection(layer, changes_volume=True, cond=cond)
     return build
 
@@ -146,11 +161,15 @@ LAYERS = {
     "invconv_lu": _invconv(lu=True),
     "permute_reverse": _permute("reverse"),
     "permute_shuffle": _permute("shuffle"),
+    # one entry per registered coupling (test_every_coupling_is_in_the_table)
     "coupling_affine": _coupling("affine"),
     "coupling_additive": _coupling("additive"),
     "coupling_mixture": _coupling("mixture"),
     "coupling_affine_attention": _coupling("affine", attention_heads=2),
     "coupling_affine_gated": _coupling("affine", gated=True),
+    "coupling_affine_class_conditioned": _coupling("affine", condition=F.one_hot(torch.tensor([1, 2]), NUM_CLASSES)),
+    "coupling_mixture_map_conditioned": _coupling("mixture", std=0.05, condition=torch.randn(
+        B, 2, 2 * H, 2 * W, generator=_generator(9))),  # a feature map, resized to the layer's H, W
     "squeeze": _squeeze,
     **{f"flowstep_{p}_{c}": _flowstep(p, c)
        for p in ("invconv", "invconv_lu", "shuffle", "reverse") for c in ("affine", "additive")},
@@ -164,6 +183,10 @@ LAYERS = {
     "top_prior": _top_prior(None),
     "top_prior_class_conditional": _top_prior(NUM_CLASSES),
 }
+
+
+def test_every_coupling_is_in_the_table():
+    assert {f"coupling_{name}" for name in COUPLINGS} <= set(LAYERS)
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
@@ -416,9 +439,10 @@ def test_permute_shuffle_is_a_seeded_permutation():
 
 
 def test_flowstep_init_is_deterministic_for_a_seed():
-    a = FlowStep(C, HIDDEN, "affine", "invconv_lu", _generator(11)).state_dict()
-    b = FlowStep(C, HIDDEN, "affine", "invconv_lu", _generator(11)).state_dict()
-    c = FlowStep(C, HIDDEN, "affine", "invconv_lu", _generator(12)).state_dict()
+    config = _config(permutation="invconv_lu")
+    a = FlowStep(config, 0, _generator(11)).state_dict()
+    b = FlowStep(config, 0, _generator(11)).state_dict()
+    c = FlowStep(config, 0, _generator(12)).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
@@ -426,11 +450,20 @@ def test_flowstep_init_is_deterministic_for_a_seed():
 # ---------------------------------------------------------------------------- bad arguments
 @pytest.mark.parametrize("build", [
     lambda: Permute(C, "bogus"),
-    lambda: Coupling(C, HIDDEN, "bogus"),
-    lambda: Coupling(1, HIDDEN, "affine"),
-    lambda: FlowStep(C, HIDDEN, "affine", "bogus"),
-    lambda: FlowStep(C, HIDDEN, "bogus", "invconv"),
-], ids=["permute-mode", "coupling-kind", "coupling-channels", "flowstep-permutation", "flowstep-coupling"])
+    lambda: coupling_class("bogus"),
+    lambda: coupling_class("affine")(1, HIDDEN),
+    lambda: coupling_class("mixture")(C, HIDDEN, components=0),
+    lambda: coupling_class("affine")(C, HIDDEN, components=3),
+    lambda: coupling_class("affine")(C, HIDDEN)(torch.zeros(B, C, H, W), condition=torch.zeros(B, 3)),
+    lambda: coupling_class("affine")(C, HIDDEN, condition_channels=3)(torch.zeros(B, C, H, W)),
+    lambda: coupling_class("affine")(C, HIDDEN, condition_channels=3)(torch.zeros(B, C, H, W),
+                                                                        condition=torch.zeros(B, 2)),
+    lambda: Chain(ActNorm(C))(torch.zeros(B, C, H, W), condition=torch.zeros(B, 3)),
+    lambda: _config(permutation="bogus"),
+    lambda: _config(coupling="bogus"),
+], ids=["permute-mode", "coupling-kind", "coupling-channels", "coupling-option-range", "coupling-option-unknown",
+        "condition-not-taken", "condition-missing", "condition-shape", "chain-swallows-nothing",
+        "flowstep-permutation", "flowstep-coupling"])
 def test_bad_layer_arguments_raise_value_error(build):
     with pytest.raises(ValueError):
         build()

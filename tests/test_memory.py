@@ -12,8 +12,9 @@ import torch
 import importlib.util
 from pathlib import Path
 
-from glowflow import Glow, fast
-from glowflow.layers import FlowStep, InvertibleLayer
+from glowflow import Glow, GlowConfig, fast
+from glowflow.blocks import FlowStep
+from glowflow.layers import InvertibleLayer
 from glowflow.memory import MEMORY_MODES, run_layers
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
@@ -143,9 +144,9 @@ def test_invertible_gradient_of_the_logdet_alone_and_of_a_frozen_input(perturb_z
 class _OtherStep(InvertibleLayer):
     """A layer with only forward and inverse: run_layers takes its generic inverse-then-recompute path."""
 
-    def __init__(self, *args):
+    def __init__(self, config, generator):
         super().__init__()
-        self.step = FlowStep(*args)
+        self.step = FlowStep(config, 0, generator)
 
     def forward(self, x):
         return self.step(x)
@@ -160,7 +161,9 @@ def test_generic_path_for_other_steps_equals_plain_autograd(coupling, perturb_ze
     grads = {}
     for mode in ("none", "invertible"):
         g = torch.Generator().manual_seed(0)
-        steps = torch.nn.ModuleList(_OtherStep(8, 8, coupling, "invconv", g) for _ in range(3)).double()
+        config = GlowConfig(image_shape=(2, 8, 8), levels=1, steps=1, hidden_channels=8, coupling=coupling,
+                            permutation="invconv")
+        steps = torch.nn.ModuleList(_OtherStep(config, g) for _ in range(3)).double()
         with torch.no_grad():
             run_layers(list(steps), z)  # data-dependent init
         perturb_all(perturb_zero_init(steps, std=0.1), std=0.02)
@@ -211,7 +214,8 @@ def test_invertible_under_autocast_recomputes_with_the_forward_precision(perturb
     noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(7))
     results = {}
     for mode in ("none", "invertible"):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        # both on the layers as written: the plain mode's fast paths round differently in bf16
+        with torch.autocast("cpu", dtype=torch.bfloat16), fast.reference():
             results[mode] = _bpd_gradients(models[mode], x, noise)
     with torch.no_grad():
         full = models["none"](x, noise=noise).bits_per_dim.mean()
@@ -246,8 +250,8 @@ def test_no_grad_and_eval_paths_are_the_plain_loop(perturb_zero_init, perturb_al
     x = _images(2, seed=10)
     with torch.no_grad():
         outs = {mode: m.eval().log_prob(x) for mode, m in models.items()}
-    # equal up to rounding: "none" alone runs on weight tensors prepared per level, whose last bits
-    # can differ from each layer's own (fast.prepared_weights)
+    # equal up to rounding: "none" alone runs on the fast paths (weight-side tensors computed per
+    # level, folded scales), whose last bits can differ from the layers' own
     for mode in ("invertible", "checkpoint"):
         torch.testing.assert_close(outs[mode], outs["none"], rtol=1e-13, atol=1e-11)
 

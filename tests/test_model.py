@@ -56,7 +56,7 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("variant", [
     dict(coupling="affine"),
     dict(coupling="additive"),
-    dict(coupling="mixture", mixture_components=3),
+    dict(coupling="mixture", coupling_options={"components": 3}),
     dict(coupling="affine", num_classes=NUM_CLASSES),
     dict(coupling="affine", split_prior="conv+position"),
     dict(coupling="affine", attention_levels=2, attention_heads=2),

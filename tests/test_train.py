@@ -397,7 +397,8 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
 
 
 def test_presets_are_valid_configs():
-    from glowflow.config import build_train_config, list_presets
+    from glowflow.config import build_train_config
+    from glowflow.presets import list_presets
 
     presets = list_presets()
     assert "fashion-mnist-cpu" in presets and "cifar10-paper" in presets

@@ -24,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import CouplingNet, Squeeze
+from .layers import Squeeze
+from .networks import CouplingNet
 from .numerics import gaussian_log_prob
 
 __all__ = ["VariationalDequantizer", "ConditionalCoupling", "gaussian_from_uniform"]

@@ -1,41 +1,31 @@
-"""CPU fast paths, behind one switch, each beside the reference computation it must equal.
+"""CPU fast paths: faster routes to the numbers the layers compute, in one module, each switchable
+by name, all beside the reference they must equal: the layers themselves.
 
-The layers call the functions here instead of writing their computations out:
+:func:`level_forward` is the one entry point. The model calls it for each level; where the fast
+paths apply (plain memory mode, every actnorm initialised, a level made of :class:`FlowStep` s) it
+computes the level's forward from the layers' parameters, else it calls ``level(x)``. It reads
+the layers' public parameters and hooks (a coupling's :meth:`~glowflow.couplings.Coupling.transform`)
+and sets nothing on them. The paths, by their names in :class:`FastOptions`:
 
-- :func:`channel_mix`: the 1x1 convolution of the flow (``y = W x`` per pixel) as one matrix
-  product over batch and space; reference: ``F.conv2d`` with a 1x1 kernel.
-- :func:`scaled_conv`: ``(conv(x, w) + b) * s`` per output channel, i.e. a convolution followed
-  by actnorm (or by ZeroConv2d's learned output scale). Fast: the scale is folded into the (small)
-  weights and bias, one convolution instead of a convolution and two passes over the activations;
-  reference: the literal three steps.
-- :func:`conv2d_same`: a "same"-padded convolution. Fast, on CPU: 3x3 convolutions with one thin
-  side run as a 1x1 convolution plus shifted copies of the thin side (below); reference:
-  ``F.conv2d``.
-- :func:`coupling_layout`: the coupling networks run in channels-last (NHWC) layout on CPU, where
-  oneDNN's convolutions are faster at these channel counts; reference: as given.
-- :func:`affine_step`: a whole affine flow step (actnorm, 1x1 convolution, affine coupling with the
-  standard 3x3 -> 1x1 -> 3x3 network) as one autograd node whose three convolutions are matrix
-  products over the NHWC pixels, for flows of few channels (below); reference: the layers one by one.
-- :func:`prepared_weights`: the weight-side tensors of many layers (an actnorm's ``exp(logs)``, an
-  LU 1x1 convolution's ``W``, a normed convolution's scaled kernel) computed for all layers of one
-  kind and shape at once, on their stacked parameters (:class:`WeightSide`); reference: each layer
-  computes its own. Not CPU-specific: it replaces a few dozen small operations per flow step,
-  forward and backward, by a few per level, and at small batches those operations' fixed cost is
-  a sizeable part of a training step.
+- ``grouped_weights``: the tensors computed from parameters alone (an actnorm's ``exp(logs)``, an
+  LU 1x1 convolution's ``W = P L U``, a convolution's kernel with its actnorm or output scale
+  folded in) are computed for all layers of one kind and shape in a level at once, on their
+  stacked parameters, instead of one layer at a time. At small batches those few dozen small
+  operations per flow step are a sizeable part of a training step, forward and backward.
+- ``folded_scales``: a convolution followed by a per-channel scale (actnorm, or ZeroConv2d's output
+  scale) runs as one convolution with the scale folded into the (small) kernel and bias, instead
+  of a convolution and two passes over the activations.
+- ``thin_convs``: 3x3 convolutions with one thin side run as 1x1 convolutions (below).
+- ``channels_last``: the coupling networks run in NHWC layout on CPU, where oneDNN's convolutions
+  are faster at these channel counts; the flow's main path stays NCHW.
+- ``one_node_steps``: a whole affine flow step of few channels as one autograd node (below).
 
-Few-channel steps. Where a level has at most ``GEMM_STEP_MAX_CHANNELS`` channels (greyscale images
-at their first two levels) a flow step's coupling network maps 2 or 4 channels to the hidden width
-and back to 4 or 8. oneDNN's convolutions run such shapes far below the rate a plain matrix product reaches,
-and hand their outputs over in blocked layouts that the next kernel converts back. Written as one
-autograd Function, the step unfolds the thin input into its 3x3 neighbourhoods (few columns),
-multiplies, and folds the last product's per-tap outputs back into place; the hidden activations
-stay ``[pixels, width]`` matrices from the first product to the last, and the backward is written
-out (matrix products, the ReLU masks, fold/unfold as each other's adjoints). Above that channel
-count the unfold and fold cost more than they save, and the layers run one by one.
-
-``with glowflow.fast.reference():`` (or ``GLOWFLOW_FAST_PATHS=0`` in the environment) runs the
-reference paths; the tests compare the two in float64. The switch is a context variable, so it
-holds for the block (and the tasks it starts), not for other threads.
+``with glowflow.fast.using(thin_convs=False):`` turns one path off for the block;
+``with glowflow.fast.reference():`` (or ``GLOWFLOW_FAST_PATHS=0`` in the environment) turns them
+all off, and the levels run as the layers are written. The options are a context variable, so
+they hold for the block (and the tasks it starts), not for other threads. The tests compare each
+path with the reference in float64; ``benchmarks/fast_paths.py`` times each against the others.
+The invertible and checkpoint memory modes run the layers as written.
 
 Thin-side 3x3 convolutions. The coupling networks' first convolution maps a few channels to many
 (2 -> 128) and their last maps many to a few (128 -> 4); on CPU oneDNN runs such shapes well below
@@ -49,65 +39,207 @@ work becomes that 1x1 kind:
 
 Same sums in a different order. The shift steps are autograd Functions whose backward is the other
 shift step (they are each other's adjoint), so backward never builds nine zero-padded gradient
-buffers. Where these routes are taken is decided by the named thresholds below; they were tuned by
-paired timing of whole training steps on 2 x86 cores (docs/results.md), and elsewhere the plain
-convolution is used.
+buffers. Where these routes are taken is decided by the named thresholds below, set by paired
+timing of whole training steps on 2 x86 cores (docs/results.md).
+
+Few-channel steps. Where a level has at most ``GEMM_STEP_MAX_CHANNELS`` channels (greyscale images
+at their first two levels) a flow step's coupling network maps 2 or 4 channels to the hidden width
+and back to 4 or 8. oneDNN's convolutions run such shapes far below the rate a plain matrix
+product reaches, and hand their outputs over in blocked layouts that the next kernel converts
+back. Written as one autograd Function, the step unfolds the thin input into its 3x3
+neighbourhoods (few columns), multiplies, and folds the last product's per-tap outputs back into
+place; the hidden activations stay ``[pixels, width]`` matrices from the first product to the
+last, and the backward is written out (matrix products, the ReLU masks, fold/unfold as each
+other's adjoints). Above that channel count the unfold and fold cost more than they save.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import os
 from collections import defaultdict
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["enabled", "reference", "channel_mix", "scaled_weights", "scaled_conv", "conv2d_same", "coupling_layout",
-           "WeightSide", "prepared_weights", "affine_step", "affine_step_fits", "GEMM_STEP_MAX_CHANNELS",
-           "shifted_copies", "sum_shifted", "conv3x3_thin_in", "conv3x3_thin_out",
-           "THIN_MIN_PIXELS", "THIN_CHANNEL_RATIO", "THIN_IN_MIN_OUTPUTS"]
+from .blocks import FlowStep, Level
+from .couplings import COUPLING_SCALE_SHIFT, AffineCoupling, Coupling
+from .layers import LOGSCALE_FACTOR, ActNorm, InvConv1x1, ZeroConv2d, channel_mix
+from .networks import CouplingNet, NormedConv
 
-_ENABLED = contextvars.ContextVar("glowflow_fast_paths",
-                                  default=os.environ.get("GLOWFLOW_FAST_PATHS", "1") != "0")
+__all__ = ["FastOptions", "PATHS", "options", "using", "reference", "enabled", "level_forward", "step_forward",
+           "conv2d_same", "scaled_weights", "shifted_copies", "sum_shifted", "conv3x3_thin_in", "conv3x3_thin_out",
+           "affine_step", "affine_step_fits", "GEMM_STEP_MAX_CHANNELS", "THIN_MIN_PIXELS", "THIN_CHANNEL_RATIO",
+           "THIN_IN_MIN_OUTPUTS"]
 
-# Thin-side routes: only on images of at least this many pixels (on 7x7 images both routes were
-# slower than oneDNN's own 3x3 convolution: too little work per call to repay the copies) ...
+
+@dataclasses.dataclass(frozen=True)
+class FastOptions:
+    """Which fast paths are on (all, by default); see the module's docstring for each."""
+
+    grouped_weights: bool = True
+    folded_scales: bool = True
+    thin_convs: bool = True
+    channels_last: bool = True
+    one_node_steps: bool = True
+
+    @classmethod
+    def none(cls) -> "FastOptions":
+        return cls(**{name: False for name in PATHS})
+
+    def any(self) -> bool:
+        return any(getattr(self, name) for name in PATHS)
+
+
+PATHS = tuple(f.name for f in dataclasses.fields(FastOptions))
+_OPTIONS = contextvars.ContextVar(
+    "glowflow_fast_paths", default=FastOptions() if os.environ.get("GLOWFLOW_FAST_PATHS", "1") != "0" else FastOptions.none())
+
+# Thin-side routes: only on images of at least this many pixels (on smaller ones there is too
+# little work per call to repay the copies) ...
 THIN_MIN_PIXELS = 100
 # ... where one side has at most 1/THIN_CHANNEL_RATIO of the other's channels ...
 THIN_CHANNEL_RATIO = 32
-# ... and, for a thin input, at least this many outputs (2 -> 64 was slower per step, 2 -> 128 faster).
+# ... and, for a thin input, at least this many outputs.
 THIN_IN_MIN_OUTPUTS = 128
-# Flow steps of at most this many channels run as one matrix-product node (affine_step); tuned by
-# paired whole training steps on 2 x86 cores (docs/results.md): 4 and 8 channels faster, 12 slower.
+# Flow steps of at most this many channels run as one matrix-product node (affine_step).
 GEMM_STEP_MAX_CHANNELS = 8
 
 
+def options() -> FastOptions:
+    """The fast paths on in this context."""
+    return _OPTIONS.get()
+
+
 def enabled() -> bool:
-    """Whether the fast paths are on (the default) in this context."""
-    return _ENABLED.get()
+    """Whether any fast path is on in this context."""
+    return options().any()
 
 
 @contextlib.contextmanager
-def reference(active: bool = True):
-    """Run the block on the reference paths (``active=False``: on the fast paths)."""
-    token = _ENABLED.set(not active)
+def using(fast_options: FastOptions | None = None, **paths: bool):
+    """Within the block, the fast paths are ``fast_options``, or the current ones with ``paths``
+    (names of :data:`PATHS`) switched: ``with using(one_node_steps=False): ...``."""
+    unknown = set(paths) - set(PATHS)
+    if unknown:
+        raise ValueError(f"unknown fast paths {sorted(unknown)}; known: {', '.join(PATHS)}")
+    token = _OPTIONS.set(dataclasses.replace(fast_options or options(), **paths))
     try:
         yield
     finally:
-        _ENABLED.reset(token)
+        _OPTIONS.reset(token)
 
 
-# ------------------------------------------------------------------------------------- 1x1 mix
-def channel_mix(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``y[b, i] = sum_j w[i, j] x[b, j]`` at every pixel: ``w [C, C]``, ``x [B, C, H, W]``."""
-    if enabled():
-        return torch.einsum("ij,bjhw->bihw", w, x)
-    return F.conv2d(x, w[:, :, None, None])
+def reference(active: bool = True):
+    """Run the block on the reference paths, the layers as written (``active=False``: all fast paths on)."""
+    return using(FastOptions.none() if active else FastOptions())
 
 
-# --------------------------------------------------------------------------- conv then scale
+# --------------------------------------------------------------------------- a level, fast
+def _applies(opts, steps) -> bool:
+    """Fast paths on, and every step a :class:`FlowStep` whose actnorms are initialised (the
+    first forward pass initialises them, on the layers' own path)."""
+    return opts.any() and all(isinstance(step, FlowStep) and all(
+        m.is_initialized for m in step.modules() if isinstance(m, ActNorm)) for step in steps)
+
+
+def level_forward(level, x: torch.Tensor, condition: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``level(x)``: the same ``(y, logdet)``, on the fast paths where they apply (under the plain
+    memory mode; the others recompute each layer on its own)."""
+    opts = options()
+    if not (isinstance(level, Level) and level.steps.memory == "none" and _applies(opts, level.steps)):
+        return level(x, **({"condition": condition} if condition is not None else {}))
+    y, logdet = level.squeeze(x)
+    weights = _weight_tensors(level.steps, opts)
+    for step in level.steps:
+        y, ld = _step_forward(step, y, weights, opts, condition)
+        logdet = logdet + ld
+    if level.split is not None:
+        y, ld = level.split(y)
+        logdet = logdet + ld
+    return y, logdet
+
+
+def step_forward(step, x: torch.Tensor, condition: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``step(x)`` for one flow step, on the fast paths where they apply (what :func:`level_forward`
+    does for each of a level's steps)."""
+    opts = options()
+    if not _applies(opts, [step]):
+        return step(x, **({"condition": condition} if condition is not None else {}))
+    return _step_forward(step, x, _weight_tensors([step], opts), opts, condition)
+
+
+def _step_forward(step, x, weights, opts, condition):
+    """One flow step: actnorm, permutation, coupling, from the level's weight-side tensors."""
+    actnorm, permute, coupling = step.actnorm, step.permute, step.coupling
+    pixels = x.shape[2] * x.shape[3]
+    if opts.one_node_steps and _one_node_fits(step, x):
+        scale, logs_sum = weights[actnorm]
+        w, w_logdet = weights[permute]
+        net = tuple(t for m in coupling.net.net for t in _folded(weights[m]))
+        y, logdet = affine_step(x, scale.view(-1), actnorm.bias.view(-1), w, net, coupling.num_pass,
+                                COUPLING_SCALE_SHIFT)
+        return y, logdet + (logs_sum + w_logdet) * pixels
+    scale, logs_sum = weights[actnorm]
+    x = (x + actnorm.bias) * scale
+    logdet = (logs_sum * pixels).expand(x.shape[0])
+    if isinstance(permute, InvConv1x1):
+        w, w_logdet = weights[permute]
+        with torch.autocast(x.device.type, enabled=False):
+            x = channel_mix(w.to(x.dtype), x)
+        logdet = logdet + (w_logdet * pixels).expand(x.shape[0])
+    else:
+        x, ld = permute(x)
+        logdet = logdet + ld
+    x1, x2 = coupling.split(x)
+    y2, ld = coupling.transform(x2, _network(coupling, x1, condition, weights, opts))
+    return torch.cat([x1, y2], 1), logdet + ld
+
+
+def _network(coupling: Coupling, x1, condition, weights, opts) -> torch.Tensor:
+    """``coupling.network(x1, condition)``: for Glow's network, its convolutions on the fast paths."""
+    net = coupling.net
+    if not isinstance(net, CouplingNet):
+        return coupling.network(x1, condition)
+    h = coupling.network_input(x1, condition)
+    if opts.channels_last and h.device.type == "cpu":
+        h = h.contiguous(memory_format=torch.channels_last)
+    for module in net.net:
+        if isinstance(module, NormedConv):
+            h = _conv(h, weights[module], opts)
+            h = F.glu(h, 1) if module.gated else F.relu(h, inplace=True)
+        elif isinstance(module, ZeroConv2d):
+            h = _conv(h, weights[module], opts)
+        else:
+            h = module(h)
+    return h.to(x1.dtype)  # back to full precision under autocast
+
+
+def _conv(x, tensors, opts) -> torch.Tensor:
+    """A convolution followed by ``(. + bias) * scale``, from :func:`_weight_tensors`' tensors."""
+    if opts.folded_scales:
+        weight, bias = tensors
+        return conv2d_same(x, weight, bias, thin=opts.thin_convs)
+    weight, scale, bias = tensors
+    return (conv2d_same(x, weight, thin=opts.thin_convs) + bias.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)
+
+
+def _folded(tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """A convolution's ``(kernel, bias)`` with its scale folded in, whichever way they were computed."""
+    return tensors if len(tensors) == 2 else scaled_weights(*tensors)
+
+
+def _one_node_fits(step, x) -> bool:
+    """An affine step (unconditioned, after a 1x1 convolution, with the plain network) on an input
+    that :func:`affine_step` is the faster way for."""
+    coupling = step.coupling
+    return (type(coupling) is AffineCoupling and not coupling.takes_condition
+            and isinstance(step.permute, InvConv1x1) and isinstance(coupling.net, CouplingNet)
+            and coupling.net.plain and affine_step_fits(x))
+
+
+# ------------------------------------------------------------------- weight-side tensors
 def scaled_weights(weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weight * scale, bias * scale)`` per output channel: the kernel and bias of one convolution
     equal to a convolution followed by ``(. + bias) * scale``. ``weight [..., C_out, C_in, k, k]``,
@@ -116,20 +248,60 @@ def scaled_weights(weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
     return weight * scale[..., None, None, None], bias * scale
 
 
-def scaled_conv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``(conv2d_same(x, weight) + bias) * scale`` with ``bias``, ``scale`` per output channel."""
-    scale, bias = scale.reshape(-1), bias.reshape(-1)
-    if enabled():
-        return conv2d_same(x, *scaled_weights(weight, scale, bias))
-    return (conv2d_same(x, weight) + bias.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1)
+def _inputs(module) -> tuple[torch.Tensor, ...]:
+    """The parameters a module's weight-side tensors are computed from."""
+    if isinstance(module, ActNorm):
+        return (module.logs,)
+    if isinstance(module, InvConv1x1):
+        return module.factors()
+    if isinstance(module, NormedConv):
+        return module.conv.weight, module.norm.logs, module.norm.bias
+    return module.conv.weight, module.logs, module.conv.bias  # ZeroConv2d
 
 
-def coupling_layout(x: torch.Tensor) -> torch.Tensor:
-    """The memory layout a coupling network runs in: NHWC on CPU (fast paths), else as given.
-    The flow's main path stays NCHW either way."""
-    if enabled() and x.device.type == "cpu":
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
+def _compute(kind, inputs, opts) -> tuple[torch.Tensor, ...]:
+    """The weight-side tensors of one module of ``kind`` (or of a stack of them, along a new first
+    dimension): actnorm ``(exp(logs), sum(logs))``; a 1x1 convolution ``(W, log|det W|)``; a
+    convolution ``(kernel, bias)`` with its scale folded in, or ``(kernel, scale, bias)``."""
+    if kind is ActNorm:
+        (logs,) = inputs
+        return torch.exp(logs), logs.flatten(-4).sum(-1)
+    if kind is InvConv1x1:
+        return InvConv1x1.compose(*inputs)
+    weight, logs, bias = inputs
+    scale = torch.exp(logs * LOGSCALE_FACTOR if kind is ZeroConv2d else logs).flatten(-4)
+    bias = bias.flatten(-4) if kind is NormedConv else bias
+    return scaled_weights(weight, scale, bias) if opts.folded_scales else (weight, scale, bias)
+
+
+def _weight_tensors(steps, opts) -> dict:
+    """Module -> its weight-side tensors, for every actnorm, 1x1 convolution and network
+    convolution of ``steps``; with ``grouped_weights``, computed per group of one kind and shape
+    on stacked parameters (same values, same gradients through the stack, fewer operations).
+    In full precision, also under autocast, as the layers' own computations are."""
+    modules = []
+    for step in steps:
+        modules.append(step.actnorm)
+        if isinstance(step.permute, InvConv1x1):
+            modules.append(step.permute)
+        if isinstance(step.coupling.net, CouplingNet):
+            modules.extend(m for m in step.coupling.net.net if isinstance(m, (NormedConv, ZeroConv2d)))
+    groups = defaultdict(list)
+    for module in modules:
+        key = (type(module),) + tuple((t.shape, t.dtype, t.device) for t in _inputs(module))
+        groups[key if opts.grouped_weights else (id(module),)].append(module)
+    out = {}
+    for group in groups.values():
+        kind = type(group[0])
+        with torch.autocast(_inputs(group[0])[0].device.type, enabled=False):
+            if len(group) == 1:
+                out[group[0]] = _compute(kind, _inputs(group[0]), opts)
+                continue
+            stacked = [torch.stack(ts) for ts in zip(*(_inputs(m) for m in group))]
+            outputs = _compute(kind, stacked, opts)
+        for module, mine in zip(group, zip(*(t.unbind(0) for t in outputs))):
+            out[module] = mine
+    return out
 
 
 # ------------------------------------------------------------------------ thin-side 3x3 convs
@@ -204,87 +376,18 @@ def conv3x3_thin_out(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return _SumShifted.apply(taps, 1, bias)
 
 
-def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.conv2d`` with "same" padding for an odd square kernel; 3x3 ones on CPU take a thin-side
-    route where the thresholds above allow."""
+def conv2d_same(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                thin: bool = True) -> torch.Tensor:
+    """``F.conv2d`` with "same" padding for an odd square kernel; with ``thin``, 3x3 ones on CPU
+    take a thin-side route where the thresholds above allow."""
     c_out, c_in, kh, _ = weight.shape
-    if (kh == 3 and enabled() and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+    if (kh == 3 and thin and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
             and x.shape[2] * x.shape[3] >= THIN_MIN_PIXELS):
         if THIN_CHANNEL_RATIO * c_in <= c_out and c_out >= THIN_IN_MIN_OUTPUTS:
             return conv3x3_thin_in(x, weight, bias)
         if THIN_CHANNEL_RATIO * c_out <= c_in:
             return conv3x3_thin_out(x, weight, bias)
     return F.conv2d(x, weight, bias, padding=kh // 2)
-
-
-# ---------------------------------------------------------------- weight-side tensors, batched
-class WeightSide:
-    """Mixin for layers whose forward starts from tensors computed from their parameters alone.
-
-    A subclass gives :meth:`weight_inputs` (the parameters and buffers those tensors are computed
-    from) and :meth:`compute_weights` (the computation, written so that it also works on inputs
-    stacked along a new first dimension), and calls :meth:`weight_tensors` in its forward. Inside
-    :func:`prepared_weights` that returns what was computed for a whole group of layers at once.
-    """
-
-    _prepared: tuple | None = None
-
-    def weight_inputs(self) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError
-
-    @staticmethod
-    def compute_weights(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError
-
-    def weights_ready(self) -> bool:
-        """False while the inputs may still change before use (data-dependent init pending)."""
-        return True
-
-    def weight_tensors(self) -> tuple[torch.Tensor, ...]:
-        if self._prepared is not None:
-            return self._prepared
-        return self.compute_weights(*self.weight_inputs())
-
-
-def weight_side_layers(root: nn.Module) -> list:
-    """The :class:`WeightSide` layers in ``root``, outermost only (one that prepares its own
-    sub-layers' tensors, like a normed convolution its actnorm's, hides them)."""
-    if isinstance(root, WeightSide):
-        return [root]
-    return [layer for child in root.children() for layer in weight_side_layers(child)]
-
-
-@contextlib.contextmanager
-def prepared_weights(root: nn.Module):
-    """Within the block, the :class:`WeightSide` layers in ``root`` use weight-side tensors computed
-    per group (same class, same input shapes, dtypes and devices) on stacked inputs: one stack per
-    input, one computation, one unbind per output, in place of one computation per layer. Same
-    values, same gradients (through the stack), fewer and larger operations.
-
-    Does nothing on the reference paths, or if a layer is not ready (see ``weights_ready``).
-    Weight-side math runs in full precision, also under autocast, as each layer's own does."""
-    layers = weight_side_layers(root) if enabled() else []
-    if not all(layer.weights_ready() for layer in layers):
-        layers = []
-    groups = defaultdict(list)
-    for layer in layers:
-        key = (type(layer),) + tuple((t.shape, t.dtype, t.device) for t in layer.weight_inputs())
-        groups[key].append(layer)
-    prepared = []
-    try:
-        for group in groups.values():
-            if len(group) < 2:
-                continue
-            inputs = [torch.stack(ts) for ts in zip(*(layer.weight_inputs() for layer in group))]
-            with torch.autocast(inputs[0].device.type, enabled=False):
-                outputs = type(group[0]).compute_weights(*inputs)
-            for layer, mine in zip(group, zip(*(out.unbind(0) for out in outputs))):
-                layer._prepared = mine
-                prepared.append(layer)
-        yield
-    finally:
-        for layer in prepared:
-            layer._prepared = None
 
 
 # ------------------------------------------------------------- few-channel affine flow step
@@ -363,9 +466,9 @@ class _AffineStep(torch.autograd.Function):
 
 
 def affine_step_fits(x: torch.Tensor) -> bool:
-    """Whether :func:`affine_step` is the faster way for a flow step on ``x``: fast paths on, CPU,
-    no autocast, a float input of at most ``GEMM_STEP_MAX_CHANNELS`` channels."""
-    return (enabled() and x.device.type == "cpu" and x.dim() == 4 and x.shape[1] <= GEMM_STEP_MAX_CHANNELS
+    """Whether :func:`affine_step` is the faster way for a flow step on ``x``: CPU, no autocast, a
+    float input of at most ``GEMM_STEP_MAX_CHANNELS`` channels."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.shape[1] <= GEMM_STEP_MAX_CHANNELS
             and x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled("cpu"))
 
 

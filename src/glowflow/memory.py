@@ -18,9 +18,9 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from .config import MEMORY_MODES
-
 __all__ = ["MEMORY_MODES", "run_layers"]
+
+MEMORY_MODES = ("none", "checkpoint", "invertible")
 
 
 class _Baton:
@@ -48,12 +48,13 @@ class _InvertibleStep(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, layer, index, baton, is_last, *params):
+    def forward(ctx, x, layer, index, baton, is_last, condition, *params):
         ctx.device_type = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(ctx.device_type), torch.get_autocast_dtype(ctx.device_type))
         with torch.no_grad():
-            y, logdet = layer(x)
+            y, logdet = layer(x, **_given(layer, condition))
         ctx.layer, ctx.index, ctx.baton, ctx.is_last, ctx.params = layer, index, baton, is_last, params
+        ctx.condition = condition
         if is_last:
             ctx.save_for_backward(y)
         return y, logdet
@@ -74,16 +75,27 @@ class _InvertibleStep(torch.autograd.Function):
             grad_y = torch.zeros_like(y)
         if grad_logdet is None:
             grad_logdet = y.new_zeros(y.shape[0])
+        condition = ctx.condition
+        if condition is not None:  # a fresh leaf, so the layer's gradient for it stops there
+            condition = condition.detach().requires_grad_(ctx.needs_input_grad[5])
         enabled, dtype = ctx.autocast
         with torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
-            x, grad_x, grads = ctx.layer.backward_from_output(y, grad_y, grad_logdet, ctx.needs_input_grad[0])
+            x, grad_x, grads = ctx.layer.backward_from_output(y, grad_y, grad_logdet, ctx.needs_input_grad[0],
+                                                              **_given(ctx.layer, condition))
+        grad_condition = grads.pop(condition, None) if condition is not None and condition.requires_grad else None
         # layer 0 hands its input to nobody: drop it rather than keep it until the graph is freed
         ctx.baton.tensor, ctx.baton.index = (x.detach(), ctx.index - 1) if ctx.index > 0 else (None, -1)
-        return (grad_x, None, None, None, None, *(grads.get(p) for p in ctx.params))
+        return (grad_x, None, None, None, None, grad_condition, *(grads.get(p) for p in ctx.params))
 
 
-def run_layers(layers, x: torch.Tensor, memory: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+def _given(layer, condition) -> dict:
+    return {"condition": condition} if condition is not None and layer.takes_condition else {}
+
+
+def run_layers(layers, x: torch.Tensor, memory: str = "none",
+               condition: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply ``layers`` in order: ``x -> (y, logdet [B])``, gradients computed under a memory mode.
+    ``condition`` goes to the layers that take one (``layer.takes_condition``), by keyword.
 
     Without grad mode every memory mode is the plain loop (nothing is stored anyway).
     """
@@ -95,10 +107,11 @@ def run_layers(layers, x: torch.Tensor, memory: str = "none") -> tuple[torch.Ten
     for k, layer in enumerate(layers):
         if baton is not None:
             params = [p for p in layer.parameters() if p.requires_grad]
-            x, ld = _InvertibleStep.apply(x, layer, k, baton, k == len(layers) - 1, *params)
+            x, ld = _InvertibleStep.apply(x, layer, k, baton, k == len(layers) - 1,
+                                          condition if _given(layer, condition) else None, *params)
         elif memory == "checkpoint" and grad:
-            x, ld = checkpoint(layer, x, use_reentrant=False)
+            x, ld = checkpoint(layer, x, use_reentrant=False, **_given(layer, condition))
         else:
-            x, ld = layer(x)
+            x, ld = layer(x, **_given(layer, condition))
         logdet = logdet + ld
     return x, logdet

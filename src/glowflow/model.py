@@ -14,12 +14,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from . import numerics
-from .config import MEMORY_MODES, GlowConfig
-from .dequantization import VariationalDequantizer, gaussian_from_uniform
-from .layers import STABLE_SCALE_FLOOR, ActNorm, Level, TopPrior, inverse_scale_floor
+from . import fast, numerics
+from .blocks import build_flow
+from .config import GlowConfig
+from .dequantization import gaussian_from_uniform
+from .layers import STABLE_SCALE_FLOOR, ActNorm, inverse_scale_floor
+from .memory import MEMORY_MODES
 
 __all__ = ["Glow", "GlowConfig", "GlowOutput"]
+
+
+def _given(block, condition) -> dict:
+    """The condition as a keyword for a block that takes one."""
+    return {"condition": condition} if block.takes_condition else {}
 
 
 class GlowOutput(NamedTuple):
@@ -53,31 +60,14 @@ class Glow(nn.Module):
         if config is not None and kwargs:
             raise ValueError("pass either config or keyword arguments, not both")
         self.config = config if config is not None else GlowConfig(**kwargs)
-        cfg = self.config
-        generator = torch.Generator().manual_seed(cfg.seed)
-        c, h, w = cfg.image_shape
-        self.levels = nn.ModuleList()
-        self.latent_shapes: list[tuple[int, int, int]] = []
-        for i in range(cfg.levels):
-            last = i == cfg.levels - 1
-            h, w = h // 2, w // 2
-            spatial = (h, w) if cfg.split_prior == "conv+position" else None
-            level = Level(c, cfg.level_steps(i), cfg.level_hidden_channels(i), cfg.coupling, cfg.permutation, last,
-                          generator, spatial, cfg.mixture_components, cfg.level_attention_heads(i), cfg.level_gated(i))
-            if not last:
-                self.latent_shapes.append((level.split.num_out, h, w))
-            self.levels.append(level)
-            c = level.out_channels
-        self.latent_shapes.append((c, h, w))
-        self.top_prior = TopPrior((c, h, w), cfg.learn_top, cfg.num_classes)
-        self.class_head = None
-        if cfg.num_classes:
-            self.class_head = nn.Linear(c, cfg.num_classes)
-            nn.init.zeros_(self.class_head.weight)
-            nn.init.zeros_(self.class_head.bias)
-        self.dequantizer = None
-        if cfg.dequantization == "variational":
-            self.dequantizer = VariationalDequantizer(cfg.image_shape[0], cfg.dequant_hidden_channels, cfg.dequant_steps)
+        modules = build_flow(self.config, torch.Generator().manual_seed(self.config.seed))
+        self.levels = modules["levels"]
+        self.top_prior = modules["top_prior"]
+        self.class_head = modules["class_head"] if "class_head" in modules else None
+        self.dequantizer = modules["dequantizer"] if "dequantizer" in modules else None
+        self.latent_shapes: list[tuple[int, int, int]] = [
+            (level.split.num_out, *level.out_shape[1:]) for level in self.levels if level.split is not None]
+        self.latent_shapes.append(self.levels[-1].out_shape)
         self.memory = memory
 
     # ------------------------------------------------------------------ settings
@@ -156,28 +146,30 @@ class Glow(nn.Module):
         return y.to(dtype)
 
     # ------------------------------------------------------------------ the bijection x <-> eps
-    def _encode(self, x: torch.Tensor, y_onehot: torch.Tensor | None):
-        """x in [0,1]^D -> (standardised latents per scale, log|det d eps/dx| [B], top latent)."""
+    def _encode(self, x: torch.Tensor, condition: torch.Tensor | None):
+        """x in [0,1]^D -> (standardised latents per scale, log|det d eps/dx| [B], top latent).
+        ``condition`` goes to the blocks that take one (the top prior of a class-conditional
+        model, conditioned couplings)."""
         z, logdet = numerics.to_flow_input(x, self.config.logit_alpha)
         eps_list = []
         for level in self.levels:
-            z, ld = level(z)
+            z, ld = fast.level_forward(level, z, **_given(level, condition))
             z, eps = level.separate(z)
             if eps is not None:
                 eps_list.append(eps)
             logdet = logdet + ld
-        eps, ld = self.top_prior(z, y_onehot)
+        eps, ld = self.top_prior(z, **_given(self.top_prior, condition))
         eps_list.append(eps)
         return eps_list, logdet + ld, z
 
-    def _decode(self, eps_list: list[torch.Tensor], y_onehot: torch.Tensor | None) -> torch.Tensor:
+    def _decode(self, eps_list: list[torch.Tensor], condition: torch.Tensor | None) -> torch.Tensor:
         """Latents per scale -> the flow's input (:func:`~glowflow.numerics.to_flow_input`)."""
-        z = self.top_prior.inverse(eps_list[-1], y_onehot)
+        z = self.top_prior.inverse(eps_list[-1], **_given(self.top_prior, condition))
         split_eps = iter(reversed(eps_list[:-1]))
         for level in reversed(self.levels):
             if level.split is not None:
                 z = torch.cat([z, next(split_eps)], 1)
-            z = level.inverse(z)
+            z = level.inverse(z, **_given(level, condition))
         return z
 
     def _flatten(self, eps_list: list[torch.Tensor]) -> torch.Tensor:

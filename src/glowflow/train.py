@@ -320,7 +320,7 @@ class Trainer:
         loss = bpd
         if out.class_logits is not None:
             # the paper's auxiliary class loss, in bits per image
-            loss = loss + cfg.model.class_loss_weight * F.cross_entropy(out.class_logits.float(), y) / math.log(2)
+            loss = loss + cfg.class_loss_weight * F.cross_entropy(out.class_logits.float(), y) / math.log(2)
         self.optimizer.zero_grad(set_to_none=True)
         finite = bool(torch.isfinite(loss))
         grad_norm = float("nan")

@@ -24,7 +24,8 @@ import torch
 
 from .ablation import (FIGURE, RESULTS, RUN_RESULT, TABLE, Cell, budget_text, comparison_data, machine_info,
                        mean_std, read_result, spread, train_one, with_budget)
-from .config import TrainConfig, apply_overrides
+from .config import TrainConfig
+from .presets import apply_overrides
 from .io import atomic_write_json, atomic_write_text
 from .plots import pyplot, save_figure
 from .progress import Progress

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 
-from ..config import LR_DECAYS, MEMORY_MODES, OPTIMIZERS, PRECISIONS, build_train_config, list_presets
+from ..config import LR_DECAYS, MEMORY_MODES, OPTIMIZERS, PRECISIONS, build_train_config
+from ..presets import list_presets
 from ..train import evaluate, load_split, train
 from .common import add_checkpoint, add_dataset, add_json, dataset_of, emit, load_model, positive_int, seed
 
