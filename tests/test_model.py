@@ -18,6 +18,7 @@ from torch.autograd.functional import jacobian
 
 from glowflow import Glow, GlowConfig, numerics
 from glowflow.checkpoint import CheckpointError
+from glowflow.couplings import COUPLINGS
 
 TINY = dict(image_shape=(2, 4, 4), levels=2, steps=2, hidden_channels=4)
 NUM_CLASSES = 3
@@ -95,7 +96,7 @@ def test_log_prob_is_gaussian_of_encoding_plus_log_det_jacobian(variant, perturb
 
 # ---------------------------------------------------------------------------- exact inverse
 @pytest.mark.parametrize("permutation", ["invconv", "invconv_lu", "shuffle", "reverse"])
-@pytest.mark.parametrize("coupling", ["affine", "additive", "mixture"])
+@pytest.mark.parametrize("coupling", list(COUPLINGS))
 def test_decode_inverts_encode_float64(coupling, permutation, perturb_zero_init):
     model = _tiny_model(perturb_zero_init, coupling=coupling, permutation=permutation)
     x = _images(TINY["image_shape"], 4, seed=2)

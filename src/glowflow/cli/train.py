@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from ..config import LR_DECAYS, MEMORY_MODES, OPTIMIZERS, PRECISIONS, build_train_config
+from ..config import COUPLINGS, LR_DECAYS, MEMORY_MODES, OPTIMIZERS, PRECISIONS, build_train_config
 from ..presets import list_presets
 from ..train import evaluate, load_split, train
 from .common import add_checkpoint, add_dataset, add_json, dataset_of, emit, load_model, positive_int, seed
@@ -74,7 +74,8 @@ def register(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any preset setting, e.g. --set model.steps=16 --set ema_decay=0.99 "
-                        f"(lr_decay: {', '.join(LR_DECAYS)})")
+                        f"(lr_decay: {', '.join(LR_DECAYS)}; model.coupling: {', '.join(COUPLINGS)}, its options as "
+                        "model.coupling_options.NAME=VALUE)")
     p.add_argument("--no-progress", action="store_true")
     add_json(p)
     p.set_defaults(func=cmd_train)
