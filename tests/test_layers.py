@@ -165,6 +165,7 @@ LAYERS = {
     "coupling_affine": _coupling("affine"),
     "coupling_additive": _coupling("additive"),
     "coupling_mixture": _coupling("mixture"),
+    "coupling_spline": _coupling("spline"),
     "coupling_affine_attention": _coupling("affine", attention_heads=2),
     "coupling_affine_gated": _coupling("affine", gated=True),
     "coupling_affine_class_conditioned": _coupling("affine", condition=F.one_hot(torch.tensor([1, 2]), NUM_CLASSES)),

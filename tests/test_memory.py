@@ -105,7 +105,9 @@ def _check_memory_modes_match_plain(models: dict[str, Glow]) -> None:
         assert set(g) == set(g_ref), mode
         worst = max(_max_rel(g[n], g_ref[n]) for n in g_ref)
         assert worst <= 1e-4, (mode, worst)
-        assert worst <= 1e-8, (mode, worst)  # float64: equal up to rounding, not just within 1e-4
+        # float64: equal up to rounding, not just within 1e-4 (a spline's inverse is a quadratic's root,
+        # whose rounding grows where the spline is flat)
+        assert worst <= 1e-7, (mode, worst)
 
 
 def test_invertible_gradients_through_a_deep_sequence(perturb_zero_init, perturb_all):
@@ -263,12 +265,13 @@ def test_unknown_memory_mode_is_refused():
 
 @pytest.mark.parametrize("coupling", COUPLINGS)
 def test_every_coupling_trains_under_every_memory_mode(coupling):
-    """Adam steps on one batch lower its bits/dim under each memory mode, by the same steps."""
-    x = _images(8, seed=20, dtype=torch.float32)
-    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(21))
+    """Adam steps on one batch lower its bits/dim under each memory mode, by the same steps (in
+    float64: in float32 rounding alone sends a spline's bins elsewhere within a few steps)."""
+    x = _images(8, seed=20)
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
     losses = {}
     for mode in MEMORY_MODES:
-        model = Glow(**TINY, coupling=coupling, memory=mode)
+        model = Glow(**TINY, coupling=coupling, memory=mode).double()
         model.initialize(x, noise=noise)
         opt = torch.optim.Adam(model.parameters(), lr=2e-3)
         trace = []
@@ -281,4 +284,4 @@ def test_every_coupling_trains_under_every_memory_mode(coupling):
         losses[mode] = trace
         assert trace[-1] < trace[0] - 0.05, (mode, trace)
     for mode in MEMORY_MODES[1:]:
-        assert losses[mode] == pytest.approx(losses["none"], rel=1e-3)
+        assert losses[mode] == pytest.approx(losses["none"], rel=1e-5)

@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from .layers import InvertibleLayer, differentiable, scale_floor
 from .mixture import mixture_logit, mixture_logit_inverse
 from .networks import CouplingNet
+from .splines import rational_quadratic, rational_quadratic_inverse
 
-__all__ = ["Coupling", "AffineCoupling", "AdditiveCoupling", "MixtureCoupling", "COUPLINGS", "register",
+__all__ = ["Coupling", "AffineCoupling", "AdditiveCoupling", "MixtureCoupling", "SplineCoupling", "COUPLINGS", "register",
            "coupling_class", "COUPLING_SCALE_SHIFT"]
 
 COUPLINGS: dict[str, type["Coupling"]] = {}
@@ -258,3 +259,33 @@ class MixtureCoupling(Coupling):
     def inverse_transform(self, y2, h):
         shift, scale, mixture = self.split_parameters(h)
         return mixture_logit_inverse(_divide(y2, scale) - shift, *mixture)
+
+
+@register("spline")
+class SplineCoupling(Coupling):
+    """Neural spline flow (Durkan et al. 2019): ``y2`` a monotonic rational-quadratic spline of
+    ``x2`` with ``bins`` bins on ``[-tail_bound, tail_bound]``, the identity outside
+    (:mod:`glowflow.splines`)."""
+
+    defaults = {"bins": 8, "tail_bound": 3.0}
+
+    @classmethod
+    def check_options(cls, options):
+        out = super().check_options(options)
+        if out["bins"] < 1 or not out["tail_bound"] > 0:
+            raise ValueError(f"a spline coupling needs bins >= 1 and tail_bound > 0, got {out}")
+        return out
+
+    def params_per_channel(self) -> int:
+        return 3 * self.bins - 1
+
+    def _spline_parameters(self, h):
+        """``[B, (3K - 1) C2, H, W]`` -> ``[B, C2, H, W, 3K - 1]``."""
+        return h.unflatten(1, (3 * self.bins - 1, -1)).movedim(1, -1)
+
+    def transform(self, x2, h):
+        y2, log_slope = rational_quadratic(x2, self._spline_parameters(h), self.tail_bound)
+        return y2, _sum_per_sample(log_slope)
+
+    def inverse_transform(self, y2, h):
+        return rational_quadratic_inverse(y2, self._spline_parameters(h), self.tail_bound)
