@@ -102,13 +102,16 @@ def _thin_model():
 
 
 def test_a_level_takes_the_thin_routes(monkeypatch):
-    """The shape above takes both thin routes (first and last convolution) once initialised, and
-    none on the reference paths or with that path off."""
+    """The shape above takes both thin routes (first and last convolution) once initialised,
+    encoding and decoding, and none on the reference paths or with that path off."""
     model = _thin_model()
     x = torch.rand(3, 1, 20, 20, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
     calls = _count_routes(monkeypatch)
     with convs.using(one_node_steps=False):
         model.log_prob(x)
+    assert calls == {"in": 1, "out": 1}
+    calls.update({"in": 0, "out": 0})
+    model.sample(2)  # decoding: the coupling network of the inverse
     assert calls == {"in": 1, "out": 1}
     for block in (convs.reference(), convs.using(thin_convs=False, one_node_steps=False)):
         calls.update({"in": 0, "out": 0})
@@ -131,8 +134,8 @@ MODELS = {
 @pytest.mark.parametrize("paths", ["all", *convs.PATHS])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_model_on_fast_paths_equals_reference_paths(name, paths, perturb_zero_init):
-    """Each path alone, and all of them, against the layers as written: log-density and every
-    parameter's gradient, float64."""
+    """Each path alone, and all of them, against the layers as written: log-density, every
+    parameter's gradient and a decode, float64."""
     shape, levels, hidden, options = MODELS[name]
     options = {"steps": 2, **options}
     model = Glow(image_shape=shape, levels=levels, hidden_channels=hidden, **options).double()
@@ -141,6 +144,7 @@ def test_model_on_fast_paths_equals_reference_paths(name, paths, perturb_zero_in
     y = torch.arange(3) % 3 if options.get("num_classes") else None
     model.initialize(x.double(), y, generator=g)
     perturb_zero_init(model, std=0.05)
+    eps = 0.8 * torch.randn(3, model.num_dims, generator=g, dtype=torch.float64)
     on = convs.FastOptions() if paths == "all" else convs.FastOptions(**{p: p == paths for p in convs.PATHS})
     results = {}
     for label, fast_options in (("fast", on), ("reference", convs.FastOptions.none())):
@@ -149,10 +153,13 @@ def test_model_on_fast_paths_equals_reference_paths(name, paths, perturb_zero_in
             model.zero_grad(set_to_none=True)
             logp = model.log_prob(x.double(), y)
             logp.sum().backward()
-            results[label] = (logp.detach(), [p.grad for p in model.parameters()])
+            with torch.no_grad():
+                decoded = model.decode(eps, y)
+            results[label] = (logp.detach(), [p.grad for p in model.parameters()], decoded)
     assert convs.options() == convs.FastOptions()
-    (lp_fast, g_fast), (lp_ref, g_ref) = results["fast"], results["reference"]
+    (lp_fast, g_fast, x_fast), (lp_ref, g_ref, x_ref) = results["fast"], results["reference"]
     torch.testing.assert_close(lp_fast, lp_ref, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(x_fast, x_ref, rtol=1e-10, atol=1e-10)
     for a, b in zip(g_fast, g_ref):
         assert (a is None) == (b is None)  # a class head gets none from the log-density
         if b is not None:

@@ -68,7 +68,7 @@ from .couplings import COUPLING_SCALE_SHIFT, AffineCoupling, Coupling
 from .layers import LOGSCALE_FACTOR, ActNorm, InvConv1x1, ZeroConv2d, channel_mix
 from .networks import CouplingNet, NormedConv
 
-__all__ = ["FastOptions", "PATHS", "options", "using", "reference", "enabled", "level_forward", "step_forward",
+__all__ = ["FastOptions", "PATHS", "options", "using", "reference", "enabled", "level_forward", "level_inverse", "step_forward",
            "conv2d_same", "scaled_weights", "shifted_copies", "sum_shifted", "conv3x3_thin_in", "conv3x3_thin_out",
            "affine_step", "affine_step_fits", "GEMM_STEP_MAX_CHANNELS", "THIN_MIN_PIXELS", "THIN_CHANNEL_RATIO",
            "THIN_IN_MIN_OUTPUTS"]
@@ -159,6 +159,24 @@ def level_forward(level, x: torch.Tensor, condition: torch.Tensor | None = None)
         y, ld = level.split(y)
         logdet = logdet + ld
     return y, logdet
+
+
+def level_inverse(level, y: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+    """``level.inverse(y)``, its coupling networks on the fast paths where they apply (decoding and
+    sampling; the actnorms and 1x1 convolutions invert as the layers do, with their cached inverse)."""
+    opts = options()
+    kwargs = {"condition": condition} if condition is not None else {}
+    if not (isinstance(level, Level) and _applies(opts, level.steps)):
+        return level.inverse(y, **kwargs)
+    if level.split is not None:
+        y = level.split.inverse(y)
+    weights = _weight_tensors(level.steps, opts, networks_only=True)
+    for step in reversed(list(level.steps)):
+        coupling = step.coupling
+        y1, y2 = coupling.split(y)
+        y = torch.cat([y1, coupling.inverse_transform(y2, _network(coupling, y1, condition, weights, opts))], 1)
+        y = step.actnorm.inverse(step.permute.inverse(y))
+    return level.squeeze.inverse(y)
 
 
 def step_forward(step, x: torch.Tensor, condition: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,15 +292,16 @@ def _compute(kind, inputs, opts) -> tuple[torch.Tensor, ...]:
     return scaled_weights(weight, scale, bias) if opts.folded_scales else (weight, scale, bias)
 
 
-def _weight_tensors(steps, opts) -> dict:
+def _weight_tensors(steps, opts, networks_only: bool = False) -> dict:
     """Module -> its weight-side tensors, for every actnorm, 1x1 convolution and network
     convolution of ``steps``; with ``grouped_weights``, computed per group of one kind and shape
     on stacked parameters (same values, same gradients through the stack, fewer operations).
     In full precision, also under autocast, as the layers' own computations are."""
     modules = []
     for step in steps:
-        modules.append(step.actnorm)
-        if isinstance(step.permute, InvConv1x1):
+        if not networks_only:
+            modules.append(step.actnorm)
+        if isinstance(step.permute, InvConv1x1) and not networks_only:
             modules.append(step.permute)
         if isinstance(step.coupling.net, CouplingNet):
             modules.extend(m for m in step.coupling.net.net if isinstance(m, (NormedConv, ZeroConv2d)))

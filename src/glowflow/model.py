@@ -169,7 +169,7 @@ class Glow(nn.Module):
         for level in reversed(self.levels):
             if level.split is not None:
                 z = torch.cat([z, next(split_eps)], 1)
-            z = level.inverse(z, **_given(level, condition))
+            z = fast.level_inverse(level, z, **_given(level, condition))
         return z
 
     def _flatten(self, eps_list: list[torch.Tensor]) -> torch.Tensor:
