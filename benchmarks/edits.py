@@ -4,8 +4,8 @@ Class transfer on Fashion-MNIST. A small CNN (the judge) is trained here on the 
 never builds a direction. For each pair of classes (A -> B), each direction estimator
 (:mod:`glowflow.estimators`), each N (labelled training images per side, drawn ``--draws``
 times) and each alpha, the direction is estimated from N latents of A and N of B and applied to
-``--sources`` held-out test images of A, decoded as ``glowflow.latent.manipulate`` decodes. Per
-cell: **valid** (the failure gate, :func:`glowflow.latent.failed_decodes`, passes), **success**
+``--sources`` held-out test images of A, decoded as ``glowflow.editing.manipulate`` decodes. Per
+cell: **valid** (the failure gate, :func:`glowflow.editing.failed_decodes`, passes), **success**
 (valid and judged B at alpha > 0; valid and still judged A at alpha < 0), **diversity** (mean
 pairwise distance between the valid edits over that between their sources: near 0 would be every
 source turned into one image) and **distance** (mean absolute pixel change from the reconstruction).
@@ -47,7 +47,8 @@ try:
     import glowflow  # noqa: F401
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from glowflow import Glow, latent
+from glowflow import Glow, editing
+from glowflow.data.attributes import parse_attribute_file
 from glowflow.data import get_dataset
 from glowflow.estimators import ESTIMATORS, estimator
 from glowflow.io import atomic_write_text, json_text
@@ -135,7 +136,7 @@ def mean_pairwise(v: torch.Tensor) -> float:
 
 def edit(model, z0, x0, direction, alpha) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoded edits of the sources and a bool mask of the valid ones."""
-    images, failed = latent.decode_latents(model, latent.edited_latents(model, z0, direction, alpha), source=x0)
+    images, failed = editing.decode_latents(model, editing.edited_latents(model, z0, direction, alpha), source=x0)
     valid = torch.ones(len(images), dtype=torch.bool)
     valid[failed] = False
     return images, valid
@@ -173,7 +174,7 @@ def class_transfer(model, judge, train, test, args, estimators, log) -> list[dic
         a, b = names.index(a_name), names.index(b_name)
         src = (test.labels == a).nonzero().flatten()[:args.sources]
         x0 = to_unit(test.batch(src))
-        z0, rec = encode(model, x0), latent.reconstruct(model, x0)
+        z0, rec = encode(model, x0), editing.reconstruct(model, x0)
         source_spread = mean_pairwise(x0)
         for n in args.n:
             for draw in range(args.draws if n < len(pools[a]) else 1):
@@ -224,7 +225,7 @@ def pixel_attributes(model, judge, train, test, args, estimators, log) -> list[d
         gap = float(measure(attribute, pos_pool).mean() - measure(attribute, neg_pool).mean())
         zp_all, zn_all = encode(model, pos_pool), encode(model, neg_pool)
         x0 = to_unit(test.batch((test.labels == k).nonzero().flatten()[:args.sources]))
-        z0, rec = encode(model, x0), latent.reconstruct(model, x0)
+        z0, rec = encode(model, x0), editing.reconstruct(model, x0)
         for n in [n for n in args.n if n <= min(len(zp_all), len(zn_all))]:
             for draw in range(args.draws):
                 zp = zp_all[torch.randperm(len(zp_all), generator=g)[:n]]
@@ -261,7 +262,7 @@ def faces(run, root, args, log) -> dict:
     c, h, _ = model.config.image_shape
     train = get_dataset("orl-faces", root, "train", image_size=h, channels=c)
     test = get_dataset("orl-faces", root, "test", image_size=h, channels=c)
-    table = latent.parse_attribute_file(ATTRIBUTES_CSV)
+    table = parse_attribute_file(ATTRIBUTES_CSV)
     row_of = {f: i for i, f in enumerate(table.filenames)}
     xt, xs = to_unit(train.batch(slice(0, len(train)))), to_unit(test.batch(slice(0, len(test))))
     zt, zs = encode(model, xt), encode(model, xs)
@@ -309,8 +310,8 @@ def ablation(model, judge, train, test, args, log) -> list[dict]:
     rows = []
     g = torch.Generator().manual_seed(args.seed + 2)
     for label, v in variants.items():
-        saved = latent.EDIT_DETAIL
-        latent.EDIT_DETAIL = v.get("detail", saved)
+        saved = editing.EDIT_DETAIL
+        editing.EDIT_DETAIL = v.get("detail", saved)
         try:
             for a_name, b_name in PAIRS[:args.pairs]:
                 a, b = names.index(a_name), names.index(b_name)
@@ -326,7 +327,7 @@ def ablation(model, judge, train, test, args, log) -> list[dict]:
                     zb = enc(to_unit(train.batch(ib[torch.randperm(len(ib), generator=g)[:30]])))
                     d = zb.mean(0) - za.mean(0)
                     stable = v.get("stable", True)
-                    images, failed = latent.decode_latents(model, latent.edited_latents(model, z0, d, 1.0, stable),
+                    images, failed = editing.decode_latents(model, editing.edited_latents(model, z0, d, 1.0, stable),
                                                            stable=stable, source=x0)
                     valid = torch.ones(len(images), dtype=torch.bool)
                     valid[failed] = False
@@ -334,7 +335,7 @@ def ablation(model, judge, train, test, args, log) -> list[dict]:
                                  "valid": float(valid.float().mean()),
                                  "success": float((valid & (predict(judge, images) == b)).float().mean())})
         finally:
-            latent.EDIT_DETAIL = saved
+            editing.EDIT_DETAIL = saved
     log("ablation done")
     return summarize(rows, ("variant",))
 

@@ -21,7 +21,7 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 from PIL import Image  # noqa: E402
 
-from glowflow import Glow, latent  # noqa: E402
+from glowflow import Glow, editing, latent  # noqa: E402
 from glowflow.demo.server import create_app  # noqa: E402
 from glowflow.images import png_bytes  # noqa: E402
 from conftest import awake_glow  # noqa: E402
@@ -344,7 +344,7 @@ def test_browser_shows_a_refused_edit_on_the_image_and_offers_the_edit_for_downl
         if alphas.get("Bangs", 0.0) > 0.5:
             raise latent.DecodeError("the decode of this edit (Bangs) is not finite", [0])
         return real(*args, **kwargs)
-    monkeypatch.setattr(latent, "edit", refusing)
+    monkeypatch.setattr(editing, "edit", refusing)
     image = tmp_path / "a.png"
     image.write_bytes(png_bytes(x[4]))
     page = open_page(browser, url)

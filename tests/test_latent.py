@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import warnings
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from glowflow import Glow, latent, numerics
+from glowflow import Glow, editing, latent, numerics
 from glowflow.cli import edit as cli_edit
 from glowflow.checkpoint import CheckpointError
 from glowflow.images import ImageError, load_image, make_grid, png_bytes, save_grid
@@ -507,7 +508,7 @@ def test_a_diverged_edit_is_an_error_naming_the_alpha_not_a_black_image(model):
     assert e.value.rows == [1]
     z = model.encode(x)[0]
     with pytest.raises(latent.DecodeError, match="frame 2 of 3") as e:  # how interpolate names its frames
-        latent._decode(model, torch.stack([z, z + d, z]), None, False, what=lambda i: f"frame {i + 1} of 3")
+        editing._decode(model, torch.stack([z, z + d, z]), None, False, what=lambda i: f"frame {i + 1} of 3")
     assert e.value.rows == [1]
 
 
@@ -525,15 +526,15 @@ def test_a_finite_decode_far_outside_the_image_range_is_a_failed_edit(model, mon
         return x
     monkeypatch.setattr(model, "decode", fake_decode)
     with pytest.raises(latent.DecodeError, match="far outside the image range") as e:
-        latent._decode(model, z)
+        editing._decode(model, z)
     assert e.value.rows == [1, 2]
-    out = latent._decode(model, z[:1])
+    out = editing._decode(model, z[:1])
     assert out.max() == 1.0 and out.min() == 0.0
     with pytest.warns(UserWarning, match="latent 1, latent 2 failed .* drawn grey"):
-        grey = latent._decode(model, z, failed="grey")  # a strip keeps its good tiles
+        grey = editing._decode(model, z, failed="grey")  # a strip keeps its good tiles
     assert (grey[1:] == 0.5).all() and torch.equal(grey[0], out[0])
     with pytest.raises(ValueError, match="failed must be one of"):
-        latent._decode(model, z, failed="skip")
+        editing._decode(model, z, failed="skip")
 
 
 def test_the_failure_gate_refuses_pixel_noise_and_accepts_a_saturated_background():
@@ -557,7 +558,7 @@ def test_the_failure_gate_refuses_pixel_noise_and_accepts_a_saturated_background
     few[..., 2, 2] = few[..., 25, 25] = 1.0  # two stray white pixels: 0.26%, under the limit
     batch = torch.cat([garment, stripes, deep_black, white, noisy, few])
     assert latent.failed_decodes(batch).tolist() == [False, False, False, False, True, False]
-    assert latent.specks(noisy) > latent.MAX_SPECK_FRACTION > latent.specks(stripes)
+    assert latent.specks(noisy) > editing.MAX_SPECK_FRACTION > latent.specks(stripes)
     # an edit of an image that was noisy to begin with may keep its noise
     assert not latent.failed_decodes(noisy, latent.specks(noisy)).item()
 
@@ -683,8 +684,30 @@ def test_the_valid_alpha_range_stops_where_edits_stop_decoding(run_dir, monkeypa
         images, failed = real_decode(model_, eps, y, stable, source)
         return images, list(range(len(eps))) if seen[-1] > limit["alpha"] else failed
 
-    monkeypatch.setattr(latent, "edited_latents", edit)
-    monkeypatch.setattr(latent, "decode_latents", decode)
+    monkeypatch.setattr(editing, "edited_latents", edit)
+    monkeypatch.setattr(editing, "decode_latents", decode)
     assert latent.valid_alpha_range(model, x, d) == (-1.0, 1.0)
     limit["alpha"] = 0.0  # nothing decodes: the slider still moves one step
     assert latent.valid_alpha_range(model, x, d) == (-latent.ALPHA_STEPS[0], latent.ALPHA_STEPS[0])
+
+
+def test_one_load_directions_for_the_library_the_command_line_and_the_demo():
+    from glowflow import directions
+    from glowflow.cli import demo as cli_demo
+    assert cli_edit.load_directions is directions.load_directions is cli_demo.load_directions
+    assert latent.load_directions is directions.load_directions
+    with pytest.raises(ValueError, match="a directory or a checkpoint"):
+        directions.load_directions()
+
+
+def test_directions_computed_with_other_weights_warn(run_dir, capsys):
+    from glowflow import directions
+    run, folder = run_dir
+    assert run_cli(["directions", run, "--attributes", folder / "attrs.csv"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        directions.load_directions(checkpoint=run)  # the same weights: no warning
+    saved, _ = directions.load_directions(run)
+    directions.save_directions(saved, run, weights_sha="0" * 64)
+    with pytest.warns(UserWarning, match="computed with other weights"):
+        directions.load_directions(checkpoint=run)

@@ -1,5 +1,5 @@
 """Attribute direction estimators: from the latents of images with an attribute and without it,
-the direction ``d [D]`` that :func:`glowflow.latent.manipulate` moves an image along.
+the direction ``d [D]`` that :func:`glowflow.editing.manipulate` moves an image along.
 
 Each estimator is one class with a name, registered when it is defined; ``estimator("coarse")``
 makes one. Whatever the estimator, ``alpha = 1`` means the same thing: the direction's length is
@@ -36,7 +36,7 @@ class Estimator:
     """The base: checks the inputs and sets the length of the direction. A subclass gives
     ``name``, a one-line ``description`` and :meth:`_unit` (the direction's orientation); one that
     needs only the two means also :meth:`from_means`, so that directions of large datasets can be
-    computed from running sums (:class:`glowflow.latent.DirectionAccumulator`)."""
+    computed from running sums (:class:`glowflow.directions.DirectionAccumulator`)."""
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""

@@ -15,7 +15,7 @@ from ..checkpoint import CheckpointError
 from ..demo import MAX_UPLOAD_MB
 from ..images import ImageError, load_image
 from .common import add_checkpoint, add_dataset, add_json, dataset_of, load_model, port, positive_int
-from .edit import load_directions
+from ..directions import load_directions
 
 
 def cmd_demo(args) -> int:
@@ -26,7 +26,7 @@ def cmd_demo(args) -> int:
                          "pip install 'glowflow[demo]'") from e
     model = load_model(args)
     try:
-        directions = load_directions(model, args.checkpoint, args.directions)
+        directions, _ = load_directions(args.directions, model.num_dims, checkpoint=args.checkpoint)
     except CheckpointError as e:
         if args.directions:
             raise

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import torch
 
-from .. import data, latent
+from .. import data, editing
+from ..data.attributes import parse_attribute_file, table_image_paths
+from ..directions import (DIRECTIONS_WEIGHTS, class_attributes, directions_dir, directions_from_images,
+                          load_directions, pair_attributes, save_directions)
 from ..checkpoint import CheckpointError, weights_sha256
 from ..estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from ..images import load_image, save_grid
@@ -23,25 +26,13 @@ from .common import (add_checkpoint, add_dataset, add_json, add_picture_output, 
                      resolve_positionals, warn)
 
 
-def load_directions(model, checkpoint: Path, folder: Path | None) -> latent.Directions:
-    """The directions saved beside ``checkpoint`` (or in ``folder``), with a warning when they were
-    computed with other weights."""
-    folder = folder or latent.directions_dir(checkpoint)
-    directions, info = latent.load_directions(folder, model.num_dims)
-    stored = info.get("weights_sha256")
-    if stored and stored != weights_sha256(checkpoint):
-        warn(f"the directions in {folder} were computed with other weights than those now in "
-             f"{checkpoint}; recompute them with `glowflow directions`")
-    return directions
-
-
 def cmd_interpolate(args) -> int:
     resolve_positionals(args)
     check_count(args, args.steps, "interpolate --steps")
     model = load_model(args)
     shape = model.config.image_shape
     x1, x2 = load_image(args.image_a, shape), load_image(args.image_b, shape)
-    images = latent.interpolate(model, x1, x2, args.steps, args.method, args.label_a, args.label_b,
+    images = editing.interpolate(model, x1, x2, args.steps, args.method, args.label_a, args.label_b,
                                 stable=not args.raw)
     save_grid(images, args.out, nrow=args.steps, scale=args.scale)
     emit(args, {"out": str(args.out), "steps": args.steps, "method": args.method})
@@ -52,13 +43,13 @@ def cmd_manipulate(args) -> int:
     resolve_positionals(args)
     check_count(args, len(args.alphas) * len(args.images), "manipulate (images x alphas)")
     model = load_model(args)
-    directions = load_directions(model, args.checkpoint, args.directions)
+    directions, _ = load_directions(args.directions, model.num_dims, checkpoint=args.checkpoint)
     keep = [k.strip() for k in args.keep.split(",") if k.strip()] if args.keep else []
     direction = directions.conditioned(args.attribute, keep) if keep else directions[args.attribute]
     strips = []
     for path in args.images:  # one row per image
         x = load_image(path, model.config.image_shape)
-        strips.append(latent.manipulate(model, x, direction, args.alphas, args.label, stable=not args.raw,
+        strips.append(editing.manipulate(model, x, direction, args.alphas, args.label, stable=not args.raw,
                                         failed="grey" if args.grey_failed else "raise"))
     save_grid(torch.cat(strips), args.out, nrow=len(args.alphas), scale=args.scale)
     emit(args, {"out": str(args.out), "attribute": args.attribute, "alphas": args.alphas,
@@ -85,17 +76,17 @@ def cmd_directions(args) -> int:
         if not args.json:
             print(f"\rencoded {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-    directions = latent.directions_from_images(model, images, attributes, names, labels, args.batch_size,
+    directions = directions_from_images(model, images, attributes, names, labels, args.batch_size,
                                                source, progress, args.estimator, groups)
-    out = args.out or latent.directions_dir(args.checkpoint)
+    out = args.out or directions_dir(args.checkpoint)
     if not args.replace:
         try:
-            directions = latent.load_directions(out, model.num_dims)[0].merged(directions)
+            directions = load_directions(out, model.num_dims)[0].merged(directions)
         except CheckpointError as e:
-            if (Path(out) / latent.DIRECTIONS_WEIGHTS).exists():
+            if (Path(out) / DIRECTIONS_WEIGHTS).exists():
                 warn(f"{e}; replacing it with the new directions only")
-    latent.save_directions(directions, out, weights_sha256(args.checkpoint))
-    emit(args, {"saved": str(Path(out) / latent.DIRECTIONS_WEIGHTS), "num_images": len(images),
+    save_directions(directions, out, weights_sha256(args.checkpoint))
+    emit(args, {"saved": str(Path(out) / DIRECTIONS_WEIGHTS), "num_images": len(images),
                 "directions": {d["name"]: [d["positive_count"], d["negative_count"]] for d in directions.info()}})
     return 0
 
@@ -112,10 +103,10 @@ def _class_labelled(model, args):
     if ds.labels is None or not ds.class_names:
         raise ValueError(f"{name} has no class labels to build directions from")
     if args.positive is not None:
-        attributes, direction = latent.pair_attributes(ds.labels, ds.class_names, args.positive, args.negative)
+        attributes, direction = pair_attributes(ds.labels, ds.class_names, args.positive, args.negative)
         names = [direction]
     else:
-        attributes, names = latent.class_attributes(ds.labels, ds.class_names), list(ds.class_names)
+        attributes, names = class_attributes(ds.labels, ds.class_names), list(ds.class_names)
     labels = ds.labels if model.config.num_classes else None
     return ds, attributes, names, labels, f"{name} {args.split} classes", None  # read a batch at a time
 
@@ -126,7 +117,7 @@ def _attribute_file(model, args):
     if model.config.num_classes:
         raise ValueError("this model is class-conditional; attribute files carry no class labels to "
                          "encode with, use an unconditional model")
-    table = latent.parse_attribute_file(args.attributes)
+    table = parse_attribute_file(args.attributes)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     table = table.select(only)
     if args.dataset:  # e.g. only the training faces enter the means
@@ -135,7 +126,7 @@ def _attribute_file(model, args):
         groups = None if groups is None else groups[:args.limit]
         return images[:args.limit], values[:args.limit], list(table.names), None, source, groups
     table = table.head(args.limit)
-    paths = latent.table_image_paths(table, args.images or args.attributes.parent)
+    paths = table_image_paths(table, args.images or args.attributes.parent)
     return paths, table.values, list(table.names), None, str(args.attributes.name), None
 
 
@@ -163,7 +154,7 @@ def _split_rows(model, table, args):
 def _add_raw(p) -> None:
     p.add_argument("--raw", action="store_true", help="decode the edited latent as it stands (by default the "
                                                       "coupling scales are floored and, for directions, each "
-                                                      "level keeps its norm: see glowflow.latent)")
+                                                      "level keeps its norm: see glowflow.editing)")
 
 
 def register(sub) -> None:
@@ -171,7 +162,7 @@ def register(sub) -> None:
     add_checkpoint(p, "IMAGE_A", "IMAGE_B")
     p.add_argument("--steps", type=int_between(2, None, "an integer >= 2"), default=8,
                    help="images on the path, ends included (default 8)")
-    p.add_argument("--method", choices=latent.INTERPOLATIONS, default="linear")
+    p.add_argument("--method", choices=editing.INTERPOLATIONS, default="linear")
     p.add_argument("--label-a", type=int, help="class of A (class-conditional models only)")
     p.add_argument("--label-b", type=int, help="class of B (default: that of A)")
     _add_raw(p)

@@ -35,7 +35,8 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from .. import latent
+from .. import editing
+from ..directions import Directions
 from ..images import DEFAULT_MAX_PIXELS, ImageError, load_image, png_bytes
 from . import MAX_UPLOAD_MB
 
@@ -113,7 +114,7 @@ def _mb(n: int) -> str:
 class DemoState:
     """The model and what the page needs; every model call goes through :meth:`run`."""
 
-    def __init__(self, model, directions: latent.Directions | None, test_images, test_names,
+    def __init__(self, model, directions: Directions | None, test_images, test_names,
                  class_names, max_upload_bytes: int, max_pixels: int, alpha_max: float):
         self.model = model
         self.directions = directions
@@ -133,7 +134,7 @@ class DemoState:
         with self.lock, torch.no_grad():
             try:
                 return fn(*args, **kwargs)
-            except latent.DecodeError as e:  # an edit the model cannot invert: say so, don't draw black
+            except editing.DecodeError as e:  # an edit the model cannot invert: say so, don't draw black
                 raise DemoError(422, f"{e}. Move the sliders back towards 0.", refused=True) from None
 
     def read_image(self, data: bytes, field: str = "image") -> torch.Tensor:
@@ -228,7 +229,7 @@ def _parse(model_cls, body: bytes):
         raise DemoError(422, f"bad request: {problems}") from None
 
 
-def create_app(model, directions: latent.Directions | None = None, test_images: torch.Tensor | None = None,
+def create_app(model, directions: Directions | None = None, test_images: torch.Tensor | None = None,
                test_names: list[str] | None = None, class_names: list[str] | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                alpha_max: float = 1.0, host: str | None = "127.0.0.1", port: int | None = None) -> FastAPI:
@@ -322,7 +323,7 @@ def create_app(model, directions: latent.Directions | None = None, test_images: 
         data = await _read_body(request, max_upload_bytes)
         x = await run_in_threadpool(state.read_image, data, "upload")
         label = state.label(_int_or_none(request.query_params.get("label")))
-        recon = await run_in_threadpool(state.run, latent.reconstruct, model, x, label)
+        recon = await run_in_threadpool(state.run, editing.reconstruct, model, x, label)
         bpd = await run_in_threadpool(state.run, bits_per_dim, model, x, label)
         return {"image": data_url(x), "reconstruction": data_url(recon[0]), "bits_per_dim": bpd}
 
@@ -346,7 +347,7 @@ def create_app(model, directions: latent.Directions | None = None, test_images: 
                                  f"[{-state.alpha_max:g}, {state.alpha_max:g}]")
         label = state.label(req.label)
         mix_label = state.label(req.mix_label) if mix is not None else None
-        out = await run_in_threadpool(state.run, latent.edit, model, x, directions, alphas, mix,
+        out = await run_in_threadpool(state.run, editing.edit, model, x, directions, alphas, mix,
                                       req.blend, req.method, label, mix_label)
         return {"image": data_url(out[0])}
 
@@ -357,7 +358,7 @@ def create_app(model, directions: latent.Directions | None = None, test_images: 
         label = state.label(req.label)
         y = None if label is None else torch.full((req.n,), label, dtype=torch.long)
         generator = torch.Generator().manual_seed(seed)
-        images, failed = await run_in_threadpool(state.run, latent.sample, model, req.n, req.temperature, y,
+        images, failed = await run_in_threadpool(state.run, editing.sample, model, req.n, req.temperature, y,
                                                  generator)
         warning = None
         if failed:  # drawn grey: the page shows the other samples and says why these are missing
@@ -380,7 +381,7 @@ def bits_per_dim(model, x: torch.Tensor, label: int | None) -> float:
     return float(model.bits_per_dim(x, y, generator=torch.Generator().manual_seed(0))[0])
 
 
-# Held-out images a slider's range is measured on (latent.valid_alpha_range), at most.
+# Held-out images a slider's range is measured on (editing.valid_alpha_range), at most.
 RANGE_IMAGES = 16
 
 
@@ -392,7 +393,7 @@ def slider_ranges(model, directions, test_images, alpha_max: float) -> dict[str,
     if test_images is None or not len(test_images) or model.config.num_classes:
         return {name: [-alpha_max, alpha_max] for name in directions.names}
     x = test_images[:RANGE_IMAGES]
-    return {name: list(latent.valid_alpha_range(model, x, directions[name], alpha_max)) for name in directions.names}
+    return {name: list(editing.valid_alpha_range(model, x, directions[name], alpha_max)) for name in directions.names}
 
 
 def _int_or_none(value: str | None) -> int | None:
