@@ -34,7 +34,8 @@ from glowflow import checkpoint as ckpt
 from glowflow.config import build_train_config
 from glowflow.data import get_dataset
 from glowflow.distributed import DistInfo
-from glowflow.train import RAW_WEIGHTS, Trainer
+from glowflow.rundir import RAW_WEIGHTS
+from glowflow.train import Trainer
 
 pytestmark = [
     pytest.mark.slow,

@@ -19,7 +19,8 @@ from glowflow import Glow, checkpoint as ckpt
 from glowflow.cli import main as cli_main
 from glowflow.data import ImageDataset
 import glowflow.train as train_mod
-from glowflow.train import EMA, RAW_WEIGHTS, TrainConfig, Trainer, learning_rate, run_progress
+from glowflow.rundir import RAW_WEIGHTS
+from glowflow.train import EMA, TrainConfig, Trainer, learning_rate, run_progress
 
 TINY_MODEL = dict(image_shape=(1, 8, 8), levels=2, steps=2, hidden_channels=8, permutation="invconv_lu")
 
@@ -56,7 +57,7 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     losses = [r["bits_per_dim"] for r in t.history if "bits_per_dim" in r]
     assert len(losses) == 40
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
-    ev = t.evaluate()
+    ev = t.test_metrics()
     assert ev["test_bits_per_dim"] < losses[0]
     assert (tmp_path / "samples.png").is_file() and (tmp_path / "curve.png").is_file()
     assert summary["steps"] == 40
@@ -509,7 +510,7 @@ def test_an_evaluation_that_is_not_finite_is_an_error_not_a_result(tmp_path):
     with torch.no_grad():
         next(model.parameters()).fill_(float("nan"))
     with pytest.raises(ValueError, match="bits/dim is not finite for 64 of 64 images.*no result"):
-        train_mod.evaluate(model, blobs(64, 1))
+        train_mod.dataset_bits_per_dim(model, blobs(64, 1))
 
 
 def test_damaged_metrics_lines_are_dropped_on_resume(tmp_path):
@@ -591,7 +592,7 @@ def test_a_second_training_on_the_same_directory_is_refused_while_the_first_runs
         Trainer(tiny_cfg(max_steps=4), {str(tmp_path)!r}, blobs(256, 0), None, resume=True, log=print)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "is in use by another training" in proc.stderr and f"pid" in proc.stderr
+    assert proc.returncode != 0 and "is in use by another training" in proc.stderr and "pid" in proc.stderr
     first.run()  # released at the end of the run
     again = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]

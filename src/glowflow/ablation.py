@@ -4,7 +4,7 @@ Every run trains the same model (levels, steps, width, learning-rate schedule) w
 permutations ``reverse`` / ``shuffle`` / ``invconv`` (learned 1x1 convolution) and one of the
 couplings ``additive`` / ``affine``. Seed index ``i`` gives the same seed to the model's
 initialisation and to the data order (batches, dequantisation noise) in all six configs.
-Test bits/dim is measured on the EMA weights (as ``Trainer.evaluate`` and ``glowflow eval`` do),
+Test bits/dim is measured on the EMA weights (as ``Trainer.test_metrics`` and ``glowflow eval`` do),
 every ``eval_every`` steps and at the last step, on one fixed test subset (the first
 ``test_limit`` test images, the same dequantisation noise).
 
@@ -120,9 +120,9 @@ class _TimedTrainer(Trainer):
         self._t0, self._eval_seconds = time.perf_counter(), 0.0
         return super().run()
 
-    def evaluate(self) -> dict:
+    def test_metrics(self) -> dict:
         start = time.perf_counter()
-        row = super().evaluate()
+        row = super().test_metrics()
         if row:
             row["seconds"] = round(start - self._t0, 2)  # includes the earlier evaluations
             row["train_seconds"] = round(start - self._t0 - self._eval_seconds, 2)

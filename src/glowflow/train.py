@@ -12,7 +12,6 @@ import copy
 import functools
 import math
 import pickle
-import shutil
 import time
 from pathlib import Path
 
@@ -30,17 +29,11 @@ from .model import Glow
 from .numerics import to_unit
 from .plots import plot_curves
 from .progress import Progress
+from .rundir import (CURVE, METRICS, RAW_WEIGHTS, SAMPLES, TENSORBOARD, TRAIN_CONFIG, TRAINER_STATE,
+                     check_run_dir, clear_run, read_history)
 
-__all__ = ["Trainer", "TrainConfig", "EMA", "train", "evaluate", "learning_rate", "run_progress",
-           "batch_indices", "step_generator", "load_split", "check_run_dir", "TrainingDiverged", "LR_DECAYS",
-           "TRAINER_STATE", "RAW_WEIGHTS", "TRAIN_CONFIG", "METRICS", "RUN_FILES"]
-
-TRAINER_STATE = "trainer.pt"
-RAW_WEIGHTS = "raw.safetensors"
-TRAIN_CONFIG = "train_config.json"
-METRICS = "metrics.jsonl"
-# what a run writes into its directory (and --overwrite removes; nothing else there is touched)
-RUN_FILES = (ckpt.CHECKPOINT_DIR, ckpt.CHECKPOINT_DIR + ".old", METRICS, "samples.png", "curve.png", "tb")
+__all__ = ["Trainer", "TrainConfig", "EMA", "train", "dataset_bits_per_dim", "learning_rate", "run_progress",
+           "batch_indices", "step_generator", "load_split", "TrainingDiverged", "LR_DECAYS"]
 
 # The random streams of a training step: each its own generator, seeded by (seed, step, stream).
 STREAM_BATCH_ORDER = 0  # the permutation of an epoch (seeded by the epoch, not the step)
@@ -54,60 +47,6 @@ INIT_SEED_OFFSET = 7919
 
 class TrainingDiverged(RuntimeError):
     """Training kept producing non-finite losses after every restore the budget allowed."""
-
-
-def _metrics_of_a_run(path: Path) -> bool:
-    """Whether ``path`` is a non-empty metrics file as a run writes it (JSON objects, one per line)."""
-    try:
-        with open(path) as f:
-            return isinstance(io.parse_json(f.readline(1 << 20)), dict)
-    except (OSError, ValueError):
-        return False
-
-
-def _existing_run(out: Path) -> str | None:
-    """What in ``out`` shows that a run already lives there, or None."""
-    try:
-        ckpt.resolve_checkpoint_dir(out)
-        return "a checkpoint"
-    except ckpt.CheckpointError:
-        pass
-    if _metrics_of_a_run(out / METRICS):
-        return f"a {METRICS}"
-    return None
-
-
-def check_run_dir(out, resume: bool = False, overwrite: bool = False) -> None:
-    """Refuse, before any work, what would lose work or cannot be written: ``out`` being a file,
-    holding a run that is neither resumed nor explicitly overwritten, or holding under a name a
-    run writes (:data:`RUN_FILES`) something glowflow did not write (a user's folder named
-    ``checkpoint``, a ``samples.png`` with no run beside it): those are never replaced."""
-    out = Path(out)
-    if resume and overwrite:
-        raise ValueError("resume and overwrite exclude each other: continue the run, or replace it")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"the run directory {out} is a file; pass a directory (it is created if missing)")
-    for name in (ckpt.CHECKPOINT_DIR, ckpt.CHECKPOINT_DIR + ".old"):
-        io.check_replaceable(out / name, ckpt.is_checkpoint, "a glowflow checkpoint")
-    found = _existing_run(out)
-    if found is None:
-        present = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
-        if present:
-            raise io.RefusedError(f"{out} holds {', '.join(present)} but no training run glowflow wrote (no "
-                                  "checkpoint, no metrics): glowflow replaces only what it wrote itself; move "
-                                  "them away or choose another --out")
-    elif not (resume or overwrite):
-        raise ValueError(f"{out} already holds a training run ({found}); pass --resume to continue it, or "
-                         "--overwrite to start over (its checkpoint, metrics and pictures are deleted)")
-
-
-def _clear_run(out: Path) -> None:
-    for name in RUN_FILES:
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
 
 
 def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
@@ -160,8 +99,8 @@ def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Opti
     return torch.optim.Adamax(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
 
 
-def evaluate(model: Glow, data: ImageDataset, batch_size: int = 500, seed: int = 0,
-             device: torch.device | str = "cpu", progress: bool = False) -> dict:
+def dataset_bits_per_dim(model: Glow, data: ImageDataset, batch_size: int = 500, seed: int = 0,
+                         device: torch.device | str = "cpu", progress: bool = False) -> dict:
     """Test-set bits/dim of a dataset's uint8 images: mean and standard error over images. Images
     scored NaN or inf make it a ValueError, not a number: the weights (or the data) are broken."""
     res = score(model, data, batch_size=batch_size, seed=seed, device=device, progress=progress, desc="eval")
@@ -225,7 +164,7 @@ class Trainer:
             check_run_dir(self.out, resume, overwrite)
             self.lock.acquire()  # released when run() ends, or with the process
             if overwrite:
-                _clear_run(self.out)
+                clear_run(self.out)
             io.remove_stale_temporaries(self.out / ckpt.CHECKPOINT_DIR)
         try:
             self._setup(resume)
@@ -437,11 +376,12 @@ class Trainer:
                     if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
                         self._tb.add_scalar(k, v, row.get("step", self.step))
 
-    def evaluate(self) -> dict:
+    def test_metrics(self) -> dict:
+        """The metrics row of the EMA weights on the test images (empty without test data)."""
         if self.test_data is None:
             return {}
         data = self.test_data.head(self.cfg.test_limit)
-        res = evaluate(self.ema.model, data, seed=self.cfg.seed, device=self.device)
+        res = dataset_bits_per_dim(self.ema.model, data, seed=self.cfg.seed, device=self.device)
         return {"step": self.step, "test_images": res["num_images"],
                 **{f"test_{k}": v for k, v in res.items() if k != "num_images"}}
 
@@ -450,11 +390,58 @@ class Trainer:
         if self.cfg.model.num_classes:
             y = torch.arange(64) % self.cfg.model.num_classes
         x = self.ema.model.sample(64, temperature=0.7, y=y, generator=torch.Generator().manual_seed(self.cfg.seed))
-        save_grid(x, self.out / "samples.png", nrow=8, scale=_display_scale(self.cfg.model.image_shape))
-        plot_curves(self.history, self.out / "curve.png")
+        save_grid(x, self.out / SAMPLES, nrow=8, scale=_display_scale(self.cfg.model.image_shape))
+        plot_curves(self.history, self.out / CURVE)
 
     # ------------------------------------------------------------------ the loop
-    def _tick(self, seconds: float) -> None:
+    def run(self) -> dict:
+        """Train until the step or time budget is spent; returns the run's summary."""
+        cfg = self.cfg
+        try:
+            self._begin()
+            if self.step == 0 and not self._has_checkpoint():
+                self.save_checkpoint()  # the initial weights: what a run that diverges early restores
+            while not self._done():
+                row = self.train_step()  # one update, or none when the loss or a gradient is not finite
+                self._set_clock(self._seconds0 + time.perf_counter() - self._t0)
+                self.bar.update(1)
+                if cfg.max_minutes and self.step - self._start_step >= 20:  # the steps the clock allows
+                    done = run_progress(cfg, self.step, self.seconds)
+                    self.bar.total = min(cfg.max_steps, max(self.step, round(self.step / max(done, 1e-9))))
+                if row["skipped"]:
+                    self.log(f"warning: step {row['step']}: non-finite loss or gradient, step skipped")
+                    self._record({"event": "skipped", **row})
+                    if self.bad_steps >= cfg.max_bad_steps:
+                        self._recover()  # back to the last checkpoint, at a lower learning rate
+                        self.bar.n = self.step
+                    if not self._done():  # the last step saves and evaluates, skipped or not
+                        continue
+                else:
+                    self._images_since_log += cfg.batch_size
+                    if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                        self._log_row(row)
+                last = self._done()
+                if self.step % cfg.eval_every == 0 or last:
+                    self._evaluate()
+                if self.step % cfg.checkpoint_every == 0 or last:
+                    self.save_checkpoint()
+                if self.dist.is_main and (self.step % cfg.sample_every == 0 or last):
+                    self.write_pictures()
+            return self._finish()
+        finally:
+            self.close()
+
+    def _begin(self) -> None:
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._tb = _tensorboard(self.out / TENSORBOARD)
+            self.history = read_history(self.out / METRICS, upto=self.step)
+        self._start_step, self._t0, self._seconds0 = self.step, time.perf_counter(), self.seconds
+        self._log_time, self._images_since_log = time.perf_counter(), 0  # images/s since the last log line
+        self.bar = Progress(self.cfg.max_steps, "train", enabled=self.cfg.progress and self.dist.is_main,
+                            unit="step", initial=self.step)
+
+    def _set_clock(self, seconds: float) -> None:
         """Advance the training clock; under DDP every rank takes rank 0's, so all agree on the
         learning rate and on when the time budget ends."""
         if self.dist.enabled:
@@ -469,76 +456,22 @@ class Trainer:
     def _done(self) -> bool:
         return self.step >= self.cfg.max_steps or self._out_of_time()
 
-    def _begin(self) -> None:
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self._tb = _tensorboard(self.out / "tb")
-            self.history = _read_history(self.out / METRICS, upto=self.step)
-        self._start_step, self._t0, self._seconds0 = self.step, time.perf_counter(), self.seconds
-        self._window = (time.perf_counter(), 0)  # images/s over the steps since the last log line
-        self.bar = Progress(self.cfg.max_steps, "train", enabled=self.cfg.progress and self.dist.is_main,
-                            unit="step", initial=self.step)
-
-    def _update_bar_total(self) -> None:
-        # under a time budget the bar's total is the number of steps the clock allows
-        if self.cfg.max_minutes and self.step - self._start_step >= 20:
-            done = run_progress(self.cfg, self.step, self.seconds)
-            self.bar.total = min(self.cfg.max_steps, max(self.step, round(self.step / max(done, 1e-9))))
-
-    def _log_step(self, row: dict) -> None:
-        t, n = self._window
-        self._window = (t, n + self.cfg.batch_size)
-        if self.step % self.cfg.log_every and self.step != self.cfg.max_steps:
-            return
+    def _log_row(self, row: dict) -> None:
         now = time.perf_counter()
-        row["images_per_s"] = (n + self.cfg.batch_size) / max(now - t, 1e-9)
-        self._window = (now, 0)
+        row["images_per_s"] = self._images_since_log / max(now - self._log_time, 1e-9)
+        self._log_time, self._images_since_log = now, 0
         self._record(row)
         self.bar.set_postfix(loss=f"{row['loss']:.3f}", bpd=f"{row['bits_per_dim']:.3f}",
                              img_s=f"{row['images_per_s']:.0f}")
 
-    def _skipped(self, row: dict) -> None:
-        self.log(f"warning: step {row['step']}: non-finite loss or gradient, step skipped")
-        self._record({"event": "skipped", **row})
-        if self.bad_steps >= self.cfg.max_bad_steps:
-            self._recover()
-            self.bar.n = self.step
-
-    def _periodic(self, last: bool) -> None:
-        """Evaluation, checkpoint and pictures when their step comes, and all three at the end."""
-        cfg = self.cfg
-        if self.step % cfg.eval_every == 0 or last:
-            ev = self.evaluate()
-            if ev:
-                self._record(ev)
-                self.log(f"step {self.step}: test bits/dim {ev['test_bits_per_dim']:.4f} "
-                         f"± {ev['test_bits_per_dim_se']:.4f}"
-                         + describe_outliers(ev["test_outliers"], ev["test_images"], ev["test_bits_per_dim_median"],
-                                             ev["test_bits_per_dim_without_outliers"]))
-        if self.step % cfg.checkpoint_every == 0 or last:
-            self.save_checkpoint()
-        if self.dist.is_main and (self.step % cfg.sample_every == 0 or last):
-            self.write_pictures()
-
-    def run(self) -> dict:
-        try:
-            self._begin()
-            if self.step == 0 and not self._has_checkpoint():
-                self.save_checkpoint()  # the initial weights: what a run that diverges early restores
-            while not self._done():
-                row = self.train_step()
-                self._tick(self._seconds0 + time.perf_counter() - self._t0)
-                self.bar.update(1)
-                self._update_bar_total()
-                if row["skipped"]:
-                    self._skipped(row)
-                else:
-                    self._log_step(row)
-                if not row["skipped"] or self._done():  # the last step saves and evaluates, skipped or not
-                    self._periodic(last=self._done())
-            return self._finish()
-        finally:
-            self.close()
+    def _evaluate(self) -> None:
+        ev = self.test_metrics()
+        if ev:
+            self._record(ev)
+            self.log(f"step {self.step}: test bits/dim {ev['test_bits_per_dim']:.4f} "
+                     f"± {ev['test_bits_per_dim_se']:.4f}"
+                     + describe_outliers(ev["test_outliers"], ev["test_images"], ev["test_bits_per_dim_median"],
+                                         ev["test_bits_per_dim_without_outliers"]))
 
     def close(self) -> None:
         """Release the run directory (and the progress bar and TensorBoard writer)."""
@@ -563,8 +496,8 @@ class Trainer:
         evals = [r for r in self.history if "test_bits_per_dim" in r]
         if evals:
             summary.update((k, v) for k, v in evals[-1].items() if k.startswith("test_"))
-        if self.dist.is_main and (self.out / "samples.png").exists():
-            summary["samples"] = str(self.out / "samples.png")
+        if self.dist.is_main and (self.out / SAMPLES).exists():
+            summary["samples"] = str(self.out / SAMPLES)
         return summary
 
 
@@ -579,23 +512,6 @@ def _tensorboard(path):
     except Exception:
         return None
     return SummaryWriter(str(path))
-
-
-def _read_history(path: Path, upto: int) -> list[dict]:
-    """Metrics of earlier runs of this directory (kept on resume, truncated to the resumed step)."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:  # a line that is not a row of this run (damaged, edited, too deeply nested) is dropped
-            row = io.parse_json(line)
-        except ValueError:
-            continue
-        step = row.get("step", 0) if isinstance(row, dict) else None
-        if isinstance(step, (int, float)) and not isinstance(step, bool) and step <= upto:
-            rows.append(row)
-    io.atomic_write_text(path, "".join(io.json_text(r, sort_keys=False) + "\n" for r in rows))
-    return rows
 
 
 def load_split(name: str, root, split: str, image_shape, limit: int | None = None) -> ImageDataset:

@@ -18,7 +18,7 @@ from .. import io
 from ..data import DATASET_NAMES
 from ..distributed import resolve_device
 from ..model import Glow
-from ..train import TRAIN_CONFIG
+from ..rundir import TRAIN_CONFIG
 
 # Images one command may put into one picture without --allow-large: bounds its time and memory.
 MAX_IMAGES = 4096

@@ -5,7 +5,7 @@ import os
 
 from ..config import COUPLINGS, LR_DECAYS, MEMORY_MODES, OPTIMIZERS, PRECISIONS, build_train_config
 from ..presets import list_presets
-from ..train import evaluate, load_split, train
+from ..train import dataset_bits_per_dim, load_split, train
 from .common import add_checkpoint, add_dataset, add_json, dataset_of, emit, load_model, positive_int, seed
 
 # command-line flags that stand for a preset setting
@@ -41,8 +41,8 @@ def cmd_eval(args) -> int:
     if tuple(data.image_shape) != tuple(model.config.image_shape):
         raise ValueError(f"{name} images are {tuple(data.image_shape)}, the model expects "
                          f"{tuple(model.config.image_shape)}")
-    res = evaluate(model, data, batch_size=args.batch_size, seed=args.seed,
-                   device=next(model.parameters()).device, progress=not args.no_progress)
+    res = dataset_bits_per_dim(model, data, batch_size=args.batch_size, seed=args.seed,
+                               device=next(model.parameters()).device, progress=not args.no_progress)
     bound = f"{model.config.dequantization} dequantization"  # which upper bound on bits/dim this is
     emit(args, {"dataset": name, "split": args.split, "n_bits": model.config.n_bits, "bound": bound, **res})
     return 0
