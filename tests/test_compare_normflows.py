@@ -113,12 +113,13 @@ def test_budget_training_and_test_bpd_on_synthetic_images(bench, tiny):
     models = {"glowflow": bench.build_glowflow(tiny), "normflows": bench.build_normflows(tiny)}
     images = torch.randint(0, 256, (40, *tiny.image_shape), generator=torch.Generator().manual_seed(2),
                            dtype=torch.uint8)
-    out, runs = bench.train_for_budget(models, images, tiny, budget_s=0.3, slice_s=0.1)
+    # the budget includes the initialisation: long enough for a step on a loaded machine too
+    out, runs = bench.train_for_budget(models, images, tiny, budget_s=1.5, slice_s=0.25)
     for name, model in models.items():
         assert out[name]["steps"] >= 1 and out[name]["nonfinite_losses"] == 0
         norms = out[name]["grad_norm_max_per_50_steps"]  # the default recipe clips, and says how hard
         assert len(norms) == len(out[name]["train_bpd_per_50_steps"]) and 0 <= out[name]["clipped_steps"] <= out[name]["steps"]
-        assert out[name]["wall_s"] >= 0.3
+        assert out[name]["wall_s"] >= 1.5
         curve = out[name]["train_bpd_per_50_steps"]
         assert len(curve) == math.ceil(out[name]["steps"] / 50) and all(math.isfinite(v) for v in curve)
         assert runs[name].model is model and runs[name].steps == out[name]["steps"]

@@ -711,3 +711,13 @@ def test_directions_computed_with_other_weights_warn(run_dir, capsys):
     directions.save_directions(saved, run, weights_sha="0" * 64)
     with pytest.warns(UserWarning, match="computed with other weights"):
         directions.load_directions(checkpoint=run)
+
+
+def test_latent_re_exports_each_name_from_its_one_home():
+    from glowflow import directions
+    from glowflow.data import attributes
+    homes = (editing, directions, attributes)
+    for name in latent.__all__:
+        owners = [m for m in homes if name in m.__all__]
+        assert len(owners) == 1, name
+        assert getattr(latent, name) is getattr(owners[0], name), name
