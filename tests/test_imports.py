@@ -98,3 +98,24 @@ def test_the_check_finds_a_cycle_through_a_function_level_import(tmp_path):
     graph = module_graph(pkg)
     assert graph["pkg.sub.leaf"] == {"pkg.top"} and graph["pkg.alone"] == {"pkg.top"}
     assert find_cycles(graph) == [["pkg.sub", "pkg.sub.leaf", "pkg.top"]]
+
+
+def test_no_layer_module_imports_the_fast_paths():
+    """The layers are plain PyTorch: the fast paths call them, never the reverse."""
+    graph = module_graph(PACKAGE_DIR)
+    layer_modules = ["glowflow.layers", "glowflow.couplings", "glowflow.networks", "glowflow.splines",
+                     "glowflow.mixture", "glowflow.blocks", "glowflow.memory", "glowflow.dequantization"]
+
+    def reaches(start: str, target: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            v = todo.pop()
+            if v == target:
+                return True
+            if v not in seen:
+                seen.add(v)
+                todo.extend(graph.get(v, ()))
+        return False
+
+    assert "glowflow.fast" in graph["glowflow.model"]  # the check can see the edge it looks for
+    assert [m for m in layer_modules if reaches(m, "glowflow.fast")] == []
