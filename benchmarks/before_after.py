@@ -76,10 +76,14 @@ def main(argv=None) -> dict:
     p.add_argument("--iters", type=int, default=10, help="timed training steps and sampling calls per process")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    p.add_argument("--config", type=int, action="append", help="time only configuration N (0-based, as listed in "
+                   "the output; repeatable), e.g. to repeat one with more --rounds")
     p.add_argument("--quick", action="store_true", help="the first configuration, one round, 2 steps (a smoke test)")
     args = p.parse_args(argv)
     configs, rounds, iters, warmup = (CONFIGS[:1], 1, 2, 1) if args.quick else \
         (CONFIGS, args.rounds, args.iters, args.warmup)
+    if args.config:
+        configs = [CONFIGS[i] for i in args.config]
     rows = []
     for config in configs:
         runs = {"before": [], "after": []}
