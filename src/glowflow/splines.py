@@ -62,15 +62,20 @@ def _at(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return t.gather(-1, index)[..., 0]
 
 
+def _piece(params: torch.Tensor, tail_bound: float, v: torch.Tensor, by_output: bool):
+    """The bin holding ``v`` (an input, or an output when ``by_output``): its width ``w``, height
+    ``h``, left knot ``(x0, y0)``, the slopes ``d0, d1`` at its ends and its mean slope ``s``."""
+    xk, widths, yk, heights, slopes = _spline(params, tail_bound)
+    i = _bin(yk if by_output else xk, v)
+    w, h = _at(widths, i), _at(heights, i)
+    return w, h, _at(xk, i), _at(yk, i), _at(slopes, i), _at(slopes, i + 1), h / w
+
+
 def rational_quadratic(x: torch.Tensor, params: torch.Tensor, tail_bound: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(y, log dy/dx)``, both shaped like ``x``; ``params`` is ``[*x.shape, 3K - 1]``."""
     inside = x.abs() < tail_bound
     xc = x.clamp(-tail_bound, tail_bound)
-    xk, widths, yk, heights, slopes = _spline(params, tail_bound)
-    i = _bin(xk, xc)
-    w, h, x0, y0 = _at(widths, i), _at(heights, i), _at(xk, i), _at(yk, i)
-    d0, d1 = _at(slopes, i), _at(slopes, i + 1)
-    s = h / w
+    w, h, x0, y0, d0, d1, s = _piece(params, tail_bound, xc, by_output=False)
     t = ((xc - x0) / w).clamp(0.0, 1.0)
     tt = t * (1 - t)
     denom = s + (d1 + d0 - 2 * s) * tt
@@ -83,11 +88,7 @@ def rational_quadratic_inverse(y: torch.Tensor, params: torch.Tensor, tail_bound
     """The ``x`` with ``rational_quadratic(x, params, tail_bound)[0] == y``."""
     inside = y.abs() < tail_bound
     yc = y.clamp(-tail_bound, tail_bound)
-    xk, widths, yk, heights, slopes = _spline(params, tail_bound)
-    i = _bin(yk, yc)
-    w, h, x0, y0 = _at(widths, i), _at(heights, i), _at(xk, i), _at(yk, i)
-    d0, d1 = _at(slopes, i), _at(slopes, i + 1)
-    s = h / w
+    w, h, x0, y0, d0, d1, s = _piece(params, tail_bound, yc, by_output=True)
     dy = yc - y0
     c2 = d1 + d0 - 2 * s
     a = h * (s - d0) + dy * c2
