@@ -652,3 +652,25 @@ def test_an_evaluation_whose_mean_rests_on_outliers_says_so(tmp_path, monkeypatc
     line = next(m for m in messages if "test bits/dim" in m)
     assert "1 of 32 images score over 10x the median (3.0000), the mean of the others is 3.0000" in line
     assert summary["test_outliers"] == 1 and summary["test_bits_per_dim"] == pytest.approx((93 + 1000) / 32)
+
+
+def test_tensorboard_gets_the_scalars_and_the_sample_grid(tmp_path, monkeypatch):
+    import glowflow.train as train_mod
+    logged = {"scalars": [], "images": []}
+
+    class Writer:  # stands in for torch's SummaryWriter (the tensorboard extra)
+        def add_scalar(self, tag, value, step):
+            logged["scalars"].append((tag, step))
+
+        def add_image(self, tag, image, step):
+            logged["images"].append((tag, image, step))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(train_mod, "_tensorboard", lambda path: Writer())
+    run(tiny_cfg(max_steps=4, sample_every=2), tmp_path)
+    assert ("bits_per_dim", 1) in logged["scalars"] and ("lr", 4) in logged["scalars"]
+    assert [(tag, step) for tag, _, step in logged["images"]] == [("samples", 2), ("samples", 4)]
+    image = logged["images"][-1][1]
+    assert image.dtype == torch.uint8 and image.dim() == 3 and image.shape[0] == 1

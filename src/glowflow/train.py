@@ -23,7 +23,7 @@ from . import distributed as dist_utils
 from . import io
 from .config import LR_DECAYS, GlowConfig, TrainConfig
 from .data import ImageDataset, flip, flip_mask, get_dataset, is_prepared, translate, translation_offsets
-from .images import save_grid
+from .images import make_grid, save_grid
 from .likelihood import describe_outliers, score, summarize_bits_per_dim
 from .model import Glow
 from .numerics import to_unit
@@ -390,8 +390,11 @@ class Trainer:
         if self.cfg.model.num_classes:
             y = torch.arange(64) % self.cfg.model.num_classes
         x = self.ema.model.sample(64, temperature=0.7, y=y, generator=torch.Generator().manual_seed(self.cfg.seed))
-        save_grid(x, self.out / SAMPLES, nrow=8, scale=_display_scale(self.cfg.model.image_shape))
+        scale = _display_scale(self.cfg.model.image_shape)
+        save_grid(x, self.out / SAMPLES, nrow=8, scale=scale)
         plot_curves(self.history, self.out / CURVE)
+        if self._tb is not None:  # the same grid beside the scalars, uint8 [C, H, W]
+            self._tb.add_image("samples", make_grid(x, nrow=8, scale=scale), self.step)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:

@@ -20,6 +20,9 @@ def _warn_in_one_line(message, category, filename, lineno, file=None, line=None)
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # a bare `glowflow`: what it can do, not a usage error
+        parser.print_help()
+        return 0
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _warn_in_one_line

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from .. import __version__
 from . import ablate, data, demo, edit, generate, prepare, score, train
 
 __all__ = ["build_parser", "COMMAND_GROUPS"]
@@ -16,7 +17,8 @@ command is a JSON object."""
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glowflow", description=DESCRIPTION)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"glowflow {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for group in COMMAND_GROUPS:
         group.register(sub)
     return parser
