@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from . import io
+from . import io, pretrained
 
 __all__ = ["CheckpointError", "CONFIG_NAME", "WEIGHTS_NAME", "CHECKPOINT_DIR", "CHECKSUMS_NAME",
            "checkpoint_directory", "resolve_checkpoint_dir", "read_json", "read_config", "write_model_files",
@@ -74,8 +74,14 @@ def checkpoint_directory(path):
 
 
 def resolve_checkpoint_dir(path) -> Path:
-    """A checkpoint directory, a run directory holding ``checkpoint/``, or the ``.old`` left by a kill."""
+    """A checkpoint directory, a run directory holding ``checkpoint/``, the ``.old`` left by a kill,
+    or the name of a model glowflow ships (:mod:`glowflow.pretrained`), where no such path exists."""
     path = Path(path)
+    if pretrained.is_model_name(path):
+        try:
+            return pretrained.model_dir(str(path))
+        except pretrained.PretrainedError as e:
+            raise CheckpointError(str(e)) from None
     for candidate in (path, path / CHECKPOINT_DIR):
         if (candidate / CONFIG_NAME).is_file():
             return candidate
