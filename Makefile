@@ -177,8 +177,9 @@ FMNIST_LICENCE := --data-licence "Fashion-MNIST, MIT License (Zalando SE)" \
 pretrained: setup data faces
 	$(GLOWFLOW) train --preset fashion-mnist-cpu --data $(FMNIST) --out $(PRETRAINED)/fashion-mnist-small \
 	  --max-steps 4657 --set max_minutes=null --resume --json
+	$(GLOWFLOW) directions $(PRETRAINED)/fashion-mnist-small --dataset fashion-mnist --data $(FMNIST) --replace --json
 	$(PACKAGE) fashion-mnist-small $(PRETRAINED)/fashion-mnist-small --dataset fashion-mnist --data $(FMNIST) \
-	  --description "the make run preset (L=2, K=16/8, width 64, affine, logit input), 4,657 steps of batch 16" \
+	  --description "the make run preset (L=2, K=16/8, width 64, affine, logit input), 4,657 steps of batch 16; a direction per class (class against the rest)" \
 	  --train-command "make pretrained" $(FMNIST_LICENCE)
 	$(GLOWFLOW) train --preset orl-faces-64 --data $(FACES_DATA) --out $(PRETRAINED)/orl-faces \
 	  --set max_minutes=null --resume --json

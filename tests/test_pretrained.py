@@ -78,3 +78,10 @@ def test_the_command_line_lists_the_models_and_takes_a_name_as_the_checkpoint(tm
     assert (tmp_path / "s.png").is_file()
     assert main(["sample", "no-such-model", "--n", "4", "--out", str(tmp_path / "t.png")]) == 2
     assert "the models are:" in capsys.readouterr().err
+
+
+def test_a_named_model_brings_its_dataset_to_the_commands_that_read_one(tmp_path, capsys):
+    from glowflow.cli.common import train_settings
+    for name, entry in MODELS.items():
+        assert train_settings(name) == {"dataset": entry["dataset"]}
+    assert train_settings(tmp_path / "no-such-run") == {}

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .. import checkpoint as ckpt
+from .. import pretrained
 from .. import io
 from ..data import DATASET_NAMES
 from ..distributed import resolve_device
@@ -174,7 +175,10 @@ def load_model(args, memory: str = "none") -> Glow:
 
 
 def train_settings(checkpoint) -> dict:
-    """The training config saved beside a checkpoint (its dataset, seed, ...), or {}."""
+    """The training config saved beside a checkpoint (its dataset, seed, ...), or {}; for a model
+    glowflow ships, its dataset."""
+    if pretrained.is_model_name(checkpoint) and str(checkpoint) in pretrained.list_models():
+        return {"dataset": pretrained.list_models()[str(checkpoint)]["dataset"]}
     try:
         settings = ckpt.read_json(ckpt.resolve_checkpoint_dir(checkpoint) / TRAIN_CONFIG)
     except ckpt.CheckpointError:
