@@ -153,8 +153,8 @@ def register(sub) -> None:
     p.add_argument("--in", dest="in_set", required=True, metavar="SET", help=f"the in-distribution set: {SET_HELP}")
     p.add_argument("--out", dest="out_sets", action="append", required=True, metavar="SET",
                    help="an out-of-distribution set (repeatable), spelt as --in")
-    p.add_argument("--background", type=Path, help="a background model (glowflow train --preset "
-                                                   "fashion-mnist-cpu-background) for the likelihood ratio")
+    p.add_argument("--background", type=Path, help="a background model for the likelihood ratio: the shipped "
+                   "fashion-mnist-background, or one of glowflow train --preset fashion-mnist-cpu-background")
     p.add_argument("--reference", metavar="SET", help="the set whose mean bits/dim is the typical value "
                                                       "(default: the training split of --in's dataset)")
     p.add_argument("--reference-limit", type=positive_int, default=REFERENCE_IMAGES,
