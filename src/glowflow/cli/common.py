@@ -126,12 +126,13 @@ def add_checkpoint(p, *more: str, device: bool = True) -> None:
         names = " ".join(("CHECKPOINT", *more))
         p.usage = f"{p.prog} {names} [options]"
         p.add_argument("positionals", nargs="+", metavar=names,
-                       help=f"the checkpoint (a run directory or a checkpoint directory), then {' '.join(more)}")
+                       help=f"the checkpoint (a run directory, a checkpoint directory or the name of a model "
+                            f"`glowflow models` lists), then {' '.join(more)}")
         p.add_argument("--checkpoint", "-c", dest="checkpoint_option", type=Path, help=argparse.SUPPRESS)
         p.set_defaults(_positionals=more)
     else:
-        p.add_argument("checkpoint", type=Path, help="run directory or checkpoint directory "
-                                                    "(config.json + model.safetensors)")
+        p.add_argument("checkpoint", type=Path, help="run directory, checkpoint directory (config.json + "
+                                                    "model.safetensors) or the name of a model `glowflow models` lists")
     if device:
         p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 
