@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from glowflow import Glow, pretrained
-from glowflow.checkpoint import CheckpointError, resolve_checkpoint_dir
+from glowflow.checkpoint import CheckpointError, resolve_checkpoint_dir, resolve_model_dir
 from glowflow.cli import main
 from glowflow.train import dataset_bits_per_dim, load_split
 
@@ -29,7 +29,7 @@ def test_each_entry_is_complete_and_its_files_are_the_ones_it_names(name):
     entry = MODELS[name]
     assert set(pretrained.ENTRY_FIELDS) <= set(entry), set(pretrained.ENTRY_FIELDS) - set(entry)
     folder = pretrained.model_dir(name)
-    assert resolve_checkpoint_dir(name) == folder
+    assert resolve_model_dir(name) == folder
     model = Glow.from_pretrained(name)
     assert list(model.config.image_shape) == entry["image_shape"] and model.config.n_bits == entry["n_bits"]
     assert sum(t.numel() for t in model.parameters()) == entry["parameters"]
@@ -85,3 +85,13 @@ def test_a_named_model_brings_its_dataset_to_the_commands_that_read_one(tmp_path
     for name, entry in MODELS.items():
         assert train_settings(name) == {"dataset": entry["dataset"]}
     assert train_settings(tmp_path / "no-such-run") == {}
+
+
+def test_a_run_directory_named_like_a_shipped_model_is_a_directory_not_the_model(tmp_path, monkeypatch):
+    from glowflow import rundir
+    monkeypatch.chdir(tmp_path)
+    name = next(iter(MODELS))
+    assert rundir.existing_run(Path(name)) is None  # `glowflow train --out fashion-mnist` starts a run there
+    rundir.check_run_dir(name)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_checkpoint_dir(name)

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save
 from . import io, pretrained
 
 __all__ = ["CheckpointError", "CONFIG_NAME", "WEIGHTS_NAME", "CHECKPOINT_DIR", "CHECKSUMS_NAME",
-           "checkpoint_directory", "resolve_checkpoint_dir", "read_json", "read_config", "write_model_files",
+           "checkpoint_directory", "resolve_checkpoint_dir", "resolve_model_dir", "read_json", "read_config", "write_model_files",
            "write_checksums", "verify_checksum", "save_tensors", "load_tensors", "load_state_into",
            "weights_sha256", "is_checkpoint"]
 
@@ -73,15 +73,22 @@ def checkpoint_directory(path):
                               "file-size limit (ulimit -f) in force?") from e
 
 
-def resolve_checkpoint_dir(path) -> Path:
-    """A checkpoint directory, a run directory holding ``checkpoint/``, the ``.old`` left by a kill,
-    or the name of a model glowflow ships (:mod:`glowflow.pretrained`), where no such path exists."""
-    path = Path(path)
-    if pretrained.is_model_name(path):
+def resolve_model_dir(source) -> Path:
+    """Where a model is read from: :func:`resolve_checkpoint_dir` of a path, or, where no such path
+    exists, the folder of the model glowflow ships under that name (:mod:`glowflow.pretrained`).
+    A run's own directory is never a name: training resolves it with
+    :func:`resolve_checkpoint_dir`."""
+    if pretrained.is_model_name(source):
         try:
-            return pretrained.model_dir(str(path))
+            return pretrained.model_dir(str(source))
         except pretrained.PretrainedError as e:
             raise CheckpointError(str(e)) from None
+    return resolve_checkpoint_dir(source)
+
+
+def resolve_checkpoint_dir(path) -> Path:
+    """A checkpoint directory, a run directory holding ``checkpoint/``, or the ``.old`` left by a kill."""
+    path = Path(path)
     for candidate in (path, path / CHECKPOINT_DIR):
         if (candidate / CONFIG_NAME).is_file():
             return candidate
@@ -229,4 +236,4 @@ def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
 def weights_sha256(checkpoint) -> str:
     """SHA-256 of a checkpoint's weights file: ties derived files (directions) to the weights they
     were made with."""
-    return io.file_sha256(resolve_checkpoint_dir(checkpoint) / WEIGHTS_NAME)
+    return io.file_sha256(resolve_model_dir(checkpoint) / WEIGHTS_NAME)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint import CHECKPOINT_DIR, CheckpointError, resolve_checkpoint_dir, save_tensors, weights_sha256
+from .checkpoint import CHECKPOINT_DIR, CheckpointError, resolve_model_dir, save_tensors, weights_sha256
 from .data import ImageDataset
 from .editing import _as_batch
 from .estimators import DEFAULT_ESTIMATOR, Estimator, project_out
@@ -275,7 +275,7 @@ def directions_from_images(model, images, attributes: torch.Tensor, names: Seque
 def directions_dir(checkpoint) -> Path:
     """Where a checkpoint's directions live: the run directory for ``RUN`` or ``RUN/checkpoint``
     (outside the checkpoint folder, which training replaces wholesale), else the checkpoint folder."""
-    ckpt = resolve_checkpoint_dir(checkpoint)
+    ckpt = resolve_model_dir(checkpoint)
     return ckpt.parent if ckpt.name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old") else ckpt
 
 

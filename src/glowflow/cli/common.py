@@ -178,8 +178,9 @@ def load_model(args, memory: str = "none") -> Glow:
 def train_settings(checkpoint) -> dict:
     """The training config saved beside a checkpoint (its dataset, seed, ...), or {}; for a model
     glowflow ships, its dataset."""
-    if pretrained.is_model_name(checkpoint) and str(checkpoint) in pretrained.list_models():
-        return {"dataset": pretrained.list_models()[str(checkpoint)]["dataset"]}
+    shipped = pretrained.list_models().get(str(checkpoint)) if pretrained.is_model_name(checkpoint) else None
+    if shipped is not None:
+        return {"dataset": shipped["dataset"]}
     try:
         settings = ckpt.read_json(ckpt.resolve_checkpoint_dir(checkpoint) / TRAIN_CONFIG)
     except ckpt.CheckpointError:
