@@ -26,12 +26,11 @@ from safetensors import SafetensorError, safe_open
 
 from .checkpoint import CHECKPOINT_DIR, CheckpointError, resolve_model_dir, save_tensors, weights_sha256
 from .data import ImageDataset
-from .editing import _as_batch
 from .estimators import DEFAULT_ESTIMATOR, Estimator, project_out
 from .estimators import estimator as make_estimator
 from .images import load_image
 from .io import atomic_file, atomic_write_json, file_sha256, parse_json, read_json
-from .numerics import to_unit
+from .numerics import as_image_batch, to_unit
 
 __all__ = ["Directions", "DirectionAccumulator", "attribute_directions", "directions_from_images",
            "class_attributes", "pair_attributes", "resolve_class", "directions_dir", "save_directions",
@@ -239,7 +238,7 @@ def directions_from_images(model, images, attributes: torch.Tensor, names: Seque
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         if isinstance(images, torch.Tensor):
-            x = _as_batch(images[start:stop], "images")
+            x = as_image_batch(images[start:stop], "images")
         elif isinstance(images, ImageDataset):
             x = to_unit(images.batch(slice(start, stop)))
         else:

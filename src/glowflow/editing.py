@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .layers import STABLE_SCALE_FLOOR
-from .numerics import to_unit
+from .numerics import as_image_batch
 
 # When a decode counts as failed (:func:`failed_decodes`), judged on the image as it would be drawn:
 # more than MAX_FAR_FRACTION of its values more than FAR_OUTSIDE beyond [0, 1] (an overflow caught
@@ -63,17 +63,6 @@ class DecodeError(ValueError):
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-def _as_batch(x: torch.Tensor, name: str) -> torch.Tensor:
-    """``[C, H, W]`` or ``[B, C, H, W]`` -> float ``[B, C, H, W]`` (uint8 is divided by 255)."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor [B, C, H, W] or [C, H, W], got {type(x).__name__}")
-    if x.dim() == 3:
-        x = x.unsqueeze(0)
-    if x.dtype == torch.uint8:
-        x = to_unit(x)
-    return x
-
 
 def _labels(model, y, batch: int) -> torch.Tensor | None:
     """Integer labels ``[batch]`` for a class-conditional model (an int is repeated), else None."""
@@ -241,7 +230,7 @@ def interpolate(model, x1: torch.Tensor, x2: torch.Tensor, steps: int = 8, metho
     if int(steps) != steps or steps < 2:
         raise ValueError(f"steps must be an integer >= 2, got {steps}")
     model.require_initialized()
-    x1, x2 = _as_batch(x1, "x1"), _as_batch(x2, "x2")
+    x1, x2 = as_image_batch(x1, "x1"), as_image_batch(x2, "x2")
     if x1.shape[0] != 1 or x2.shape[0] != 1:
         raise ValueError(f"interpolate takes one image per end, got batches of {x1.shape[0]} and {x2.shape[0]}")
     t = torch.linspace(0.0, 1.0, int(steps))
@@ -256,7 +245,7 @@ def interpolate(model, x1: torch.Tensor, x2: torch.Tensor, steps: int = 8, metho
 def reconstruct(model, x: torch.Tensor, y=None, stable: bool = True) -> torch.Tensor:
     """``decode(encode(x))`` clamped to [0, 1]: ``[B, C, H, W]`` (or ``[C, H, W]``) -> ``[B, C, H, W]``."""
     model.require_initialized()
-    x = _as_batch(x, "x")
+    x = as_image_batch(x, "x")
     y = _labels(model, y, x.shape[0])
     return _decode(model, model.encode(x, y), y, stable, what=lambda i: f"image {i}", source=x)
 
@@ -293,7 +282,7 @@ def decode_latents(model, eps: torch.Tensor, y=None, stable: bool = True,
     ``source``, the image each row edits), drawn grey."""
     seen = None
     if source is not None:  # the specks of the image each row edits (one per row, or the most of several)
-        seen = specks(_as_batch(source, "source").to(eps.dtype))
+        seen = specks(as_image_batch(source, "source").to(eps.dtype))
         seen = seen if len(seen) == len(eps) else seen.max().expand(len(eps))
     return _decode_rows(model, eps, y, stable, source_specks=seen)
 
@@ -311,7 +300,7 @@ def valid_alpha_range(model, images: torch.Tensor, direction: torch.Tensor, alph
     to which every step has at least :data:`MIN_VALID` of the edits pass :func:`failed_decodes`;
     never less than the smallest step, so a slider always moves (its edits may then be refused)."""
     model.require_initialized()
-    x = _as_batch(images, "images")
+    x = as_image_batch(images, "images")
     z0 = model.encode(x, _labels(model, y, x.shape[0]))
     steps = [a for a in ALPHA_STEPS if a <= alpha_max] or [alpha_max]
     ends = []
@@ -340,7 +329,7 @@ def manipulate(model, x: torch.Tensor, direction: torch.Tensor, alpha=1.0, y=Non
     alpha; ``failed="grey"`` draws it as a grey image instead, with a warning.
     """
     model.require_initialized()
-    x = _as_batch(x, "x")
+    x = as_image_batch(x, "x")
     direction = torch.as_tensor(direction)
     if direction.dim() != 1 or direction.shape[0] != model.num_dims:
         raise ValueError(f"direction must be [{model.num_dims}], got {list(direction.shape)}")
@@ -373,7 +362,7 @@ def edit(model, x: torch.Tensor, directions=None,
     "spherical". ``stable``: as :func:`manipulate`, the norms those of the blended point.
     """
     model.require_initialized()
-    x = _as_batch(x, "x")
+    x = as_image_batch(x, "x")
     if x.shape[0] != 1:
         raise ValueError(f"edit takes one image, got a batch of {x.shape[0]}")
     if not 0.0 <= float(blend) <= 1.0:
@@ -382,7 +371,7 @@ def edit(model, x: torch.Tensor, directions=None,
     t = torch.tensor([float(blend)])
     onehot = _onehot_path(model, y, y_mix, t)
     if mix is not None:
-        mix = _as_batch(mix, "mix")
+        mix = as_image_batch(mix, "mix")
         z_mix = model.encode(mix, _labels(model, y_mix if y_mix is not None else y, 1))[0]
         z = _path(z, z_mix, t.to(z), method)[0]
     if alphas:

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-__all__ = ["to_unit", "n_bins", "quantize", "dequantize", "bin_centre", "discrete_log_likelihood", "bits_per_dim",
+__all__ = ["to_unit", "as_image_batch", "n_bins", "quantize", "dequantize", "bin_centre", "discrete_log_likelihood", "bits_per_dim",
            "gaussian_log_prob", "to_flow_input", "from_flow_input", "LOG_2PI"]
 
 LOG_2PI = math.log(2 * math.pi)
@@ -20,6 +20,18 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     if images.dtype != torch.uint8:
         raise ValueError(f"expected uint8 images, got {images.dtype}")
     return images.to(torch.float32).div_(255.0)
+
+
+def as_image_batch(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``[C, H, W]`` or ``[B, C, H, W]`` -> float ``[B, C, H, W]`` (uint8 is divided by 255);
+    ``name`` is the argument a wrong type is reported under."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor [B, C, H, W] or [C, H, W], got {type(x).__name__}")
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.dtype == torch.uint8:
+        x = to_unit(x)
+    return x
 
 
 def n_bins(n_bits: int) -> int:
