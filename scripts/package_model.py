@@ -55,10 +55,8 @@ def main(argv=None) -> dict:
              "train_command": args.train_command, "data_licence": args.data_licence,
              "acknowledgement": args.acknowledgement, "size_bytes": weights.stat().st_size,
              "sha256": io.file_sha256(weights), "directions": run is not None}
-    registry_path = args.weights_dir / pretrained.REGISTRY
-    registry = json.loads(registry_path.read_text()) if registry_path.is_file() else {}
-    registry[args.name] = entry
-    io.atomic_write_json(registry_path, dict(sorted(registry.items())))
+    registry = {**pretrained.list_models(args.weights_dir), args.name: entry}
+    io.atomic_write_json(args.weights_dir / pretrained.REGISTRY, dict(sorted(registry.items())))
     print(json.dumps({args.name: entry}))
     return entry
 
