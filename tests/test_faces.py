@@ -130,7 +130,7 @@ def test_missing_person_folders_and_photos_are_named(orl, tmp_path):
     (copy / "s3" / "10.pgm").write_bytes(b"P5\n3 3\n255\n")  # truncated
     with pytest.raises(ValueError, match="s3/10.pgm cannot be decoded"):
         load_orl(copy, "test")
-    with pytest.raises(FileNotFoundError, match="not a directory.*glowflow download orl-faces"):
+    with pytest.raises(FileNotFoundError, match="not a directory.*glowflow download --dataset orl-faces"):
         load_orl(tmp_path / "nowhere", "test")
 
 

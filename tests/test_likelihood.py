@@ -16,7 +16,7 @@ import torch
 from glowflow import Glow
 from glowflow.cli import main
 from glowflow.images import read_image, save_grid
-from glowflow.inputs import DEFAULT_SYNTHETIC_COUNT, SetName, evenly_spaced, load_input, parse_set
+from glowflow.inputs import DEFAULT_SYNTHETIC_COUNT, SetName, evenly_spaced, limited, load_input, parse_set
 from glowflow.likelihood import (SCORE_COLUMNS, describe_outliers, score, score_inputs, summarize_bits_per_dim,
                                  summarize_rows)
 from glowflow.numerics import to_unit
@@ -98,6 +98,13 @@ def test_set_names_parse_and_paths_are_not_sets():
         parse_set("noise:0")
 
 
+def test_a_limit_keeps_the_first_n_or_with_spread_n_evenly_spaced():
+    assert limited(10, 3).tolist() == [0, 1, 2] and limited(10, None).tolist() == list(range(10))
+    assert limited(10, 5, spread=True).tolist() == [0, 2, 4, 6, 8] and limited(3, 9).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        limited(10, 0)
+
+
 def test_evenly_spaced_spreads_over_the_whole_set():
     assert evenly_spaced(10, 5).tolist() == [0, 2, 4, 6, 8]
     assert evenly_spaced(5000, 10).tolist() == [0, 500, 1000, 1500, 2000, 2500, 3000, 3500, 4000, 4500]
@@ -126,7 +133,9 @@ def test_dataset_splits_and_their_changes(fashion_root):
     assert torch.equal(flipped.images.flip(2), test.images)  # upside down: rows reversed
     assert torch.equal(flipped.images[0, 0, 0], test.images[0, 0, -1])
     subset = load_input("fashion-mnist", SHAPE, roots, limit=4)
-    assert subset.names == [f"fashion-mnist[{i}]" for i in (0, 3, 6, 9)]
+    assert subset.names == [f"fashion-mnist[{i}]" for i in (0, 1, 2, 3)]
+    spread = load_input("fashion-mnist", SHAPE, roots, limit=4, spread=True)
+    assert spread.names == [f"fashion-mnist[{i}]" for i in (0, 3, 6, 9)]
     bigger = load_input("fashion-mnist", (3, 16, 16), roots)
     assert bigger.images.shape == (12, 3, 16, 16) and "converted from 1x8x8 to 3x16x16" in bigger.notes[0]
 
@@ -199,7 +208,7 @@ def test_cli_score_prints_json_and_writes_csv(run_dir, tmp_path, fashion_root, c
     (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
     out_csv = tmp_path / "scores.csv"
     code = main(["score", str(run_dir), str(tmp_path / "x.npy"), str(tmp_path / "bad.png"), "fashion-mnist:test",
-                 "noise:2", "mnist:tset", "--data", f"fashion-mnist={fashion_root}", "--csv", str(out_csv), "--json",
+                 "noise:2", "mnist:tset", "--data", f"fashion-mnist={fashion_root}", "--out", str(out_csv), "--json",
                  "--no-progress", "--seed", "1"])
     captured = capsys.readouterr()
     assert code == 0 and "not scored" in captured.err and "bad.png" in captured.err

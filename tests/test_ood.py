@@ -168,9 +168,9 @@ def test_cli_ood_writes_the_report(tiny, tmp_path, capsys):
     tiny(1).save_pretrained(tmp_path / "background")
     _, paths = _sets(tmp_path)
     report = tmp_path / "report"
-    code = main(["ood", str(tmp_path / "run"), "--in", paths["in"], "--out", paths["out"], "--out", "noise:8",
-                 "--out", "constant:8", "--reference", paths["ref"], "--background", str(tmp_path / "background"),
-                 "--typicality-m", "1,2", "--report", str(report), "--json", "--no-progress"])
+    code = main(["ood", str(tmp_path / "run"), "--in", paths["in"], "--ood", paths["out"], "--ood", "noise:8",
+                 "--ood", "constant:8", "--reference", paths["ref"], "--background", str(tmp_path / "background"),
+                 "--typicality-m", "1,2", "--out", str(report), "--json", "--no-progress"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and result["out"] == [paths["out"], "noise:8", "constant:8"]
     assert len(result["metrics"]) == 5 * 3 and result["sets"]["noise:8"]["images"] == 8
@@ -248,7 +248,7 @@ def test_mnist_csv_rows_load_as_images_and_labels(tmp_path):
     assert len(get_dataset("mnist-5k", tmp_path, "test", limit=1)) == 1
     with pytest.raises(ValueError, match="no train split"):
         get_dataset("mnist-5k", tmp_path, "train")
-    with pytest.raises(FileNotFoundError, match="glowflow download mnist-5k"):
+    with pytest.raises(FileNotFoundError, match="glowflow download --dataset mnist-5k"):
         get_dataset("mnist-5k", tmp_path / "empty", "test")
 
 

@@ -95,3 +95,11 @@ def test_a_run_directory_named_like_a_shipped_model_is_a_directory_not_the_model
     rundir.check_run_dir(name)
     with pytest.raises(CheckpointError, match="does not exist"):
         resolve_checkpoint_dir(name)
+
+
+def test_directions_of_a_model_read_by_name_go_to_a_folder_the_user_names(capsys):
+    name = next(iter(MODELS))
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in (pretrained.WEIGHTS_DIR / name).iterdir())
+    assert main(["directions", name, "--dataset", "fashion-mnist"]) == 2
+    assert "pass --out DIR" in capsys.readouterr().err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in (pretrained.WEIGHTS_DIR / name).iterdir()) == before

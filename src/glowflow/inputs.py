@@ -15,12 +15,15 @@ An input (a "set") is one of:
 A set name wins over a path spelt the same: ``./noise`` is the folder called noise. Images of
 another size or channel count than the model's are converted, and each such image carries a note
 saying so: files through :func:`glowflow.images.fit` (resize to cover, centre crop), arrays and
-datasets through :func:`glowflow.data.adapt`. ``limit`` keeps N images evenly spaced through a
-set (datasets such as mnist-5k list their images class by class, so the first N would be one class).
+datasets through :func:`glowflow.data.adapt`. ``limit`` keeps the first N images of a set, as
+``--limit`` does in every command; ``spread`` takes N evenly spaced through it instead (datasets
+such as mnist-5k list their images class by class, so their first N are one class: a warning says
+so).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +34,7 @@ from .data import DATASET_NAMES, adapt, canonical_name, get_dataset
 from .images import IMAGE_EXTENSIONS, ImageError, fit, open_image
 from .io import read_npy
 
-__all__ = ["InputSet", "SetName", "parse_set", "load_input", "evenly_spaced", "SYNTHETIC_SETS", "CHANGES",
+__all__ = ["InputSet", "SetName", "parse_set", "load_input", "evenly_spaced", "limited", "SYNTHETIC_SETS", "CHANGES",
            "DEFAULT_SYNTHETIC_COUNT", "SET_HELP"]
 
 SYNTHETIC_SETS = ("noise", "constant")
@@ -106,25 +109,36 @@ def evenly_spaced(n: int, limit: int | None) -> torch.Tensor:
     return torch.div(torch.arange(limit) * n, limit, rounding_mode="floor")
 
 
+def limited(n: int, limit: int | None, spread: bool = False) -> torch.Tensor:
+    """Indices of the items a ``limit`` keeps out of ``n``: the first ``limit`` (every command's
+    ``--limit N``), or with ``spread`` that many spaced evenly through all ``n`` (``--spread``)."""
+    if spread:
+        return evenly_spaced(n, limit)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    return torch.arange(n if limit is None else min(n, limit))
+
+
 def load_input(spec: str, image_shape, roots: dict | None = None, seed: int = 0,
-               limit: int | None = None) -> InputSet:
+               limit: int | None = None, spread: bool = False) -> InputSet:
     """Read one input (see the module's docstring) as images of ``image_shape`` = (C, H, W).
 
     A whole input that cannot be read (a missing path, a bad array, a dataset not found) raises
     ``ValueError`` / ``FileNotFoundError``; in a folder, unreadable files go to ``failures`` and the
-    others are read.
+    others are read. ``limit`` keeps the first N images, or with ``spread`` N evenly spaced
+    (:func:`limited`).
     """
     image_shape = tuple(int(s) for s in image_shape)
     named = parse_set(spec)
     if named is not None and named.kind == "synthetic":
         return _synthetic(spec, named, image_shape, seed, limit)
     if named is not None:
-        return _dataset(spec, named, image_shape, roots or {}, limit)
+        return _dataset(spec, named, image_shape, roots or {}, limit, spread)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _folder(spec, path, image_shape, limit)
+        return _folder(spec, path, image_shape, limit, spread)
     if path.suffix.lower() == ".npy":
-        return _array(spec, path, image_shape, limit)
+        return _array(spec, path, image_shape, limit, spread)
     if not path.exists():
         raise FileNotFoundError(f"{spec}: no such file or folder, and not a set name; expected {SET_HELP} "
                                 f"(datasets: {', '.join(n for n in DATASET_NAMES if n != 'folder')})")
@@ -166,9 +180,14 @@ def _conform(images: torch.Tensor, image_shape, what: str) -> tuple[torch.Tensor
     return adapt(images, h, c), f"converted from {got[0]}x{got[1]}x{got[2]} to {c}x{h}x{w}"
 
 
-def _dataset(spec: str, named: SetName, image_shape, roots: dict, limit: int | None) -> InputSet:
+def _dataset(spec: str, named: SetName, image_shape, roots: dict, limit: int | None, spread: bool) -> InputSet:
     ds = get_dataset(named.name, roots.get(named.name), named.split)
-    index = evenly_spaced(len(ds), limit)
+    index = limited(len(ds), limit, spread)
+    if ds.labels is not None and len(index) < len(ds):
+        kept, whole = len(ds.labels[index].unique()), len(ds.labels.unique())
+        if kept < min(len(index), whole) // 2:  # a set listed class by class
+            warnings.warn(f"{spec}: its first {len(index)} images hold only {kept} of its {whole} classes; "
+                          "--spread (spread=True) takes them evenly spaced through the set", stacklevel=3)
     images, note = _conform(ds.batch(index), image_shape, spec)
     if named.part == "inverted":
         images = 255 - images
@@ -193,11 +212,11 @@ def _read_file(path: Path, image_shape) -> tuple[np.ndarray, str]:
     return fit(img, c, (h, w)), "; ".join(notes)
 
 
-def _folder(spec: str, root: Path, image_shape, limit: int | None) -> InputSet:
+def _folder(spec: str, root: Path, image_shape, limit: int | None, spread: bool) -> InputSet:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise FileNotFoundError(f"{spec}: a folder without images ({', '.join(IMAGE_EXTENSIONS)})")
-    files = [files[int(i)] for i in evenly_spaced(len(files), limit)]
+    files = [files[int(i)] for i in limited(len(files), limit, spread)]
     arrays, names, notes, failures = [], [], [], []
     for f in files:
         try:
@@ -213,7 +232,7 @@ def _folder(spec: str, root: Path, image_shape, limit: int | None) -> InputSet:
     return InputSet(spec, images, names, notes, failures=failures)
 
 
-def _array(spec: str, path: Path, image_shape, limit: int | None) -> InputSet:
+def _array(spec: str, path: Path, image_shape, limit: int | None, spread: bool) -> InputSet:
     if not path.is_file():
         raise FileNotFoundError(f"{spec}: no such file")
     arr = read_npy(path, "array of images")
@@ -235,6 +254,6 @@ def _array(spec: str, path: Path, image_shape, limit: int | None) -> InputSet:
         images = torch.from_numpy(np.round(arr.astype(np.float64) * 255.0).astype(np.uint8))
     else:
         raise ValueError(f"{spec}: holds {arr.dtype} values; expected uint8 (0..255) or float in [0, 1]")
-    index = evenly_spaced(len(images), limit)
+    index = limited(len(images), limit, spread)
     images, note = _conform(images[index], image_shape, spec)
     return InputSet(spec, images, [f"{spec}[{int(i)}]" for i in index], [note] * len(index))

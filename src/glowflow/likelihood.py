@@ -115,7 +115,7 @@ def _row(spec: str, name: str, bpd=None, logp=None, note: str = "", error: str =
 
 def score_inputs(model, specs, roots: dict | None = None, draws: int = 1, batch_size: int = 500, seed: int = 0,
                  device: torch.device | str | None = None, progress: bool = False,
-                 limit: int | None = None) -> list[dict]:
+                 limit: int | None = None, spread: bool = False) -> list[dict]:
     """Score each input of ``specs`` (:mod:`glowflow.inputs` spells them); one row per image.
 
     A row is a dict of :data:`SCORE_COLUMNS`: the input as given, the image's name (its file, or
@@ -124,13 +124,13 @@ def score_inputs(model, specs, roots: dict | None = None, draws: int = 1, batch_
     an input that cannot be read at all, or a file of a folder that cannot, is one row with the
     message and no scores, and the other inputs are still scored. Each input is scored as
     :func:`score` with ``seed`` (the same noise for every input); ``roots`` maps dataset names to
-    their directories; ``limit`` keeps N images of each input, evenly spaced.
+    their directories; ``limit`` keeps the first N images of each input (with ``spread``: N evenly spaced).
     """
     rows = []
     shape = model.config.image_shape
     for spec in specs:
         try:
-            batch = load_input(spec, shape, roots, seed, limit)
+            batch = load_input(spec, shape, roots, seed, limit, spread)
             if model.config.num_classes and batch.labels is None and len(batch):
                 raise ValueError(f"{spec}: this model is class-conditional and the input has no labels")
         except (ValueError, FileNotFoundError, OSError, MemoryError) as e:  # one bad input is one error row

@@ -188,8 +188,8 @@ class OODReport:
                 "settings": self.settings}
 
 
-def _load(spec: str, shape, roots, seed: int, limit: int | None) -> InputSet:
-    data = load_input(spec, shape, roots, seed, limit)
+def _load(spec: str, shape, roots, seed: int, limit: int | None, spread: bool) -> InputSet:
+    data = load_input(spec, shape, roots, seed, limit, spread)
     if data.failures:
         name, message = data.failures[0]
         raise ValueError(f"{spec}: {len(data.failures)} file(s) cannot be read, e.g. {message}; remove or fix them")
@@ -210,14 +210,14 @@ def default_reference(in_set: str) -> str:
 def run_ood(model, in_set: str, out_sets: list[str], background=None, reference: str | None = None,
             roots: dict | None = None, typicality_m=(1, 5), compressors=("png",), limit: int | None = None,
             reference_limit: int | None = REFERENCE_IMAGES, batch_size: int = 500, seed: int = 0, draws: int = 1,
-            device=None, progress: bool = False) -> OODReport:
+            device=None, progress: bool = False, spread: bool = False) -> OODReport:
     """Score the in-set and each out-set with every detector and grade each detector per out-set.
 
     ``background``: a second model (Ren et al.'s, trained with ``perturb_rate``) for the likelihood
     ratio, skipped when None. ``reference``: the set whose mean bits/dim is the typical value
     (default :func:`default_reference`, ``reference_limit`` images). Typicality groups of M > 1 are
-    formed after a permutation seeded by ``seed``; M = 1 keeps each set's order. ``limit``: N
-    images per set, evenly spaced.
+    formed after a permutation seeded by ``seed``; M = 1 keeps each set's order. ``limit``: the first N
+    images of each set (``reference_limit``: of the reference set); with ``spread``, N evenly spaced.
     """
     shape = tuple(model.config.image_shape)
     if background is not None and tuple(background.config.image_shape) != shape:
@@ -238,7 +238,7 @@ def run_ood(model, in_set: str, out_sets: list[str], background=None, reference:
     names = [in_set, *out_sets]
     if len(set(names)) != len(names):
         raise ValueError(f"each set once: {names}")
-    data = {s: _load(s, shape, roots, seed, limit) for s in names}
+    data = {s: _load(s, shape, roots, seed, limit, spread) for s in names}
     for s, d in data.items():
         if typicality_m and len(d) < max(typicality_m):
             raise ValueError(f"{s} holds {len(d)} images: too few for typicality groups of M = {max(typicality_m)}")
@@ -247,7 +247,7 @@ def run_ood(model, in_set: str, out_sets: list[str], background=None, reference:
     typical = None
     if typicality_m:
         reference = reference or default_reference(in_set)
-        ref = _load(reference, shape, roots, seed, reference_limit)
+        ref = _load(reference, shape, roots, seed, reference_limit, spread)
         typical = float(bpd_of(model, ref).mean())
         for m in typicality_m:  # groups of M > 1 drawn at random (a set may list its images class by class)
             scores[f"typicality_m{m}"] = {
@@ -269,7 +269,7 @@ def run_ood(model, in_set: str, out_sets: list[str], background=None, reference:
     for s, b in bpd_background.items():
         sets[s]["background_bits_per_dim_mean"] = float(b.mean())
     settings = {"typicality_m": list(typicality_m), "compressors": list(compressors), "limit": limit,
-                "reference_limit": reference_limit, "seed": seed, "draws": draws,
+                "reference_limit": reference_limit, "spread": spread, "seed": seed, "draws": draws,
                 "background": background is not None}
     return OODReport(in_set, list(out_sets), reference if typicality_m else None, typical, metrics, scores, bpd,
                      sets, settings)

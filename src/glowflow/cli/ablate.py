@@ -9,10 +9,11 @@ import torch
 
 from ..ablation import (DEFAULT_PERMUTATIONS, DEFAULT_PRESET, FIGURE, PANEL_COUPLINGS, RESULTS, TABLE,
                         run_ablation)
-from ..config import build_train_config
+from ..config import PRECISIONS, build_train_config
 from ..data import canonical_name, get_dataset
 from ..variants import parse_variant, run_variants
-from .common import add_dataset, add_json, deprecated, emit, positive_int
+from .common import (add_dataset, add_deprecated, add_device, add_json, add_no_progress, add_out, deprecated, emit,
+                     positive_int)
 
 
 def _names(text: str) -> list[str]:
@@ -44,10 +45,12 @@ def cmd_ablate(args) -> int:
         overrides.append(f"data={root}" if root else "data=null")
     elif root:
         overrides.append(f"data={root}")
-    if args.test_limit is not None:
-        overrides.append(f"test_limit={args.test_limit}")
+    if args.limit is not None:
+        overrides.append(f"test_limit={args.limit}")
     if args.device:
         overrides.append(f"device={args.device}")
+    if args.precision:
+        overrides.append(f"precision={args.precision}")
     base = build_train_config(args.preset, overrides)
     if base.test_limit is None:
         base = dataclasses.replace(base, test_limit=2000)
@@ -62,7 +65,7 @@ def cmd_ablate(args) -> int:
     out = Path(args.out or Path("runs") / "ablation" / base.dataset)
     if args.variant:
         return _variants(args, base, out, train_data, test_data)
-    results = run_ablation(base, out, seeds=args.seeds, permutations=_names(args.permutations),
+    results = run_ablation(base, out, seeds=args.num_seeds, permutations=_names(args.permutations),
                            couplings=_names(args.couplings), budget_steps=args.budget_steps,
                            budget_minutes=args.budget_minutes, eval_every=args.eval_every,
                            train_data=train_data, test_data=test_data, progress=not args.no_progress)
@@ -81,7 +84,7 @@ def cmd_ablate(args) -> int:
 
 def _variants(args, base, out: Path, train_data, test_data) -> int:
     variants = [parse_variant(v) for v in args.variant]
-    results = run_variants(base, out, variants, seeds=args.seeds, budget_steps=args.budget_steps,
+    results = run_variants(base, out, variants, seeds=args.num_seeds, budget_steps=args.budget_steps,
                            budget_minutes=args.budget_minutes, eval_every=args.eval_every, train_data=train_data,
                            test_data=test_data, progress=not args.no_progress)
     if not args.json:
@@ -103,14 +106,19 @@ def register(sub) -> None:
     p.add_argument("--preset", default=DEFAULT_PRESET,
                    help=f"training preset for everything the ablation does not vary (default {DEFAULT_PRESET}; "
                         "GPU: ablation-cifar10-gpu)")
-    p.add_argument("--out", help="output directory (default runs/ablation/<dataset>)")
-    p.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1, each used by all configs (default 3)")
+    add_out(p, "results.json, figure.png, table.md and the runs into this directory (default "
+               "runs/ablation/<dataset>)")
+    p.add_argument("--num-seeds", type=positive_int, default=3, metavar="N",
+                   help="train each config with seeds 0..N-1, the same seeds for all configs (default 3)")
+    add_deprecated(p, "--seeds", "--num-seeds", dest="num_seeds", type=positive_int)
     p.add_argument("--budget-minutes", type=float, help="wall-clock minutes per run")
     p.add_argument("--budget-steps", type=positive_int, help="training steps per run (fairer on a shared machine); "
                                                              "with --budget-minutes, whichever comes first")
     p.add_argument("--eval-every", type=positive_int, help="steps between test evaluations (default: the preset's)")
-    p.add_argument("--test-limit", type=positive_int, help="first N test images, the same for every evaluation "
-                                                           "(default: the preset's, else 2000)")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="use only the first N test images, the same "
+                                                                    "for every evaluation (default: the preset's, "
+                                                                    "else 2000)")
+    add_deprecated(p, "--test-limit", "--limit", dest="limit", type=positive_int)
     p.add_argument("--permutations", default=",".join(DEFAULT_PERMUTATIONS),
                    help="comma-separated subset of reverse,shuffle,invconv,invconv_lu")
     p.add_argument("--couplings", default=",".join(PANEL_COUPLINGS), help="comma-separated subset of additive,affine")
@@ -119,8 +127,9 @@ def register(sub) -> None:
                    help="instead of the permutation x coupling grid: compare named variants of the preset, the "
                         "first the baseline, e.g. --variant base: --variant wide:'model.hidden_channels=96 "
                         "model.steps=8' (paired by seed)")
-    p.add_argument("--device", help="auto, cpu, cuda, ...")
+    add_device(p, None, " (default: the preset's)")
+    p.add_argument("--precision", choices=PRECISIONS, help="arithmetic of training (default: the preset's)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (1 is often fastest on a busy machine)")
-    p.add_argument("--no-progress", action="store_true")
+    add_no_progress(p)
     add_json(p)
     p.set_defaults(func=cmd_ablate)

@@ -1,9 +1,16 @@
 """What every command shares: the checkpoint argument, the dataset arguments, loading a model on
 the asked device, reading a run's training settings, argument types, and printing the result.
 
-Conventions: the checkpoint (a run directory or a checkpoint directory) is the first positional
-argument of every command that uses a model; a dataset is ``--dataset NAME --data DIR``; every
-command takes ``--json`` (its last stdout line is then one JSON object).
+Conventions, one meaning per flag in every command (tests/test_cli_conventions.py checks them over
+the whole parser): the checkpoint (a run directory, a checkpoint directory or a model's name) is the
+first positional argument of every command that uses a model, which also takes ``--device``; a
+dataset is ``--dataset NAME --data DIR``; ``--out`` is what the command writes (a file or a
+directory, never an input); ``--n`` is how many images a command makes; ``--limit N`` reads only
+the first N images of each set (``--spread``: N evenly spaced through it, where offered);
+``--seed`` is a seed, ``--batch-size`` images per forward pass, ``--no-progress`` silences the
+progress of long work; every command takes ``--json`` (its last stdout line is then one JSON
+object). Every flag has a help line and shows its default; an old spelling keeps working for a
+while, hidden from the help, with a one-line deprecation warning.
 """
 from __future__ import annotations
 
@@ -43,6 +50,41 @@ def warn(message: str) -> None:
 
 def deprecated(old: str, new: str) -> None:
     warn(f"{old} is deprecated and will be removed; use {new}")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless the help already says it or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (text == argparse.SUPPRESS or "default" in text or default is None or default is False
+                or default is argparse.SUPPRESS or not action.option_strings):
+            return text
+        if isinstance(default, (list, tuple)):
+            default = ",".join(str(v) for v in default)
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of a flag: stores into the new flag's ``dest``, says so on stderr, and is
+    hidden from the help. ``add_deprecated(p, "--csv", "--out", dest="out", type=Path)``."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        self.new = new
+        kwargs["help"] = argparse.SUPPRESS
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        deprecated(f"{parser.prog.split()[-1]} {option_string}", self.new)
+        if self.nargs == 0:
+            values = self.const
+        setattr(namespace, self.dest, values)
+
+
+def add_deprecated(p, old: str, new: str, dest: str, **kwargs) -> None:
+    """Accept ``old`` as a hidden, warned spelling of ``new`` (same ``dest``)."""
+    p.add_argument(old, action=DeprecatedAlias, new=new, dest=dest, default=argparse.SUPPRESS, **kwargs)
 
 
 # ----------------------------------------------------------------------------------- arg types
@@ -105,18 +147,56 @@ def check_count(args, count: int, what: str) -> None:
                          "(time and memory grow with it); pass --allow-large to make it anyway")
 
 
-def add_picture_output(p, default: Path | None = None, what: str = "PNG grid to write") -> None:
+def add_picture_output(p, default: Path | None = None, what: str = "the PNG grid to this file") -> None:
     """The options of a command that writes a picture: ``--scale``, ``--out``, ``--allow-large``, ``--json``."""
     p.add_argument("--scale", type=int_between(1, MAX_SCALE, f"an integer 1..{MAX_SCALE}"), default=1,
                    help=f"enlarge each image this many times, at most {MAX_SCALE} (nearest neighbour, so small "
                         "images stay crisp)")
-    p.add_argument("--out", type=Path, required=default is None, default=default, help=what)
+    add_out(p, what, default=default, required=default is None)
     add_allow_large(p)
     add_json(p)
 
 
 def add_json(p) -> None:
     p.add_argument("--json", action="store_true", help="print the result as one JSON line last")
+
+
+def add_out(p, what: str, default: Path | None = None, required: bool = False) -> None:
+    """``--out``: what the command writes. ``what`` completes "write ..." (e.g. "the PNG grid to
+    this file")."""
+    p.add_argument("--out", type=Path, default=default, required=required, help=f"write {what}")
+
+
+def add_n(p, what: str, default: int | None = None, low: int = 1) -> None:
+    """``--n``: how many images the command makes."""
+    kind = positive_int if low == 1 else int_between(low, None, f"an integer >= {low}")
+    p.add_argument("--n", type=kind, default=default, help=f"how many images to make: {what}")
+
+
+def add_limit(p, what: str = "images", spread: bool = False) -> None:
+    """``--limit N``: read only the first N images (of each set); with ``spread``, also ``--spread``."""
+    p.add_argument("--limit", type=positive_int, metavar="N", help=f"use only the first N {what}")
+    if spread:
+        p.add_argument("--spread", action="store_true",
+                       help="with --limit: take the N images evenly spaced through each set instead of the first N "
+                            "(sets listed class by class, such as mnist-5k)")
+
+
+def add_seed(p, what: str, default: int | None = 0) -> None:
+    p.add_argument("--seed", type=seed, default=default, help=f"seed of {what}")
+
+
+def add_batch_size(p, default: int | None, what: str = "images per forward pass (bounds memory)") -> None:
+    p.add_argument("--batch-size", type=positive_int, default=default, help=what)
+
+
+def add_no_progress(p) -> None:
+    p.add_argument("--no-progress", action="store_true", help="show no progress bar or progress lines")
+
+
+def add_device(p, default: str | None = "auto", what: str = "") -> None:
+    p.add_argument("--device", default=default, help="where the model runs: auto (a GPU where there is one), cpu, "
+                                                     "cuda, cuda:1, mps" + what)
 
 
 def add_checkpoint(p, *more: str, device: bool = True) -> None:
@@ -134,7 +214,7 @@ def add_checkpoint(p, *more: str, device: bool = True) -> None:
         p.add_argument("checkpoint", type=Path, help="run directory, checkpoint directory (config.json + "
                                                     "model.safetensors) or the name of a model `glowflow models` lists")
     if device:
-        p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+        add_device(p)
 
 
 def resolve_positionals(args) -> None:

@@ -14,7 +14,7 @@ from .. import data
 from ..checkpoint import CheckpointError
 from ..demo import MAX_UPLOAD_MB
 from ..images import ImageError, load_image
-from .common import add_checkpoint, add_dataset, add_json, dataset_of, load_model, port, positive_int
+from .common import add_checkpoint, add_dataset, add_deprecated, add_json, dataset_of, load_model, port, positive_int
 from ..directions import load_directions
 
 
@@ -52,7 +52,7 @@ def cmd_demo(args) -> int:
 def demo_test_images(model, args):
     """``(images [N, C, H, W] or None, names, class names)`` offered on the page as starting points:
     a folder's images, or the first images of a dataset split (by default the training dataset's)."""
-    n = args.num_test_images
+    n = args.limit
     c, h, w = model.config.image_shape
     if args.test_images:
         folder = args.test_images
@@ -114,14 +114,16 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; requests must name it (default 127.0.0.1: this machine only, "
                         "as localhost, 127.0.0.1 or [::1]); 0.0.0.0 or :: serves other machines under any name")
-    p.add_argument("--port", type=port, default=8000)
+    p.add_argument("--port", type=port, default=8000, help="port to listen on (0: any free port)")
     p.add_argument("--directions", type=Path, help="folder with directions.safetensors "
                                                    "(default: next to the checkpoint)")
     p.add_argument("--test-images", type=Path, help="folder of images offered as starting points")
     add_dataset(p, default_help=" (or: offer the first images of this dataset's split; default: the "
                                 "training dataset)")
-    p.add_argument("--split", default="test", choices=("train", "test"))
-    p.add_argument("--num-test-images", type=positive_int, default=12)
+    p.add_argument("--split", default="test", choices=("train", "test"), help="the split whose images are offered")
+    p.add_argument("--limit", type=positive_int, default=12, metavar="N",
+                   help="use only the first N images of the split or folder as the page's starting points")
+    add_deprecated(p, "--num-test-images", "--limit", dest="limit", type=positive_int)
     p.add_argument("--alpha-max", type=float, default=2.0,
                    help="sliders span at most [-alpha-max, alpha-max] (default 2), each narrowed to where its edits "
                         "of the test images stay valid; the server refuses more")

@@ -1,6 +1,6 @@
 """``glowflow interpolate``, ``directions`` and ``manipulate``: editing through the latent space.
 
-  glowflow interpolate RUN A.png B.png --steps 8 --out grid.png
+  glowflow interpolate RUN A.png B.png --n 8 --out grid.png
   glowflow directions RUN --dataset fashion-mnist --positive Sneaker --negative "Ankle boot"
   glowflow directions RUN --attributes list_attr_celeba.txt --images img_align_celeba --limit 5000
   glowflow directions RUN --attributes labels.csv            (images beside the CSV)
@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -21,21 +20,22 @@ from ..directions import (DIRECTIONS_WEIGHTS, class_attributes, directions_dir, 
 from ..checkpoint import CheckpointError, weights_sha256
 from ..estimators import DEFAULT_ESTIMATOR, ESTIMATORS
 from ..images import load_image, save_grid
-from .common import (add_checkpoint, add_dataset, add_json, add_picture_output, allow_negative_number_lists,
-                     check_count, dataset_of, emit, float_list, int_between, load_model, positive_int,
-                     resolve_positionals, warn)
+from ..progress import Progress
+from .common import (add_batch_size, add_checkpoint, add_dataset, add_deprecated, add_json, add_limit, add_n,
+                     add_no_progress, add_out, add_picture_output, allow_negative_number_lists, check_count,
+                     dataset_of, emit, float_list, int_between, load_model, resolve_positionals, warn)
 
 
 def cmd_interpolate(args) -> int:
     resolve_positionals(args)
-    check_count(args, args.steps, "interpolate --steps")
+    check_count(args, args.n, "interpolate --n")
     model = load_model(args)
     shape = model.config.image_shape
     x1, x2 = load_image(args.image_a, shape), load_image(args.image_b, shape)
-    images = editing.interpolate(model, x1, x2, args.steps, args.method, args.label_a, args.label_b,
+    images = editing.interpolate(model, x1, x2, args.n, args.method, args.label_a, args.label_b,
                                 stable=not args.raw)
-    save_grid(images, args.out, nrow=args.steps, scale=args.scale)
-    emit(args, {"out": str(args.out), "steps": args.steps, "method": args.method})
+    save_grid(images, args.out, nrow=args.n, scale=args.scale)
+    emit(args, {"out": str(args.out), "n": args.n, "method": args.method})
     return 0
 
 
@@ -63,6 +63,9 @@ def cmd_directions(args) -> int:
     if args.dataset is None and args.attributes is None:
         raise ValueError("give a source of labels: --dataset NAME (its classes) or --attributes FILE "
                          "(with --dataset: only the rows of that dataset's --split images)")
+    if args.out is None and not Path(args.checkpoint).exists():
+        raise ValueError(f"{args.checkpoint} is a model read by name, whose folder is not yours to write into: "
+                         f"pass --out DIR for its directions (then `manipulate`/`demo` take --directions DIR)")
     model = load_model(args)
     if args.attributes is None:
         images, attributes, names, labels, source, groups = _class_labelled(model, args)
@@ -72,12 +75,15 @@ def cmd_directions(args) -> int:
         raise ValueError(f"the {args.estimator} estimator pairs images of the same group (person): give "
                          "--attributes with --dataset, whose labels are the groups (orl-faces: the person)")
 
-    def progress(done, total):
-        if not args.json:
-            print(f"\rencoded {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
+    bar = Progress(None, "encode", enabled=not args.no_progress, unit="img")
 
-    directions = directions_from_images(model, images, attributes, names, labels, args.batch_size,
-                                               source, progress, args.estimator, groups)
+    def progress(done, total):
+        bar.total = total
+        bar.update(done - bar.n)
+
+    with bar:
+        directions = directions_from_images(model, images, attributes, names, labels, args.batch_size,
+                                            source, progress, args.estimator, groups)
     out = args.out or directions_dir(args.checkpoint)
     if not args.replace:
         try:
@@ -160,13 +166,14 @@ def _add_raw(p) -> None:
 def register(sub) -> None:
     p = sub.add_parser("interpolate", help="decode a straight (or spherical) latent path between two images")
     add_checkpoint(p, "IMAGE_A", "IMAGE_B")
-    p.add_argument("--steps", type=int_between(2, None, "an integer >= 2"), default=8,
-                   help="images on the path, ends included (default 8)")
-    p.add_argument("--method", choices=editing.INTERPOLATIONS, default="linear")
+    add_n(p, "images on the path, ends included", 8, low=2)
+    add_deprecated(p, "--steps", "--n", dest="n", type=int_between(2, None, "an integer >= 2"))
+    p.add_argument("--method", choices=editing.INTERPOLATIONS, default="linear",
+                   help="linear: a straight line between the latents; spherical: along the great circle")
     p.add_argument("--label-a", type=int, help="class of A (class-conditional models only)")
     p.add_argument("--label-b", type=int, help="class of B (default: that of A)")
     _add_raw(p)
-    add_picture_output(p, what="PNG grid to write")
+    add_picture_output(p, what="the PNG row of images to this file")
     p.set_defaults(func=cmd_interpolate)
 
     p = sub.add_parser("directions", help="compute attribute directions (by default mean(z|attr) - mean(z|not attr))")
@@ -175,19 +182,21 @@ def register(sub) -> None:
     p.add_argument("--attributes", type=Path, help="CelebA list_attr_celeba.txt, or a CSV filename,attr1,attr2,... "
                                                    "(by the .csv suffix); with --dataset, only the rows of that "
                                                    "dataset's --split images are used (e.g. the training faces)")
-    p.add_argument("--split", default="train", choices=("train", "test"))
+    p.add_argument("--split", default="train", choices=("train", "test"), help="which split's images enter the means")
     p.add_argument("--images", type=Path, help="image folder for --attributes (default: the file's folder)")
     p.add_argument("--only", help="comma-separated attribute names to keep (--attributes)")
     p.add_argument("--positive", help="with --negative: one direction from this class vs that class")
-    p.add_argument("--negative")
-    p.add_argument("--limit", type=positive_int, help="use the first N images")
+    p.add_argument("--negative", help="with --positive: the class the direction leads away from")
+    add_limit(p, "images (rows of --attributes)")
     p.add_argument("--estimator", choices=list(ESTIMATORS), default=DEFAULT_ESTIMATOR,
                    help="how a direction is estimated from the images with and without the attribute "
                         f"(default {DEFAULT_ESTIMATOR}; docs/editing.md compares them): "
                         + "; ".join(f"{n}: {c.description}" for n, c in ESTIMATORS.items()))
-    p.add_argument("--batch-size", type=positive_int, default=64)
+    add_batch_size(p, 64)
     p.add_argument("--replace", action="store_true", help="drop directions saved before instead of merging")
-    p.add_argument("--out", type=Path, help="where to save (default: next to the checkpoint)")
+    add_out(p, "directions.safetensors into this folder (default: the run directory; required for a model "
+               "read by name)")
+    add_no_progress(p)
     add_json(p)
     p.set_defaults(func=cmd_directions)
 
@@ -205,5 +214,5 @@ def register(sub) -> None:
     p.add_argument("--grey-failed", action="store_true",
                    help="draw an alpha whose decode fails as a grey tile, with a warning, instead of stopping")
     _add_raw(p)
-    add_picture_output(p, what="PNG strip to write")
+    add_picture_output(p, what="the PNG strips (one row per image) to this file")
     p.set_defaults(func=cmd_manipulate)

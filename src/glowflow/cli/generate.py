@@ -9,10 +9,10 @@ import torch
 from .. import io
 from ..images import as_uint8, load_image, save_grid
 from ..layers import STABLE_SCALE_FLOOR
-from .common import (add_checkpoint, add_json, add_picture_output, check_count, emit, float_list, load_model,
-                     positive_int, seed)
+from .common import (add_batch_size, add_checkpoint, add_json, add_n, add_out, add_picture_output, add_seed,
+                     check_count, emit, float_list, load_model, positive_int)
 
-# images decoded at a time: memory stays bounded whatever --n is
+# images decoded (or encoded) at a time by default: memory stays bounded whatever --n is
 SAMPLE_BATCH = 256
 
 
@@ -36,8 +36,8 @@ def cmd_sample(args) -> int:
     y = _labels(model, args.label, args.n)
     rows = []
     for t in args.temperature:
-        for start in range(0, args.n, SAMPLE_BATCH):
-            stop = min(args.n, start + SAMPLE_BATCH)
+        for start in range(0, args.n, args.batch_size):
+            stop = min(args.n, start + args.batch_size)
             batch_y = None if y is None else y[start:stop]
             rows.append(as_uint8(model.sample(stop - start, temperature=t, y=batch_y, generator=gen,
                                               scale_floor=0.0 if args.exact else STABLE_SCALE_FLOOR)))
@@ -53,7 +53,8 @@ def cmd_encode(args) -> int:
     x = torch.stack([load_image(p, model.config.image_shape) for p in args.images])
     y = _labels(model, args.label, len(x)) if args.label is not None or model.config.num_classes else None
     with torch.no_grad():
-        eps = model.encode(x, y)
+        eps = torch.cat([model.encode(x[i:i + args.batch_size], None if y is None else y[i:i + args.batch_size])
+                         for i in range(0, len(x), args.batch_size)])
     io.atomic_save_npy(args.out, eps.double().cpu().numpy())
     emit(args, {"out": str(args.out), "shape": list(eps.shape)})
     return 0
@@ -65,7 +66,8 @@ def cmd_decode(args) -> int:
     check_count(args, len(eps), "decode")
     y = _labels(model, args.label, len(eps)) if args.label is not None or model.config.num_classes else None
     with torch.no_grad():
-        x = model.decode(eps, y).clamp(0, 1)
+        x = torch.cat([model.decode(eps[i:i + args.batch_size], None if y is None else y[i:i + args.batch_size])
+                       for i in range(0, len(eps), args.batch_size)]).clamp(0, 1)
     path = save_grid(x, args.out, nrow=args.nrow, scale=args.scale)
     emit(args, {"out": str(path), "n": len(x)})
     return 0
@@ -88,32 +90,41 @@ def _read_latents(path: Path, num_dims: int) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.float64))
 
 
+def _add_label(p, what: str = "class of the images (class-conditional models only; default: cycle through "
+                                "the classes)") -> None:
+    p.add_argument("--label", type=int, help=what)
+
+
 def register(sub) -> None:
     p = sub.add_parser("sample", help="write a grid of samples (one row per temperature if several)")
     add_checkpoint(p)
-    p.add_argument("--n", type=positive_int, default=64, help="samples (per temperature)")
-    p.add_argument("--temperature", type=float_list, default=[0.7], help="e.g. 0.7 or 0,0.5,0.7,1.0")
-    p.add_argument("--seed", type=seed, default=0)
-    p.add_argument("--label", type=int, help="class for a class-conditional model")
-    p.add_argument("--nrow", type=positive_int, default=8)
+    add_n(p, "samples per temperature", 64)
+    p.add_argument("--temperature", type=float_list, default=[0.7],
+                   help="scale of the prior's standard deviation, one or several: e.g. 0.7 or 0,0.5,0.7,1.0")
+    add_seed(p, "the samples' noise")
+    _add_label(p)
+    p.add_argument("--nrow", type=positive_int, default=8, help="images per row of the grid (one temperature)")
     p.add_argument("--exact", action="store_true",
                    help="decode without the coupling-scale floor (Glow.sample's scale_floor=0): the exact "
                         "inverse, which can overflow at temperatures near 1")
+    add_batch_size(p, SAMPLE_BATCH, "images decoded at a time (bounds memory)")
     add_picture_output(p, Path("samples.png"))
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("encode", help="images -> standardised latents (.npy, [N, D])")
     add_checkpoint(p)
-    p.add_argument("images", nargs="+", type=Path)
-    p.add_argument("--label", type=int)
-    p.add_argument("--out", type=Path, default=Path("latents.npy"))
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files to encode")
+    _add_label(p)
+    add_batch_size(p, SAMPLE_BATCH, "images encoded at a time (bounds memory)")
+    add_out(p, "the latents [N, D] to this .npy file", default=Path("latents.npy"))
     add_json(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("decode", help="latents (.npy, [N, D]) -> image grid")
     add_checkpoint(p)
-    p.add_argument("latents", type=Path)
-    p.add_argument("--label", type=int)
-    p.add_argument("--nrow", type=positive_int, default=8)
+    p.add_argument("latents", type=Path, help="a .npy array [N, D] of latents, as `glowflow encode` writes")
+    _add_label(p)
+    p.add_argument("--nrow", type=positive_int, default=8, help="images per row of the grid")
+    add_batch_size(p, SAMPLE_BATCH, "latents decoded at a time (bounds memory)")
     add_picture_output(p, Path("decoded.png"))
     p.set_defaults(func=cmd_decode)

@@ -5,6 +5,7 @@ import argparse
 
 from .. import __version__
 from . import ablate, data, demo, edit, generate, models, prepare, score, train
+from .common import HelpFormatter
 
 __all__ = ["build_parser", "COMMAND_GROUPS"]
 
@@ -16,9 +17,11 @@ command is a JSON object."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glowflow", description=DESCRIPTION)
+    parser = argparse.ArgumentParser(prog="glowflow", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"glowflow {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for group in COMMAND_GROUPS:
         group.register(sub)
+    for command in sub.choices.values():  # every flag shows its default
+        command.formatter_class = HelpFormatter
     return parser

@@ -9,11 +9,10 @@ Running the same command again resumes an interrupted preparation, or says the s
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from ..data.folder import DEFAULT_TEST_FRACTION
 from ..data.prepare import DEFAULT_SHARD_BYTES, prepare
-from .common import add_dataset, add_json, emit, int_between, positive_int
+from .common import add_dataset, add_json, add_no_progress, add_out, emit, int_between, positive_int
 
 
 def cmd_prepare(args) -> int:
@@ -36,7 +35,7 @@ def register(sub) -> None:
                         "dataset's own)")
     p.add_argument("--channels", type=int, choices=(1, 3), help="1 (grey) or 3 (RGB); default: the dataset's "
                                                               "own, 3 for a folder")
-    p.add_argument("--out", type=Path, required=True, help="the prepared set's directory (created if missing)")
+    add_out(p, "the prepared set into this directory (created if missing)", required=True)
     p.add_argument("--workers", type=int_between(0, None, "a number of processes >= 0"),
                    help="processes decoding a folder's images (default: one per CPU; 0: this process)")
     p.add_argument("--shard-size", type=positive_int,
@@ -47,6 +46,6 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="start over: replace the set (or the interrupted "
                                                             "preparation) in --out")
     p.add_argument("--verify", action="store_true", help="with a set already prepared: re-check its checksums")
-    p.add_argument("--no-progress", action="store_true")
+    add_no_progress(p)
     add_json(p)
     p.set_defaults(func=cmd_prepare)

