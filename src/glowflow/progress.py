@@ -1,15 +1,45 @@
-"""Progress of long work: a tqdm bar on a terminal; elsewhere (a log file, CI) one plain line every
-few seconds, so a 15-minute run writes a readable log instead of a megabyte of bar redraws."""
+"""Progress of long work: a tqdm bar on a terminal; in Jupyter a notebook bar (tqdm's widget where
+ipywidgets is installed, else its text bar); elsewhere (a log file, CI) one plain line every few
+seconds, so a 15-minute run writes a readable log instead of a megabyte of bar redraws."""
 from __future__ import annotations
 
 import sys
 import time
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
-__all__ = ["Progress", "LOG_INTERVAL_S"]
+__all__ = ["Progress", "LOG_INTERVAL_S", "in_jupyter_kernel"]
 
 LOG_INTERVAL_S = 10.0
+
+
+def in_jupyter_kernel() -> bool:
+    """Whether this code runs in a Jupyter kernel (a notebook, JupyterLab, VS Code), where stderr is
+    no terminal yet a bar can be drawn. IPython is looked up, not imported: a kernel has loaded it."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+    return shell is not None and "IPKernelApp" in getattr(shell, "config", {})
+
+
+def _widget_bar():
+    """tqdm's notebook (widget) bar class, or None without ipywidgets. Chosen here rather than by
+    ``tqdm.auto``, which warns on every import in a kernel that lacks ipywidgets."""
+    try:
+        from tqdm import notebook
+    except ImportError:
+        return None
+    return notebook.tqdm if getattr(notebook, "IProgress", None) is not None else None
+
+
+def _bar_class(stream):
+    """The tqdm class that draws progress on ``stream``, or None where plain lines are wanted."""
+    if stream in (sys.stderr, sys.stdout) and in_jupyter_kernel():
+        # the kernel's own output: a widget, or tqdm's text bar (Jupyter draws its carriage returns)
+        # where ipywidgets is missing; a stream passed in, such as a log file, keeps its lines
+        return _widget_bar() or tqdm
+    if getattr(stream, "isatty", lambda: False)():
+        return tqdm
+    return None
 
 
 def _clock(seconds: float) -> str:
@@ -31,9 +61,10 @@ class Progress:
         self._start_n = initial
         self._t0 = self._last = time.perf_counter()
         self._bar = None
-        if enabled and getattr(self.stream, "isatty", lambda: False)():
-            self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
-                             file=self.stream)
+        bar = _bar_class(self.stream) if enabled else None
+        if bar is not None:
+            self._bar = bar(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True,
+                            file=self.stream)
 
     # tqdm-like attributes -------------------------------------------------------------------
     @property
