@@ -43,5 +43,6 @@ def test_the_extras_name_what_the_code_imports():
     names = {extra: {re.split(r"[<>=\[]", d)[0] for d in deps} for extra, deps in extras.items()}
     assert names["demo"] == {"fastapi", "uvicorn"}  # the server reads JSON bodies: no multipart parser
     assert names["tensorboard"] == {"tensorboard"}
-    assert set(extras) >= {"demo", "tensorboard", "test", "bench", "all"}
-    assert all(e in extras["all"][0] for e in ("demo", "tensorboard", "test", "bench"))
+    assert names["hub"] == {"huggingface_hub"}  # glowflow.hub's one import, and the name its message gives
+    assert set(extras) >= {"demo", "tensorboard", "test", "bench", "hub", "all"}
+    assert all(e in extras["all"][0] for e in ("demo", "tensorboard", "test", "bench", "hub"))

@@ -302,9 +302,10 @@ class Glow(nn.Module):
     @classmethod
     def from_pretrained(cls, directory, map_location: str | torch.device = "cpu",
                         weights_name: str = ckpt.WEIGHTS_NAME, memory: str = "none") -> "Glow":
-        """A model from a checkpoint directory (or a run directory holding ``checkpoint/``, or the
-        name of a model glowflow ships: :mod:`glowflow.pretrained`), in eval mode on
-        ``map_location``. Config, weights and checksums are all checked."""
+        """A model from a checkpoint directory (or a run directory holding ``checkpoint/``, the
+        name of a model glowflow ships: :mod:`glowflow.pretrained`, or a Hugging Face Hub id
+        ``owner/name[@revision]``: :mod:`glowflow.hub`), in eval mode on ``map_location``. Config,
+        weights and checksums are all checked."""
         directory = ckpt.resolve_model_dir(directory)
         try:
             config = GlowConfig.from_dict(ckpt.read_config(directory))
