@@ -1,8 +1,9 @@
-"""Hugging Face Hub ids (``org/name``) wherever a checkpoint is taken, read from the hub's cache.
-Never touches the network: the cache is built here in the layout huggingface_hub reads, and
-offline mode is on."""
+"""Hugging Face Hub ids (``org/name``) wherever a checkpoint is taken, read from the hub's cache,
+and the model card that makes a checkpoint folder a Hub repo. Never touches the network: the cache
+is built here in the layout huggingface_hub reads, and offline mode is on."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -12,14 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from glowflow import Glow, hub, io, rundir
+from glowflow import Glow, hub, io, pretrained, rundir
 from glowflow import checkpoint as ckpt
 from glowflow.cli import main
 from glowflow.directions import DIRECTIONS_JSON, DIRECTIONS_WEIGHTS, Directions, load_directions, save_directions
 
 from conftest import awake_glow
 
+ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (1, 8, 8)
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -210,3 +213,99 @@ def test_what_reads_as_a_hub_id(text, parsed):
 def test_a_missing_relative_path_that_is_no_id_stays_a_missing_path(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="does not exist"):
         Glow.from_pretrained(tmp_path / "runs" / "nothing")
+
+
+def front_matter(text: str) -> tuple[dict, str]:
+    assert text.startswith("---\n")
+    head, body = text[4:].split("\n---\n", 1)
+    return yaml.safe_load(head), body
+
+
+def test_save_pretrained_writes_a_model_card_with_the_checkpoint(tmp_path):
+    model = tiny_glow()
+    card = {"name": "tiny-glow", "repo_id": "me/tiny-glow", "license": "mit", "dataset": "fashion-mnist",
+            "description": "a tiny test model", "test_bits_per_dim": 3.1234, "test_bits_per_dim_se": 0.0123,
+            "test_images": 10000, "eval_command": "glowflow eval me/tiny-glow --dataset fashion-mnist",
+            "train_command": "glowflow train --preset tiny", "data_licence": "MIT License (Zalando SE)",
+            "acknowledgement": "Xiao, Rasul & Vollgraf 2017"}
+    model.save_pretrained(tmp_path / "out", card=card)
+    text = (tmp_path / "out" / hub.CARD_NAME).read_text()
+    meta, body = front_matter(text)
+    assert meta["library_name"] == "glowflow" and meta["license"] == "mit"
+    assert {"normalizing-flow", "glow", "fashion-mnist"} <= set(meta["tags"])
+    assert meta["datasets"] == ["zalando-datasets/fashion_mnist"]
+    parameters = sum(p.numel() for p in model.parameters())
+    weights = tmp_path / "out" / ckpt.WEIGHTS_NAME
+    for expected in ("# tiny-glow", "a tiny test model", 'Glow.from_pretrained("me/tiny-glow")',
+                     "1 x 8 x 8", f"{parameters:,}", "3.1234 ± 0.0123 (10,000 test images)",
+                     f"`{card['eval_command']}`", f"`{card['train_command']}`", "MIT License (Zalando SE)",
+                     "Xiao, Rasul & Vollgraf 2017", io.file_sha256(weights), f"{weights.stat().st_size:,} bytes"):
+        assert expected in body, expected
+    # written with the checkpoint: listed in its checksums, so the next save replaces it, and it still loads
+    assert hub.CARD_NAME in json.loads((tmp_path / "out" / ckpt.CHECKSUMS_NAME).read_text())
+    assert same_weights(Glow.from_pretrained(tmp_path / "out"), model)
+    model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out" / hub.CARD_NAME).exists()
+
+
+def test_a_card_with_an_unknown_field_is_refused_and_the_folder_left_as_it_was(tmp_path):
+    with pytest.raises(ValueError, match="'bits_per_dim'"):
+        tiny_glow().save_pretrained(tmp_path / "out", card={"bits_per_dim": 3.0})
+    assert list(tmp_path.iterdir()) == []
+    model = tiny_glow(seed=0)
+    model.save_pretrained(tmp_path / "out")
+    with pytest.raises(ValueError, match="'bits_per_dim'"):
+        tiny_glow(seed=1).save_pretrained(tmp_path / "out", card={"bits_per_dim": 3.0})
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["out"]
+    assert same_weights(Glow.from_pretrained(tmp_path / "out"), model)
+
+
+def test_an_empty_card_holds_what_the_model_knows(tmp_path):
+    tiny_glow().save_pretrained(tmp_path / "plain", card={})
+    meta, body = front_matter((tmp_path / "plain" / hub.CARD_NAME).read_text())
+    assert meta["library_name"] == "glowflow" and meta["license"] == "other" and "datasets" not in meta
+    assert "# plain" in body and "1 x 8 x 8" in body and "test bits/dim" not in body
+
+
+@pytest.mark.parametrize("name", pretrained.list_models())
+def test_each_shipped_model_renders_as_a_card(name):
+    entry = pretrained.model_entry(name)
+    meta, body = front_matter(hub.model_card(entry, name, repo_id=f"glowflow/{name}"))
+    assert meta["library_name"] == "glowflow" and entry["dataset"] in meta["tags"]
+    for expected in (f"# {name}", f'Glow.from_pretrained("glowflow/{name}")', f"{entry['parameters']:,}",
+                     f"{entry['test_bits_per_dim']} ± {entry['test_bits_per_dim_se']}", entry["eval_command"],
+                     entry["train_command"], entry["data_licence"], entry["acknowledgement"], entry["sha256"]):
+        assert expected in body, expected
+
+
+def test_package_model_writes_a_folder_ready_for_the_hub(tmp_path):
+    import importlib.util
+
+    from PIL import Image
+    spec = importlib.util.spec_from_file_location("package_model", ROOT / "scripts" / "package_model.py")
+    package_model = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(package_model)
+    g = torch.Generator().manual_seed(4)
+    for split in ("train", "test"):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        for i in range(3):
+            pixels = torch.randint(0, 256, (8, 8), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / "images" / split / f"{i}.png")
+    model = tiny_glow()
+    model.save_pretrained(tmp_path / "run" / ckpt.CHECKPOINT_DIR)
+    argv = ["tiny", str(tmp_path / "run"), "--dataset", "folder", "--data", str(tmp_path / "images"),
+            "--description", "a tiny test model", "--train-command", "glowflow train ...",
+            "--data-licence", "made up for this test", "--weights-dir", str(tmp_path / "weights"),
+            "--hub-dir", str(tmp_path / "upload"), "--repo-id", "me/tiny"]
+    for _ in range(2):  # a second run replaces the folder the first wrote
+        entry = package_model.main(argv)
+    meta, body = front_matter((tmp_path / "upload" / hub.CARD_NAME).read_text())
+    assert meta["library_name"] == "glowflow"
+    assert f"{entry['test_bits_per_dim']} ± {entry['test_bits_per_dim_se']} (3 test images)" in body
+    assert 'Glow.from_pretrained("me/tiny")' in body and entry["sha256"] in body
+    assert same_weights(Glow.from_pretrained(tmp_path / "upload"), model)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's file")
+    with pytest.raises(io.RefusedError):
+        package_model.main([*argv[:-4], "--hub-dir", str(tmp_path / "mine")])
+    assert (tmp_path / "mine" / "notes.txt").is_file()
