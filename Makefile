@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -c constraints.txt -e ".[demo,test,bench]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[demo,test,bench,hub]"
 	touch $(STAMP)
 
 # Installs Debian's Fashion-MNIST when it is missing and apt-get is there.

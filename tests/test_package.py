@@ -45,5 +45,6 @@ def test_the_extras_name_what_the_code_imports():
     assert names["tensorboard"] == {"tensorboard"}
     # `make test` (the test extra) runs examples/quickstart.ipynb, which the notebook extra runs in Jupyter
     assert {"ipykernel", "nbclient", "nbformat"} <= names["test"] & names["notebook"]
-    assert set(extras) >= {"demo", "tensorboard", "notebook", "test", "bench", "all"}
-    assert all(e in extras["all"][0] for e in ("demo", "tensorboard", "notebook", "test", "bench"))
+    assert names["hub"] == {"huggingface_hub"}  # glowflow.hub's one import, and the name its message gives
+    assert set(extras) >= {"demo", "tensorboard", "notebook", "test", "bench", "hub", "all"}
+    assert all(e in extras["all"][0] for e in ("demo", "tensorboard", "notebook", "test", "bench", "hub"))

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from . import io, pretrained
+from . import hub, io, pretrained
 
 __all__ = ["CheckpointError", "CONFIG_NAME", "WEIGHTS_NAME", "CHECKPOINT_DIR", "CHECKSUMS_NAME",
            "checkpoint_directory", "resolve_checkpoint_dir", "resolve_model_dir", "read_json", "read_config", "write_model_files",
@@ -74,16 +74,29 @@ def checkpoint_directory(path):
 
 
 def resolve_model_dir(source) -> Path:
-    """Where a model is read from: :func:`resolve_checkpoint_dir` of a path, or, where no such path
-    exists, the folder of the model glowflow ships under that name (:mod:`glowflow.pretrained`).
-    A run's own directory is never a name: training resolves it with
-    :func:`resolve_checkpoint_dir`."""
+    """Where a model is read from: :func:`resolve_checkpoint_dir` of a path that exists; else the
+    folder of the model glowflow ships under that name (a bare name, :mod:`glowflow.pretrained`);
+    else, for ``owner/name`` or ``owner/name@revision``, that Hugging Face Hub repo in the hub's
+    cache (:mod:`glowflow.hub`). A run's own directory is never a name or an id: training resolves
+    it with :func:`resolve_checkpoint_dir`."""
     if pretrained.is_model_name(source):
         try:
             return pretrained.model_dir(str(source))
         except pretrained.PretrainedError as e:
             raise CheckpointError(str(e)) from None
-    return resolve_checkpoint_dir(source)
+    path = Path(source)
+    # a path always wins, the .old a kill left (resolve_checkpoint_dir) included
+    if hub.is_hub_id(source) and not path.exists() and not path.with_name(path.name + ".old").exists():
+        try:
+            folder = hub.download(source)
+        except hub.HubError as e:
+            raise CheckpointError(str(e)) from None
+        try:
+            return resolve_checkpoint_dir(folder)
+        except CheckpointError:
+            raise CheckpointError(f"the Hugging Face Hub repo {source} holds no glowflow checkpoint: expected "
+                                  f"{CONFIG_NAME} and {WEIGHTS_NAME} at its top or in {CHECKPOINT_DIR}/") from None
+    return resolve_checkpoint_dir(path)
 
 
 def resolve_checkpoint_dir(path) -> Path:

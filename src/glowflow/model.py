@@ -7,6 +7,8 @@ out; decoding runs them backward. Nothing here knows a layer's internals.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -14,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from . import fast, numerics
+from . import fast, hub, io, numerics
 from .blocks import build_flow
 from .config import GlowConfig
 from .dequantization import gaussian_from_uniform
@@ -293,18 +295,30 @@ class Glow(nn.Module):
         self.forward(x, y, generator, noise)
 
     # ------------------------------------------------------------------ checkpoints
-    def save_pretrained(self, directory) -> None:
+    def save_pretrained(self, directory, card: Mapping | None = None) -> None:
         """Write ``config.json``, ``model.safetensors`` and ``checksums.json`` into ``directory``
-        atomically."""
+        atomically. With ``card`` (a dict of registry fields, :data:`glowflow.hub.CARD_FIELDS`: the
+        dataset, test bits/dim, licences, ``name``, ``repo_id``, ...; ``{}`` for none) a Hugging Face
+        Hub model card ``README.md`` is written with them, so the folder is ready for ``hf upload``;
+        the image shape, bit depth, parameter count and the weights' size and SHA-256 come from the
+        model itself. A card with an unknown field is refused and ``directory`` left as it was."""
         with ckpt.checkpoint_directory(directory) as tmp:
             ckpt.write_model_files(tmp, self.config.to_dict(), self.state_dict())
+            if card is not None:
+                weights = tmp / ckpt.WEIGHTS_NAME
+                fields = {**card, "image_shape": list(self.config.image_shape), "n_bits": self.config.n_bits,
+                          "parameters": sum(p.numel() for p in self.parameters()),
+                          "size_bytes": weights.stat().st_size, "sha256": io.file_sha256(weights)}
+                name = fields.get("name") or Path(directory).resolve().name
+                (tmp / hub.CARD_NAME).write_text(hub.model_card(fields, name), encoding="utf-8")
 
     @classmethod
     def from_pretrained(cls, directory, map_location: str | torch.device = "cpu",
                         weights_name: str = ckpt.WEIGHTS_NAME, memory: str = "none") -> "Glow":
-        """A model from a checkpoint directory (or a run directory holding ``checkpoint/``, or the
-        name of a model glowflow ships: :mod:`glowflow.pretrained`), in eval mode on
-        ``map_location``. Config, weights and checksums are all checked."""
+        """A model from a checkpoint directory (or a run directory holding ``checkpoint/``, the
+        name of a model glowflow ships: :mod:`glowflow.pretrained`, or a Hugging Face Hub id
+        ``owner/name[@revision]``: :mod:`glowflow.hub`), in eval mode on ``map_location``. Config,
+        weights and checksums are all checked."""
         directory = ckpt.resolve_model_dir(directory)
         try:
             config = GlowConfig.from_dict(ckpt.read_config(directory))

@@ -28,6 +28,10 @@ from ..distributed import resolve_device
 from ..model import Glow
 from ..rundir import TRAIN_CONFIG
 
+# What a checkpoint argument takes, said once for every command (checkpoint.resolve_model_dir).
+CHECKPOINT_HELP = ("a run directory, a checkpoint directory (config.json + model.safetensors), the name of a model "
+                   "`glowflow models` lists, or a Hugging Face Hub id (org/name)")
+
 # Images one command may put into one picture without --allow-large: bounds its time and memory.
 MAX_IMAGES = 4096
 
@@ -206,13 +210,11 @@ def add_checkpoint(p, *more: str, device: bool = True) -> None:
         names = " ".join(("CHECKPOINT", *more))
         p.usage = f"{p.prog} {names} [options]"
         p.add_argument("positionals", nargs="+", metavar=names,
-                       help=f"the checkpoint (a run directory, a checkpoint directory or the name of a model "
-                            f"`glowflow models` lists), then {' '.join(more)}")
+                       help=f"the checkpoint ({CHECKPOINT_HELP}), then {' '.join(more)}")
         p.add_argument("--checkpoint", "-c", dest="checkpoint_option", type=Path, help=argparse.SUPPRESS)
         p.set_defaults(_positionals=more)
     else:
-        p.add_argument("checkpoint", type=Path, help="run directory, checkpoint directory (config.json + "
-                                                    "model.safetensors) or the name of a model `glowflow models` lists")
+        p.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
     if device:
         add_device(p)
 
@@ -256,13 +258,13 @@ def load_model(args, memory: str = "none") -> Glow:
 
 
 def train_settings(checkpoint) -> dict:
-    """The training config saved beside a checkpoint (its dataset, seed, ...), or {}; for a model
-    glowflow ships, its dataset."""
+    """The training config saved beside a checkpoint (its dataset, seed, ...; a Hub repo's too), or
+    {}; for a model glowflow ships, its dataset."""
     shipped = pretrained.list_models().get(str(checkpoint)) if pretrained.is_model_name(checkpoint) else None
     if shipped is not None:
         return {"dataset": shipped["dataset"]}
     try:
-        settings = ckpt.read_json(ckpt.resolve_checkpoint_dir(checkpoint) / TRAIN_CONFIG)
+        settings = ckpt.read_json(ckpt.resolve_model_dir(checkpoint) / TRAIN_CONFIG)
     except ckpt.CheckpointError:
         return {}
     return settings if isinstance(settings, dict) else {}
