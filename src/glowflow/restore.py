@@ -134,7 +134,7 @@ class Inpaint(Operator):
         super().__init__(image_shape)
         mask = torch.as_tensor(mask)
         c, h, w = self.image_shape
-        if mask.dim() == 2:
+        if mask.dim() == 2 and tuple(mask.shape) == (h, w):
             mask = mask[None].expand(c, h, w)
         if tuple(mask.shape) != self.image_shape:
             raise ValueError(f"inpaint: the mask must be [H, W] = [{h}, {w}] or [C, H, W], got {list(mask.shape)}")
