@@ -34,6 +34,7 @@ Images are ``[B, C, H, W]`` in [0, 1]; observations have the shape the operator 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -316,13 +317,37 @@ def _noise_floor(model, noise_std: float) -> float:
     return max(float(noise_std), 1.0 / (2**model.config.n_bits * math.sqrt(12)))
 
 
-def _check(model, y, operator, noise_std, gamma, prior, optimizer, init, steps):
+def _problem(model, y, operator, noise_std):
+    """The checked observation and operator on the model's device and dtype, and the noise level
+    the misfit is weighed by; what :func:`restore` and :func:`posterior_samples` both start from."""
     if tuple(operator.image_shape) != tuple(model.config.image_shape):
         raise ValueError(f"the operator is for images {operator.image_shape}, the model takes "
                          f"{tuple(model.config.image_shape)}")
     operator.check_observation(y)
     if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and 0 <= noise_std <= 1):
         raise ValueError(f"noise_std must lie in [0, 1] (images in [0, 1]), got {noise_std!r}")
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+    return (y.to(device=device, dtype=dtype), operator.to(device=device, dtype=dtype),
+            _noise_floor(model, noise_std))
+
+
+@contextmanager
+def _frozen(model):
+    """``model`` in eval mode with no parameter gradients (only the latents are optimised or
+    sampled), as it was afterwards."""
+    was_training, requires = model.training, [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+        model.train(was_training)
+
+
+def _check_solver(gamma, prior, optimizer, init, steps):
     if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 0):
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
     if prior not in PRIORS:
@@ -345,17 +370,10 @@ def restore(model, y: torch.Tensor, operator: Operator, noise_std: float = 0.05,
     from the mean latent. The same inputs give the same result (no randomness). ``progress``, a
     callable ``(step, steps, objective)``, is told after each step.
     """
-    _check(model, y, operator, noise_std, gamma, prior, optimizer, init, steps)
-    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
-    y = y.to(device=device, dtype=dtype)
-    operator = operator.to(device=device, dtype=dtype)
-    sigma = _noise_floor(model, noise_std)
-    was_training = model.training
-    model.eval()
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    try:
+    y, operator, sigma = _problem(model, y, operator, noise_std)
+    _check_solver(gamma, prior, optimizer, init, steps)
+    dtype, device = y.dtype, y.device
+    with _frozen(model):
         with torch.no_grad():
             z0 = (model.encode(operator.naive(y), labels) if init == "naive"
                   else torch.zeros(y.shape[0], model.num_dims, device=device, dtype=dtype))
@@ -405,10 +423,6 @@ def restore(model, y: torch.Tensor, operator: Operator, noise_std: float = 0.05,
             z_best = best["z"]
             _, misfit, x = _objective(model, z_best, y, operator, sigma, gamma, "norm", labels)
         return RestoreResult(x.clamp(0, 1), z_best, misfit, z_best.pow(2).sum(1), history)
-    finally:
-        for p, r in zip(model.parameters(), requires):
-            p.requires_grad_(r)
-        model.train(was_training)
 
 
 # ----------------------------------------------------------------------------------- posterior
@@ -435,23 +449,15 @@ def posterior_samples(model, y: torch.Tensor, operator: Operator, noise_std: flo
     0.57 (Roberts & Rosenthal 1998) and is then held, so the chain samples the posterior exactly.
     ``num_samples`` samples are kept, ``thin`` steps apart. Randomness comes from ``seed`` alone.
     """
-    _check(model, y, operator, noise_std, 1.0, "norm", "lbfgs", "zero", 1)
+    y, operator, sigma = _problem(model, y, operator, noise_std)
     if not (isinstance(num_samples, int) and num_samples >= 2):
         raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
     if not (isinstance(thin, int) and thin >= 1 and isinstance(burn_in, int) and burn_in >= 0):
         raise ValueError(f"thin must be >= 1 and burn_in >= 0, got {thin!r}, {burn_in!r}")
     if not (isinstance(step_size, (int, float)) and step_size > 0):
         raise ValueError(f"step_size must be > 0, got {step_size!r}")
-    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
-    y = y.to(device=device, dtype=dtype)
-    operator = operator.to(device=device, dtype=dtype)
-    sigma = _noise_floor(model, noise_std)
+    dtype, device = y.dtype, y.device
     gen = torch.Generator(device=device).manual_seed(seed)
-    was_training = model.training
-    model.eval()
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
 
     def energy_and_grad(z):
         z = z.detach().requires_grad_(True)
@@ -464,7 +470,7 @@ def posterior_samples(model, y: torch.Tensor, operator: Operator, noise_std: flo
         u = torch.where(torch.isfinite(u) & torch.isfinite(g).all(1), u, torch.full_like(u, math.inf))
         return u.detach(), torch.nan_to_num(g), x.detach()
 
-    try:
+    with _frozen(model):
         z = start.detach().to(device=device, dtype=dtype).clone()
         u, g, x = energy_and_grad(z)
         if not torch.isfinite(u).all():
@@ -501,10 +507,6 @@ def posterior_samples(model, y: torch.Tensor, operator: Operator, noise_std: flo
         samples = torch.stack(kept)
         return PosteriorResult(samples.mean(0), samples.std(0), samples,
                                accepted / max(1, num_samples * thin), h)
-    finally:
-        for p, r in zip(model.parameters(), requires):
-            p.requires_grad_(r)
-        model.train(was_training)
 
 
 # ----------------------------------------------------------------------------------- metrics

@@ -81,8 +81,6 @@ class DeprecatedAlias(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         deprecated(f"{parser.prog.split()[-1]} {option_string}", self.new)
-        if self.nargs == 0:
-            values = self.const
         setattr(namespace, self.dest, values)
 
 

@@ -27,6 +27,13 @@ def _labels(model, label: int | None, n: int) -> torch.Tensor | None:
     return torch.full((n,), label) if label is not None else torch.arange(n) % k
 
 
+@torch.no_grad()
+def _in_batches(fn, inputs: torch.Tensor, labels: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+    """``fn(inputs, labels)`` over ``batch_size`` rows at a time, the outputs concatenated."""
+    return torch.cat([fn(inputs[i:i + batch_size], None if labels is None else labels[i:i + batch_size])
+                      for i in range(0, len(inputs), batch_size)])
+
+
 def cmd_sample(args) -> int:
     check_count(args, args.n * len(args.temperature), "sample")
     if any(t < 0 for t in args.temperature):
@@ -52,9 +59,7 @@ def cmd_encode(args) -> int:
     model = load_model(args)
     x = torch.stack([load_image(p, model.config.image_shape) for p in args.images])
     y = _labels(model, args.label, len(x)) if args.label is not None or model.config.num_classes else None
-    with torch.no_grad():
-        eps = torch.cat([model.encode(x[i:i + args.batch_size], None if y is None else y[i:i + args.batch_size])
-                         for i in range(0, len(x), args.batch_size)])
+    eps = _in_batches(model.encode, x, y, args.batch_size)
     io.atomic_save_npy(args.out, eps.double().cpu().numpy())
     emit(args, {"out": str(args.out), "shape": list(eps.shape)})
     return 0
@@ -65,9 +70,7 @@ def cmd_decode(args) -> int:
     eps = _read_latents(args.latents, model.num_dims)
     check_count(args, len(eps), "decode")
     y = _labels(model, args.label, len(eps)) if args.label is not None or model.config.num_classes else None
-    with torch.no_grad():
-        x = torch.cat([model.decode(eps[i:i + args.batch_size], None if y is None else y[i:i + args.batch_size])
-                       for i in range(0, len(eps), args.batch_size)]).clamp(0, 1)
+    x = _in_batches(model.decode, eps, y, args.batch_size).clamp(0, 1)
     path = save_grid(x, args.out, nrow=args.nrow, scale=args.scale)
     emit(args, {"out": str(path), "n": len(x)})
     return 0

