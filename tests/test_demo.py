@@ -425,6 +425,75 @@ def test_browser_upload_slider_blend_samples_and_errors(demo, browser, tmp_path)
     page.close()
 
 
+@pytest.mark.browser
+def test_browser_restore_panel_restores_a_drawn_occlusion_and_noise(demo, browser, tmp_path):
+    """The restore panel: draw over A, restore; the observation is black where drawn and A
+    elsewhere, the restoration and its uncertainty appear with the scores; then noise."""
+    url, _, _, x = demo
+    image = tmp_path / "a.png"
+    image.write_bytes(png_bytes(x[6]))
+    page = open_page(browser, url)
+    assert page.is_disabled("#restore-button")  # nothing to restore before an image
+    page.set_input_files("#file-a", str(image))
+    _wait_src_change(page, "#reconstruction", "")
+    page.select_option("#damage", "drawn")
+    assert page.is_visible("#draw") and page.is_hidden("#noise-box")
+    page.locator("#draw").scroll_into_view_if_needed()
+    box = page.locator("#draw").bounding_box()
+    page.mouse.move(box["x"] + 2, box["y"] + box["height"] / 2)  # a stroke across the middle row
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] - 2, box["y"] + box["height"] / 2, steps=8)
+    page.mouse.up()
+    page.click("#restore-button")
+    restored = _wait_src_change(page, "#restored", "")
+    observation = _image(_src(page, "#observation"))[0]
+    original = _image(_src(page, "#original"))[0]
+    hidden = observation == 0
+    assert hidden[SHAPE[1] // 2].all()  # the stroke's row is hidden
+    assert not hidden.all()
+    assert (observation[~hidden] - original[~hidden]).abs().max() < 0.06  # elsewhere: A, with a little noise
+    assert _src(page, "#uncertainty").startswith("data:image/png")
+    assert "PSNR against A" in page.inner_text("#restore-note")
+
+    page.select_option("#damage", "noise")
+    assert page.is_visible("#noise-box") and page.is_hidden("#draw")
+    page.locator("#noise").fill("0.2")
+    page.click("#restore-button")
+    _wait_src_change(page, "#restored", restored)
+    noisy = _image(_src(page, "#observation"))[0]
+    assert 0.1 < (noisy - original).std() < 0.3
+    assert not page.errors, page.errors
+    page.close()
+
+
+def test_restore_api_damages_restores_and_refuses_bad_requests(demo):
+    url, _, _, x = demo
+    image = "data:image/png;base64," + base64.b64encode(png_bytes(x[7])).decode()
+    res = httpx.post(url + "/api/restore", json={"image": image, "damage": "eyes"}, timeout=60)
+    assert res.status_code == 200, res.text
+    body = res.json()
+    observation, restored = _image(body["observation"])[0], _image(body["restored"])[0]
+    original = _quantised(x[7, 0])
+    hidden = observation == 0
+    assert hidden.any() and not hidden.all()
+    # the restoration keeps what was seen and fills in what was not
+    assert (restored[~hidden] - original[~hidden]).abs().mean() < 0.05
+    assert restored[hidden].min() > 0
+    assert body["psnr_db"] > body["observed_psnr_db"] and body["ssim"] is None  # 8x8: under SSIM's window
+    again = httpx.post(url + "/api/restore", json={"image": image, "damage": "eyes"}, timeout=60).json()
+    assert again["restored"] == body["restored"]  # the same request, the same answer
+    for payload, status, message in [
+        ({"damage": "drawn"}, 400, "needs the drawing"),
+        ({"damage": "eyes", "mask": image}, 400, "damage \"drawn\" only"),
+        ({"damage": "noise", "noise": 0.9}, 422, "noise"),
+        ({"damage": "nose"}, 422, "damage"),
+        ({"damage": "drawn", "mask": "data:image/png;base64," + base64.b64encode(png_bytes(torch.zeros(1, 8, 8))).decode()},
+         400, "covers no pixel"),
+    ]:
+        res = httpx.post(url + "/api/restore", json={"image": image, **payload}, timeout=60)
+        assert res.status_code == status and message in res.json()["error"], (payload, res.text)
+
+
 # --------------------------------------------------------------------------------------- hardening
 
 def test_host_header_must_name_the_served_address(demo):

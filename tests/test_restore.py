@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from glowflow import Glow
-from glowflow.restore import (OPERATORS, Blur, CompressedSensing, Denoise, Downsample, Inpaint, make_operator,
-                              posterior_samples, psnr, restore)
+from glowflow import restore as rs
+from glowflow.restore import (OPERATORS, VIEWS, Blur, CompressedSensing, Denoise, Downsample, Inpaint, degrade,
+                              make_operator, posterior_samples, psnr, restore, ssim)
 
 SHAPE = (1, 8, 8)
 
@@ -96,11 +97,11 @@ def test_a_restoration_lowers_the_data_misfit_and_keeps_the_latents_finite(op):
     model, x = _model(), _images()
     op = op.to(dtype=torch.float64)
     y = op(x) + 0.02 * torch.randn(op(x).shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    start = restore(model, y, op, noise_std=0.02, steps=1, optimizer="adam", lr=1e-12)  # the naive start
-    result = restore(model, y, op, noise_std=0.02, gamma=0.5, steps=5)
+    start = restore(model, y, op, noise_std=0.02, steps=1, optimizer="adam", lr=1e-12, init="zero")  # the start
+    result = restore(model, y, op, noise_std=0.02, gamma=0.5, steps=5, init="zero")
     assert torch.isfinite(result.latents).all() and (result.misfit < start.misfit).all()
     assert result.history == sorted(result.history, reverse=True)
-    again = restore(model, y, op, noise_std=0.02, gamma=0.5, steps=5)
+    again = restore(model, y, op, noise_std=0.02, gamma=0.5, steps=5, init="zero")
     assert torch.equal(again.images, result.images)  # deterministic
 
 
@@ -116,7 +117,8 @@ def test_the_likelihood_prior_and_adam_also_restore():
 @pytest.mark.parametrize("kwargs,match", [
     ({"noise_std": -0.1}, "noise_std"), ({"noise_std": float("nan")}, "noise_std"), ({"gamma": -1}, "gamma"),
     ({"prior": "tv"}, "prior"), ({"optimizer": "sgd"}, "optimizer"), ({"init": "random"}, "init"),
-    ({"steps": 0}, "steps"),
+    ({"steps": 0}, "steps"), ({"views": 0}, "views"), ({"views": 9}, "views"),
+    ({"views": 5, "mirror": False}, "without mirroring"),
 ])
 def test_bad_solver_settings_are_refused(kwargs, match):
     model, x = _model(), _images(1)
@@ -156,3 +158,97 @@ def test_the_modules_example_runs():
     import glowflow.restore
 
     assert doctest.testmod(glowflow.restore).failed == 0
+
+
+def test_views_are_pixel_permutations_and_their_inverses():
+    x = torch.arange(2 * 8 * 8, dtype=torch.float64).view(2, 1, 8, 8)
+    assert len({repr(v) for v in VIEWS}) == len(VIEWS) == 8
+    for view in VIEWS:
+        seen = view(x)
+        assert torch.equal(view.inverse(seen), x)
+        assert torch.equal(seen.flatten(1).sort(1).values, x.flatten(1))  # the same pixels, moved
+    assert torch.equal(VIEWS[1](x), x.flip(3)) and torch.equal(VIEWS[2](x), x.roll((1, 1), (2, 3)))
+
+
+def test_restoring_through_views_averages_one_map_estimate_per_view():
+    model, x = _model(), _images(2)
+    op = Inpaint.centre(SHAPE, 0.3).to(dtype=torch.float64)
+    y = degrade(x, op, 0.02, seed=4)
+    one = restore(model, y, op, noise_std=0.02, steps=4, views=1)
+    three = restore(model, y, op, noise_std=0.02, steps=4, views=3)
+    assert three.view_images.shape == (3, 2, *SHAPE)
+    torch.testing.assert_close(three.images, three.view_images.mean(0))
+    torch.testing.assert_close(three.view_images[0], one.images)  # the first view is the image as it is
+    assert not torch.equal(three.view_images[1], three.view_images[0])
+    shifted = restore(model, y, op, noise_std=0.02, steps=4, views=2, mirror=False)
+    assert not torch.equal(shifted.view_images[1], three.view_images[1])  # a shift, not the mirror
+
+
+def test_a_step_into_non_finite_latents_is_retried_from_the_best_one(monkeypatch):
+    """A decode that overflows mid-solve sends the solver back to its best iterate with shorter
+    steps; it goes on improving instead of stopping there."""
+    model, x = _model(), _images(2)
+    op = Denoise(SHAPE)
+    real, calls = model.decode, {"n": 0}
+
+    def overflowing(z, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise ValueError("latents contain NaN or inf")
+        return real(z, *args, **kwargs)
+    monkeypatch.setattr(model, "decode", overflowing)
+    result = restore(model, op(x), op, noise_std=0.01, steps=6, init="zero")
+    assert calls["n"] > 20 and len(result.history) == 6 and result.history[-1] < result.history[0]
+
+
+def test_degrade_adds_seeded_noise_and_leaves_missing_pixels_empty():
+    x = _images(2)
+    op = Inpaint.centre(SHAPE, 0.3).to(dtype=torch.float64)
+    y = degrade(x, op, 0.1, seed=7)
+    assert torch.equal(y, degrade(x, op, 0.1, seed=7)) and not torch.equal(y, degrade(x, op, 0.1, seed=8))
+    assert (y[:, op.mask == 0] == 0).all()
+    assert 0.05 < (y - x)[:, op.mask == 1].std() < 0.15
+    with pytest.raises(ValueError, match="noise_std"):
+        degrade(x, op, -1.0)
+
+
+def test_named_regions_hide_a_band_where_faces_have_eyes_and_mouths():
+    shape = (1, 64, 64)
+    for region, rows in [("eyes", range(22, 32)), ("mouth", range(46, 56))]:
+        hidden = Inpaint.region(shape, region).mask[0] == 0
+        hidden_rows = hidden.any(1).nonzero().flatten().tolist()
+        assert set(hidden_rows) <= set(rows) and len(hidden_rows) >= 8, (region, hidden_rows)
+        assert 0.4 < hidden.any(0).float().mean() < 0.8  # across the middle of the face, not to the edges
+    assert torch.equal(Inpaint.region(shape, "centre", 0.3).mask, Inpaint.centre(shape, 0.3).mask)
+    with pytest.raises(ValueError, match="unknown region 'nose'"):
+        Inpaint.region(shape, "nose")
+
+
+def test_ssim_against_hand_checked_cases():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 16, 16, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(ssim(x, x), torch.ones(2, dtype=torch.float64))
+    flat_a, flat_b = torch.full((1, 1, 11, 11), 0.2), torch.full((1, 1, 11, 11), 0.6)
+    # constant images: the luminance term alone, (2ab + C1) / (a^2 + b^2 + C1)
+    c1 = 0.01**2
+    expected = (2 * 0.2 * 0.6 + c1) / (0.2**2 + 0.6**2 + c1)
+    assert ssim(flat_a, flat_b).item() == pytest.approx(expected, rel=1e-6)
+    assert ssim(1 - x, x).mean() < 0.0  # a negative image: structure reversed
+    with pytest.raises(ValueError, match="window"):
+        ssim(x[..., :8, :8], x[..., :8, :8])
+
+
+def test_ssim_matches_scikit_image():
+    metrics = pytest.importorskip("skimage.metrics")
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(2, 1, 24, 20, generator=g, dtype=torch.float64)
+    y = (x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(0, 1)
+    ours = ssim(y, x)
+    for i in range(2):
+        theirs = metrics.structural_similarity(y[i, 0].numpy(), x[i, 0].numpy(), gaussian_weights=True, sigma=1.5,
+                                               use_sample_covariance=False, data_range=1)
+        assert ours[i].item() == pytest.approx(theirs, abs=1e-9)
+
+
+def test_the_defaults_are_the_documented_ones():
+    assert (rs.DEFAULT_GAMMA, rs.DEFAULT_STEPS, rs.DEFAULT_INIT) == (1.5, 12, "zero")

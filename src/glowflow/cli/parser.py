@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 
 from .. import __version__
-from . import ablate, data, demo, edit, generate, models, prepare, score, train
+from . import ablate, data, demo, edit, generate, models, prepare, restore, score, train
 from .common import HelpFormatter
 
 __all__ = ["build_parser", "COMMAND_GROUPS"]
 
-COMMAND_GROUPS = (train, generate, edit, demo, ablate, data, score, prepare, models)
+COMMAND_GROUPS = (train, generate, edit, restore, demo, ablate, data, score, prepare, models)
 
 DESCRIPTION = """Glow (Kingma & Dhariwal, 2018): train a flow on images, read its exact likelihood,
 sample it and edit images through its latent space. With --json the last stdout line of every

@@ -17,6 +17,9 @@ API (all responses JSON):
   POST /api/upload       body: image file bytes -> {image (as the model sees it), reconstruction}
   POST /api/edit         {image, alphas: {name: a}, mix, blend, method, label, mix_label} -> {image}
   POST /api/sample       {n, temperature, seed, label} -> {images, seed, temperature, failed, warning}
+  POST /api/restore      {image, damage, mask, noise, seed} -> {observation, restored, uncertainty, psnr_db,
+                         observed_psnr_db, ssim, uncertainty_max, seconds}: damage the image (a named
+                         occlusion, a drawn mask, or noise), then restore it with the flow as the prior
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import logging
 import math
 import secrets
 import threading
+import time
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -36,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from .. import editing
+from .. import restore as rs
 from ..directions import Directions
 from ..images import DEFAULT_MAX_PIXELS, ImageError, load_image, png_bytes
 from . import MAX_UPLOAD_MB
@@ -77,6 +82,19 @@ class SampleRequest(BaseModel):
     temperature: float = Field(0.7, ge=0.0, le=2.0, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, lt=2**63)
     label: int | None = None
+
+
+class RestoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: str
+    damage: Literal["eyes", "mouth", "centre", "random", "drawn", "noise"] = "eyes"
+    mask: str | None = None  # damage "drawn": a PNG of the model's size, white where pixels are missing
+    noise: float = Field(0.1, ge=0.0, le=0.5, allow_inf_nan=False)  # damage "noise": its standard deviation
+    seed: int = Field(0, ge=0, lt=2**63)
+
+
+# How the demo restores: few enough steps to answer in seconds on a CPU (docs/restore.md)
+RESTORE_SETTINGS = {"views": 2, "steps": 10, "samples": 12}
 
 
 class DemoError(Exception):
@@ -232,7 +250,8 @@ def _parse(model_cls, body: bytes):
 def create_app(model, directions: Directions | None = None, test_images: torch.Tensor | None = None,
                test_names: list[str] | None = None, class_names: list[str] | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
-               alpha_max: float = 1.0, host: str | None = "127.0.0.1", port: int | None = None) -> FastAPI:
+               alpha_max: float = 1.0, host: str | None = "127.0.0.1", port: int | None = None,
+               restore_settings: dict | None = None) -> FastAPI:
     """The demo app for ``model`` (a trained, initialised Glow).
 
     ``directions``: the sliders. ``test_images`` ``[N, C, H, W]`` (uint8 or float in [0, 1]) with
@@ -240,7 +259,10 @@ def create_app(model, directions: Directions | None = None, test_images: torch.T
     class-conditional model. ``alpha_max``: the sliders' range is ``[-alpha_max, alpha_max]``, and
     the server refuses more. ``host``/``port``: where it is served; requests whose ``Host`` header
     names anything else are refused (:func:`host_check`); ``host=None`` answers any.
+    ``restore_settings``: the restore panel's ``views``, ``steps`` and ``samples``
+    (:data:`RESTORE_SETTINGS` by default).
     """
+    settings = {**RESTORE_SETTINGS, **(restore_settings or {})}
     model.require_initialized()
     if directions is not None and directions.num_dims != model.num_dims:
         raise ValueError(f"directions have dimension {directions.num_dims}, the model's latents "
@@ -370,7 +392,57 @@ def create_app(model, directions: Directions | None = None, test_images: torch.T
         return {"images": [data_url(img) for img in images], "seed": seed, "temperature": req.temperature,
                 "failed": failed, "warning": warning}
 
+    @app.post("/api/restore")
+    async def restore_panel(request: Request):
+        req = await _read_json(request, RestoreRequest, json_limit)
+        if model.config.num_classes:
+            raise DemoError(400, "restoring needs an unconditional model")
+        x = await run_in_threadpool(state.read_image, _decode_data_url(req.image, "image", max_upload_bytes), "image")
+        mask = None
+        if req.damage == "drawn":
+            if req.mask is None:
+                raise DemoError(400, "damage \"drawn\" needs the drawing: mask, a PNG white where pixels are missing")
+            picture = await run_in_threadpool(state.read_image, _decode_data_url(req.mask, "mask", max_upload_bytes),
+                                              "mask")
+            mask = (picture.mean(0) < 0.5).float()  # 1: observed
+            if mask.all():
+                raise DemoError(400, "the drawing covers no pixel: draw over the part of the image to hide")
+            if not mask.any():
+                raise DemoError(400, "the drawing covers the whole image: leave some of it to restore from")
+        elif req.mask is not None:
+            raise DemoError(400, "mask goes with damage \"drawn\" only")
+        return await run_in_threadpool(state.run, restore_image, model, x, req.damage, mask, req.noise, req.seed,
+                                       settings)
+
     return app
+
+
+def restore_image(model, x: torch.Tensor, damage: str, mask: torch.Tensor | None, noise: float, seed: int,
+                  settings: dict) -> dict:
+    """Damage one image ``[C, H, W]`` as asked, restore it (MAP over ``settings["views"]``, then
+    posterior samples for the uncertainty) and return the pictures and the scores."""
+    start = time.perf_counter()
+    shape = tuple(model.config.image_shape)
+    if damage == "noise":
+        op, sigma = rs.Denoise(shape), noise
+    else:
+        op = rs.Inpaint(shape, mask) if damage == "drawn" else rs.Inpaint.region(shape, damage, 0.3, seed)
+        sigma = rs.DEFAULT_NOISE["other"]
+    y = rs.degrade(x[None], op, sigma, seed)
+    with torch.enable_grad():
+        result = rs.restore(model, y, op, sigma, steps=settings["steps"], views=settings["views"], init="zero")
+        post = rs.posterior_samples(model, y, op, sigma, result.latents, num_samples=max(2, settings["samples"]),
+                                    seed=seed) if settings["samples"] else None
+    restored = result.images[0]
+    std = post.std[0] if post is not None else torch.zeros_like(restored)
+    top = float(std.max())
+    out = {"observation": data_url(y[0].clamp(0, 1)), "restored": data_url(restored),
+           "uncertainty": data_url(std / max(top, 1e-8)), "uncertainty_max": top,
+           "psnr_db": float(rs.psnr(restored[None], x[None])),
+           "observed_psnr_db": float(rs.psnr(y.clamp(0, 1), x[None])),
+           "ssim": float(rs.ssim(restored[None], x[None])) if min(shape[1:]) >= 11 else None}
+    out["seconds"] = round(time.perf_counter() - start, 2)
+    return out
 
 
 def bits_per_dim(model, x: torch.Tensor, label: int | None) -> float:
