@@ -192,7 +192,7 @@ def run_dataset(name, model, test, tune, tasks, args, mirror, log):
         row["seconds"] = round(time.perf_counter() - t0, 1)
         results.append(row)
         if args.pictures:
-            _picture(args.pictures / f"{name}-{task}-{severity.split()[-1].replace('%', '')}.png", op, y_test,
+            _picture(args.pictures / f"{name}-{task}-{_slug(severity)}.png", op, y_test,
                      restored, row, test, fn_best=classical(task, op, sigma)[best_classical],
                      best_kw=row["settings"][best_classical])
         log(f"{name} {task} {severity}: flow {row['methods']['flow']['psnr_db']:.2f} dB (gamma {gamma}), "
@@ -200,17 +200,18 @@ def run_dataset(name, model, test, tune, tasks, args, mirror, log):
     return results
 
 
+def _slug(severity: str) -> str:
+    """A severity's part of a picture's name: its first number ("40% of the pixels" -> "40"), or the
+    name itself ("eyes")."""
+    words = severity.split()
+    return next((w for w in words if any(ch.isdigit() for ch in w)), words[-1]).rstrip("%")
+
+
 def _picture(path, op, y, restored, row, test, fn_best, best_kw, n=6):
     """Rows: observation | best classical | flow | original, for the first n test images."""
     from glowflow.images import save_grid
     fn, _ = fn_best
-    if isinstance(op, rs.Downsample):
-        seen = torch.nn.functional.interpolate(y[:n], scale_factor=op.factor, mode="nearest")
-    elif isinstance(op, rs.CompressedSensing):
-        seen = op.naive(y[:n])
-    else:
-        seen = y[:n]
-    grid = torch.stack([seen.clamp(0, 1), fn(y[:n], **best_kw), restored[:n], test[:n]], 1).flatten(0, 1)
+    grid = torch.stack([op.picture(y[:n]), fn(y[:n], **best_kw), restored[:n], test[:n]], 1).flatten(0, 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_grid(grid, path, nrow=4, scale=4 if test.shape[-1] >= 64 else 6)
 

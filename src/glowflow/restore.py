@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["Operator", "Denoise", "Inpaint", "Downsample", "Blur", "CompressedSensing", "OPERATORS",
-           "make_operator", "degrade", "restore", "posterior_samples", "RestoreResult", "PosteriorResult", "psnr", "ssim",
+           "make_operator", "degrade", "restore", "posterior_steps", "posterior_samples", "RestoreResult", "PosteriorResult", "psnr", "ssim",
            "REGIONS", "View", "VIEWS",
            "PRIORS", "OPTIMIZERS", "INITS"]
 
@@ -54,6 +54,8 @@ DEFAULT_NOISE = {"denoise": 0.1, "other": 0.01}
 DEFAULT_GAMMA = 1.5
 DEFAULT_STEPS = 12
 DEFAULT_INIT = "zero"
+DEFAULT_THIN, DEFAULT_BURN_IN = 5, 50  # the Langevin sampler's: steps between kept samples, steps before
+SSIM_WINDOW = 11  # the side of SSIM's Gaussian window: smaller images have no SSIM
 
 
 # ----------------------------------------------------------------------------------- operators
@@ -92,6 +94,10 @@ class Operator:
 
     def observation_shape(self) -> tuple[int, ...]:
         return self.image_shape
+
+    def picture(self, y: torch.Tensor) -> torch.Tensor:
+        """Observations as images of the model's size to show beside the restoration, in [0, 1]."""
+        return y.clamp(0, 1)
 
     def check_images(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
@@ -241,6 +247,10 @@ class Downsample(Operator):
     def adjoint(self, y):
         return F.interpolate(y, scale_factor=self.factor, mode="nearest") / self.factor**2
 
+    def picture(self, y):
+        """The small image, enlarged pixel for pixel."""
+        return F.interpolate(y, scale_factor=self.factor, mode="nearest").clamp(0, 1)
+
     def naive(self, y):
         """Bicubic upsampling of the small image."""
         return F.interpolate(y, scale_factor=self.factor, mode="bicubic", align_corners=False).clamp(0, 1)
@@ -300,6 +310,10 @@ class CompressedSensing(Operator):
     def adjoint(self, y):
         return (y @ self.matrix.to(y)).view(-1, *self.image_shape)
 
+    def picture(self, y):
+        """The image the measurements give by least squares (:meth:`naive`)."""
+        return self.naive(y)
+
     def naive(self, y):
         """The least-squares solution of least norm, ``Phi^+ y``, around the mid-grey image."""
         phi = self.matrix.to(y)
@@ -309,12 +323,16 @@ class CompressedSensing(Operator):
         return x.view(-1, *self.image_shape).clamp(0, 1)
 
 
+def _check_noise_std(noise_std) -> None:
+    if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and 0 <= noise_std <= 1):
+        raise ValueError(f"noise_std must lie in [0, 1] (images in [0, 1]), got {noise_std!r}")
+
+
 def degrade(x: torch.Tensor, operator: Operator, noise_std: float, seed: int = 0) -> torch.Tensor:
     """An observation of clean images ``x``: ``A x`` plus Gaussian noise of ``noise_std`` drawn
     from ``seed`` (on the CPU, so every device draws the same noise). The missing pixels of an
     inpainting observation stay 0: nothing was observed there, not even noise."""
-    if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and 0 <= noise_std <= 1):
-        raise ValueError(f"noise_std must lie in [0, 1] (images in [0, 1]), got {noise_std!r}")
+    _check_noise_std(noise_std)
     clean = operator(x)
     noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     noise = (noise_std * noise).to(device=clean.device, dtype=clean.dtype)
@@ -395,8 +413,7 @@ def _problem(model, y, operator, noise_std):
         raise ValueError(f"the operator is for images {operator.image_shape}, the model takes "
                          f"{tuple(model.config.image_shape)}")
     operator.check_observation(y)
-    if not (isinstance(noise_std, (int, float)) and math.isfinite(noise_std) and 0 <= noise_std <= 1):
-        raise ValueError(f"noise_std must lie in [0, 1] (images in [0, 1]), got {noise_std!r}")
+    _check_noise_std(noise_std)
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     return (y.to(device=device, dtype=dtype), operator.to(device=device, dtype=dtype),
             _noise_floor(model, noise_std))
@@ -536,8 +553,14 @@ class PosteriorResult:
     step_size: torch.Tensor
 
 
+def posterior_steps(num_samples: int, thin: int = DEFAULT_THIN, burn_in: int = DEFAULT_BURN_IN) -> int:
+    """How many Langevin steps :func:`posterior_samples` takes for these settings (for progress)."""
+    return burn_in + num_samples * thin
+
+
 def posterior_samples(model, y: torch.Tensor, operator: Operator, noise_std: float, start: torch.Tensor,
-                      num_samples: int = 16, thin: int = 5, burn_in: int = 50, step_size: float = 1e-3,
+                      num_samples: int = 16, thin: int = DEFAULT_THIN, burn_in: int = DEFAULT_BURN_IN,
+                      step_size: float = 1e-3,
                       seed: int = 0, labels: torch.Tensor | None = None, progress=None) -> PosteriorResult:
     """Samples of ``p(z | y) ∝ N(y; A G(z), noise_std^2) N(z; 0, I)`` by the Metropolis-adjusted
     Langevin algorithm from latents ``start`` (the MAP estimate's), decoded to images.
@@ -575,7 +598,7 @@ def posterior_samples(model, y: torch.Tensor, operator: Operator, noise_std: flo
         h = torch.full((z.shape[0],), float(step_size), device=device, dtype=dtype)
         accepted = torch.zeros(z.shape[0], device=device, dtype=dtype)
         kept = []
-        total = burn_in + num_samples * thin
+        total = posterior_steps(num_samples, thin, burn_in)
         for k in range(total):
             noise = torch.randn(z.shape, generator=gen, device=device, dtype=dtype)
             hz = h[:, None]
@@ -625,12 +648,12 @@ def ssim(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"ssim: expected two [B, C, H, W] of one shape, got {list(x.shape)} and "
                          f"{list(reference.shape)}")
     c, h, w = x.shape[1:]
-    if min(h, w) < 11:
-        raise ValueError(f"ssim: images of {h}x{w} are smaller than its 11x11 window")
-    t = torch.arange(-5, 6, dtype=torch.float64)
+    if min(h, w) < SSIM_WINDOW:
+        raise ValueError(f"ssim: images of {h}x{w} are smaller than its {SSIM_WINDOW}x{SSIM_WINDOW} window")
+    t = torch.arange(-(SSIM_WINDOW // 2), SSIM_WINDOW // 2 + 1, dtype=torch.float64)
     k = torch.exp(-0.5 * (t / 1.5) ** 2)
     k = k / k.sum()
-    window = (k[:, None] * k[None, :])[None, None].expand(c, 1, 11, 11)
+    window = (k[:, None] * k[None, :])[None, None].expand(c, 1, SSIM_WINDOW, SSIM_WINDOW)
     a, b = x.double(), reference.double()
 
     def mean(v):

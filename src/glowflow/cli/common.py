@@ -126,6 +126,20 @@ def int_between(low: int, high: int | None, what: str):
     return parse
 
 
+def float_between(low: float, high: float, what: str, open_low: bool = False):
+    """An argparse type: a finite number in ``[low, high]`` (``(low, high]`` with ``open_low``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if open_low else value >= low) and value <= high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    parse.__name__ = what  # argparse names the type in its messages
+    return parse
+
+
 positive_int = int_between(1, None, "a positive integer")
 seed = int_between(0, 2**32 - 1, "a seed 0..4294967295")
 # nearest-neighbour enlargement of a picture: past this a 28x28 grid of 64 is already 100 megapixels

@@ -1,10 +1,8 @@
 """``glowflow demo``: serve the interactive latent-editing page for a checkpoint."""
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -14,7 +12,8 @@ from .. import data
 from ..checkpoint import CheckpointError
 from ..demo import MAX_UPLOAD_MB
 from ..images import ImageError, load_image
-from .common import add_checkpoint, add_dataset, add_deprecated, add_json, dataset_of, load_model, port, positive_int
+from .common import (add_checkpoint, add_dataset, add_deprecated, add_json, dataset_of, float_between, load_model, port,
+                     positive_int)
 from ..directions import load_directions
 
 
@@ -94,18 +93,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def upload_mb(text: str) -> float:
-    """An argparse type: a size in MB in ``(0, MAX_UPLOAD_MB]``."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value <= MAX_UPLOAD_MB:  # NaN fails too
-        raise argparse.ArgumentTypeError(f"expected a size in MB above 0 and at most {MAX_UPLOAD_MB}, got {text!r}")
-    return value
-
-
-upload_mb.__name__ = "a size in MB"  # argparse names the type in its messages
+upload_mb = float_between(0, MAX_UPLOAD_MB, f"a size in MB above 0 and at most {MAX_UPLOAD_MB}", open_low=True)
 
 
 def register(sub) -> None:

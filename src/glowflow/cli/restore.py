@@ -13,32 +13,17 @@ is a clean original: then glowflow makes the observation itself (the operator, t
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
 from .. import restore as rs
-from ..images import load_image, read_image, save_grid
-from ..numerics import to_unit
+from ..images import load_image, save_grid
 from ..progress import Progress
 from .common import (add_batch_size, add_checkpoint, add_json, add_no_progress, add_out, add_seed, emit,
-                     int_between, load_model, positive_int, resolve_positionals)
+                     float_between, int_between, load_model, positive_int, resolve_positionals)
 
 SCALE_DEFAULT = 4
-
-
-def _unit_float(low: float, high: float, what: str, open_low: bool = False):
-    def convert(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not (math.isfinite(value) and (value > low if open_low else value >= low) and value <= high):
-            raise ValueError(f"expected {what}, got {text!r}")
-        return value
-    convert.__name__ = what
-    return convert
 
 
 def _operator(args, shape) -> rs.Operator:
@@ -51,8 +36,7 @@ def _operator(args, shape) -> rs.Operator:
             raise ValueError("--task inpaint needs the missing pixels: --mask PNG (white where missing) or "
                              f"--region {{{','.join(rs.REGIONS)}}}")
         if args.mask is not None:
-            c, h, w = shape
-            mask = to_unit(torch.from_numpy(read_image(args.mask, 1, (h, w)).copy()))[0]
+            mask = load_image(args.mask, (1, *shape[1:]))[0]
             return rs.Inpaint(shape, (mask < 0.5).float())
         return rs.Inpaint.region(shape, args.region, args.fraction, args.seed)
     if task == "superres":
@@ -78,13 +62,7 @@ def _observations(args, model, op):
         originals = None
         observed = op.observation_shape()
         y = torch.stack([load_image(p, observed) for p in args.images])
-    if isinstance(op, rs.Downsample):  # the small image, enlarged to be seen beside the others
-        pictures = torch.nn.functional.interpolate(y, scale_factor=op.factor, mode="nearest")
-    elif isinstance(op, rs.CompressedSensing):  # the least-squares image the measurements give
-        pictures = op.naive(y)
-    else:
-        pictures = y
-    return y, originals, pictures.clamp(0, 1)
+    return y, originals, op.picture(y)
 
 
 def cmd_restore(args) -> int:
@@ -96,7 +74,7 @@ def cmd_restore(args) -> int:
     y, originals, pictures = _observations(args, model, op)
     n = y.shape[0]
     batches = [slice(i, min(i + args.batch_size, n)) for i in range(0, n, args.batch_size)]
-    work = args.views * args.steps + (args.samples * 5 + 50 if args.samples else 0)
+    work = args.views * args.steps + (rs.posterior_steps(args.samples) if args.samples else 0)
     bar = Progress(len(batches) * work, "restore", enabled=not args.no_progress, unit="step")
     restored, spread = [], []
     with bar:
@@ -134,7 +112,7 @@ def cmd_restore(args) -> int:
         if originals is not None:
             row["psnr_db"] = round(float(rs.psnr(restored[i:i + 1], originals[i:i + 1])), 3)
             row["observed_psnr_db"] = round(float(rs.psnr(pictures[i:i + 1], originals[i:i + 1])), 3)
-            if min(model.config.image_shape[1:]) >= 11:
+            if min(model.config.image_shape[1:]) >= rs.SSIM_WINDOW:
                 row["ssim"] = round(float(rs.ssim(restored[i:i + 1], originals[i:i + 1])), 4)
         if spread:
             row["mean_std"] = round(float(std[i].mean()), 5)
@@ -175,21 +153,21 @@ def register(sub) -> None:
     p.add_argument("--degrade", action="store_true",
                    help="IMAGE is a clean original: make the observation from it (the task's operator, then noise "
                         "of --noise drawn from --seed), restore, and report PSNR and SSIM against it")
-    p.add_argument("--noise", type=_unit_float(0, 1, "a noise level in [0, 1]"),
+    p.add_argument("--noise", type=float_between(0, 1, "a noise level in [0, 1]"),
                    help="standard deviation of the observation's Gaussian noise, for images in [0, 1] (default: "
                         f"{rs.DEFAULT_NOISE['denoise']} for denoise, {rs.DEFAULT_NOISE['other']} for the other tasks)")
     p.add_argument("--mask", type=Path, help="inpaint: a picture of the model's size, white where pixels are missing")
     p.add_argument("--region", choices=rs.REGIONS,
                    help="inpaint: the missing pixels by name (eyes and mouth for centred upright faces)")
-    p.add_argument("--fraction", type=_unit_float(0, 0.99, "a fraction in (0, 0.99]", open_low=True), default=0.3,
+    p.add_argument("--fraction", type=float_between(0, 0.99, "a fraction in (0, 0.99]", open_low=True), default=0.3,
                    help="inpaint --region centre or random: the share of pixels missing")
     p.add_argument("--factor", type=int_between(2, 16, "an integer 2..16"), default=2,
                    help="superres: how many times smaller the observation is")
-    p.add_argument("--blur", type=_unit_float(0, 16, "a blur in (0, 16] pixels", open_low=True), default=1.0,
+    p.add_argument("--blur", type=float_between(0, 16, "a blur in (0, 16] pixels", open_low=True), default=1.0,
                    help="deblur: standard deviation of the Gaussian blur in pixels")
-    p.add_argument("--ratio", type=_unit_float(0, 1, "a ratio in (0, 1]", open_low=True), default=0.4,
+    p.add_argument("--ratio", type=float_between(0, 1, "a ratio in (0, 1]", open_low=True), default=0.4,
                    help="cs: measurements as a share of the pixels")
-    p.add_argument("--gamma", type=_unit_float(0, 1e6, "a number >= 0"), default=rs.DEFAULT_GAMMA,
+    p.add_argument("--gamma", type=float_between(0, 1e6, "a number >= 0"), default=rs.DEFAULT_GAMMA,
                    help="weight of the prior ||z||^2/2 against the data misfit (1: the posterior's mode over latents)")
     p.add_argument("--prior", choices=rs.PRIORS, default="norm",
                    help="norm: gamma ||z||^2/2; likelihood: gamma times the image's exact -log p(x)")

@@ -436,11 +436,12 @@ def restore_image(model, x: torch.Tensor, damage: str, mask: torch.Tensor | None
     restored = result.images[0]
     std = post.std[0] if post is not None else torch.zeros_like(restored)
     top = float(std.max())
-    out = {"observation": data_url(y[0].clamp(0, 1)), "restored": data_url(restored),
+    seen = op.picture(y)
+    out = {"observation": data_url(seen[0]), "restored": data_url(restored),
            "uncertainty": data_url(std / max(top, 1e-8)), "uncertainty_max": top,
            "psnr_db": float(rs.psnr(restored[None], x[None])),
-           "observed_psnr_db": float(rs.psnr(y.clamp(0, 1), x[None])),
-           "ssim": float(rs.ssim(restored[None], x[None])) if min(shape[1:]) >= 11 else None}
+           "observed_psnr_db": float(rs.psnr(seen, x[None])),
+           "ssim": float(rs.ssim(restored[None], x[None])) if min(shape[1:]) >= rs.SSIM_WINDOW else None}
     out["seconds"] = round(time.perf_counter() - start, 2)
     return out
 
