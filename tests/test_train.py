@@ -674,3 +674,24 @@ def test_tensorboard_gets_the_scalars_and_the_sample_grid(tmp_path, monkeypatch)
     assert [(tag, step) for tag, _, step in logged["images"]] == [("samples", 2), ("samples", 4)]
     image = logged["images"][-1][1]
     assert image.dtype == torch.uint8 and image.dim() == 3 and image.shape[0] == 1
+
+
+def test_a_model_of_noisy_images_trains_on_seeded_noise_and_its_density_is_of_the_noisy_images(tmp_path):
+    from glowflow import numerics
+    cfg = tiny_cfg(max_steps=30, model={**TINY_MODEL, "noise_std": 0.1})
+    t, _ = run(cfg, tmp_path)
+    losses = [r["bits_per_dim"] for r in t.history if "bits_per_dim" in r]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2, losses
+    g = t.gaussian(3)
+    assert g.shape == (16, 1, 8, 8) and torch.equal(g, t.gaussian(3)) and not torch.equal(g, t.gaussian(4))
+    model = Glow.from_pretrained(tmp_path)
+    assert model.config.noise_std == 0.1
+    x = blobs(4, 2).batch(torch.arange(4)).double() / 255
+    model = model.double().eval()
+    u, gauss = torch.rand_like(x), torch.randn_like(x)
+    out = model(x, noise=u, gaussian=gauss)
+    noisy = numerics.dequantize(numerics.quantize(x, model.config.n_bits), model.config.n_bits,
+                                noise=u) + 0.1 * gauss
+    eps, logdet, _ = model._encode(noisy, None)
+    assert torch.allclose(out.log_prob, numerics.gaussian_log_prob(model._flatten(eps)) + logdet)
+    assert not torch.allclose(out.log_prob, model(x, noise=u, gaussian=torch.zeros_like(x)).log_prob)

@@ -70,6 +70,9 @@ class GlowConfig:
     attention_heads: int = 4  # its heads; they must divide hidden_channels
     gated_levels: int = 0  # the coarsest levels whose coupling networks gate in place of ReLU (0: none)
     logit_alpha: float = 0.0  # 0: the flow sees x - 0.5 (the paper); a in (0, 0.5): logit(a + (1 - 2a) x) (RealNVP)
+    # > 0: the model is of noisy images x + noise_std * n (n standard Gaussian, images in [0, 1]), the
+    # density whose score gives the posterior mean of a denoising (glowflow.restore.denoise); 0: of x
+    noise_std: float = 0.0
 
     def __post_init__(self):
         shape = self.image_shape
@@ -203,7 +206,7 @@ def _upgrade_glow_dict(d: dict) -> dict:
     return d
 
 
-_GLOW_BOUNDS = {"n_bits": (1, 8, "[]"), "num_classes": (1, None, "[)"),
+_GLOW_BOUNDS = {"n_bits": (1, 8, "[]"), "num_classes": (1, None, "[)"), "noise_std": (0, 1, "[]"),
                 "dequant_hidden_channels": (1, None, "[)"), "dequant_steps": (1, None, "[)")}
 
 

@@ -66,7 +66,8 @@ def score(model, images, labels: torch.Tensor | None = None, batch_size: int = 5
         logp = torch.zeros(len(x), dtype=torch.float64)
         for _ in range(draws):
             noise = torch.rand(x.shape, generator=gen)
-            out = model(x.to(device), y, noise=noise.to(device))
+            gaussian = torch.randn(x.shape, generator=gen).to(device) if model.config.noise_std else None
+            out = model(x.to(device), y, noise=noise.to(device), gaussian=gaussian)
             bpd += out.bits_per_dim.double().cpu()
             logp += out.log_prob.double().cpu()
         bpd_out.append(bpd / draws)

@@ -185,11 +185,16 @@ class Glow(nn.Module):
 
     # ------------------------------------------------------------------ public API
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None,
-                generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> GlowOutput:
+                generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                gaussian: torch.Tensor | None = None) -> GlowOutput:
         """The training objective's pieces for 8-bit images x in [0, 1]: quantised to n_bits, then
         dequantised with ``noise`` in [0, 1) (shape of x) or noise drawn from ``generator``: uniformly
         (``x_bins + noise``), or with ``dequantization="variational"`` through the learned q(u | x),
-        whose Gaussian noise is made from the same uniform draws."""
+        whose Gaussian noise is made from the same uniform draws.
+
+        A model of noisy images (``config.noise_std`` > 0) then adds ``noise_std`` times
+        ``gaussian`` (standard normal draws, shape of x) or draws from ``generator``: its density,
+        and so its bits/dim, is that of the noisy images."""
         x = self._check_images(x)
         n_bits = self.config.n_bits
         x_bins = numerics.quantize(x, n_bits)
@@ -203,6 +208,11 @@ class Glow(nn.Module):
             u, log_q = self.dequantizer(x_bins / numerics.n_bins(n_bits) - 0.5,
                                         gaussian_from_uniform(noise.to(device=x.device, dtype=x.dtype)))
             x = numerics.dequantize(x_bins, n_bits, noise=u)
+        if self.config.noise_std:
+            if gaussian is None:
+                gen_device = generator.device if generator is not None else x.device
+                gaussian = torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype)
+            x = x + self.config.noise_std * gaussian.to(device=x.device, dtype=x.dtype)
         y_onehot = self._onehot(y, x.shape[0])
         eps_list, logdet, z_top = self._encode(x, y_onehot)
         log_prob = numerics.gaussian_log_prob(self._flatten(eps_list)) + logdet
@@ -290,9 +300,10 @@ class Glow(nn.Module):
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor, y: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> None:
+                   generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
+                   gaussian: torch.Tensor | None = None) -> None:
         """Data-dependent init of every actnorm from one (preferably large) batch."""
-        self.forward(x, y, generator, noise)
+        self.forward(x, y, generator, noise, gaussian)
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, directory, card: Mapping | None = None) -> None:

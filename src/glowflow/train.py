@@ -41,6 +41,7 @@ STREAM_TRANSLATION = 1  # augment_shift
 STREAM_DEQUANTIZATION = 2  # the uniform noise added to the integer pixel values
 STREAM_FLIP = 3  # augment_flip
 STREAM_PERTURB = 4  # perturb_rate: which pixels are replaced, and by what
+STREAM_GAUSSIAN = 5  # a model of noisy images (model.noise_std): its Gaussian noise
 # The data-dependent init batch is drawn under seed + INIT_SEED_OFFSET, so it is not step 0's batch.
 INIT_SEED_OFFSET = 7919
 
@@ -238,11 +239,23 @@ class Trainer:
         to = lambda t: None if t is None else t.to(self.device)  # noqa: E731
         return to(x), to(y), to(noise)
 
+    def gaussian(self, step: int, batch_size: int | None = None, seed: int | None = None):
+        """A model of noisy images (``model.noise_std`` > 0): the standard normal draws of this
+        rank's slice of ``step``'s batch, drawn for the whole batch as :meth:`global_batch` draws;
+        None for a model of clean images."""
+        if not self.cfg.model.noise_std:
+            return None
+        n = batch_size or self.cfg.batch_size
+        seed = self.cfg.seed if seed is None else seed
+        shape = (n, *self.cfg.model.image_shape)
+        return torch.randn(shape, generator=step_generator(seed, step, STREAM_GAUSSIAN))[self.dist.shard(n)].to(self.device)
+
     def _data_dependent_init(self) -> None:
         n = min(self.cfg.init_batch_size, len(self.train_data))
         n -= n % self.dist.world_size
-        x, y, noise = self.global_batch(0, n, seed=self.cfg.seed + INIT_SEED_OFFSET)
-        self.model.initialize(x, y, noise=noise)
+        seed = self.cfg.seed + INIT_SEED_OFFSET
+        x, y, noise = self.global_batch(0, n, seed=seed)
+        self.model.initialize(x, y, noise=noise, gaussian=self.gaussian(0, n, seed=seed))
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
@@ -253,8 +266,10 @@ class Trainer:
         if not self.model.training:  # a walk over every module: only when something changed the mode
             self.model.train()
         x, y, noise = self.global_batch(step)
+        gaussian = self.gaussian(step)
+        noisy = {} if gaussian is None else {"gaussian": gaussian}  # a clean model's call is unchanged
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            out = self.train_model(x, y, noise=noise)
+            out = self.train_model(x, y, noise=noise, **noisy)
         bpd = out.bits_per_dim.float().mean()
         loss = bpd
         if out.class_logits is not None:
