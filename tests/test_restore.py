@@ -252,3 +252,63 @@ def test_ssim_matches_scikit_image():
 
 def test_the_defaults_are_the_documented_ones():
     assert (rs.DEFAULT_GAMMA, rs.DEFAULT_STEPS, rs.DEFAULT_INIT) == (1.5, 12, "zero")
+
+
+# ----------------------------------------------------------------------------------- Tweedie
+def _noisy_model(noise_std=0.1, seed=0):
+    torch.manual_seed(seed)
+    model = Glow(image_shape=SHAPE, levels=2, steps=2, hidden_channels=8, noise_std=noise_std).double()
+    model.initialize(torch.rand(16, *SHAPE, dtype=torch.float64))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def _log_density(model, u):
+    """log p_s(u) of noisy images u (any real values): what denoise differentiates."""
+    from glowflow import numerics
+    eps, logdet, _ = model._encode(u, None)
+    return numerics.gaussian_log_prob(model._flatten(eps)) + logdet
+
+
+def test_denoise_is_tweedies_formula_with_the_score_by_finite_differences():
+    model, s = _noisy_model(0.1), 0.1
+    y = _images(2) + s * torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    h, score = 1e-5, torch.zeros_like(y)
+    with torch.no_grad():
+        for i in range(y[0].numel()):
+            e = torch.zeros(y[0].numel(), dtype=torch.float64)
+            e[i] = h
+            e = e.view(1, *SHAPE)
+            score.view(2, -1)[:, i] = (_log_density(model, y + e) - _log_density(model, y - e)) / (2 * h)
+    expected = (y + s * s * score).clamp(0, 1)
+    assert torch.allclose(rs.denoise(model, y, views=1), expected, atol=1e-7)
+    # the views' average: each view's estimate in the image's own frame
+    mirrored = rs.denoise(model, y.flip(3), views=1).flip(3)
+    assert torch.allclose(rs.denoise(model, y, views=2), (expected + mirrored) / 2, atol=1e-7)
+
+
+def test_denoise_tops_up_quieter_observations_and_is_deterministic():
+    model = _noisy_model(0.2)
+    y = _images(2)
+    a, b = rs.denoise(model, y, noise_std=0.1, views=2, seed=3), rs.denoise(model, y, noise_std=0.1, views=2, seed=3)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, rs.denoise(model, y, noise_std=0.1, views=2, seed=4))  # the top-up is drawn
+    assert not torch.equal(a, rs.denoise(model, y, views=2))
+    assert torch.equal(rs.denoise(model, y, views=2, seed=1), rs.denoise(model, y, views=2, seed=2))  # none drawn
+
+
+def test_denoise_and_restore_refuse_the_wrong_model_or_noise():
+    clean, noisy = _model(), _noisy_model(0.1)
+    y = _images(1)
+    with pytest.raises(ValueError, match="model of noisy images"):
+        rs.denoise(clean, y, 0.1)
+    with pytest.raises(ValueError, match="cannot denoise noisier"):
+        rs.denoise(noisy, y, 0.2)
+    with pytest.raises(ValueError, match="views must be"):
+        rs.denoise(noisy, y, views=0)
+    with pytest.raises(ValueError, match="expected observations"):
+        rs.denoise(noisy, torch.rand(1, 1, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="of noisy images"):
+        restore(noisy, y, Denoise(SHAPE), 0.1, steps=1)

@@ -80,3 +80,29 @@ def test_flags_that_do_not_fit_are_refused_clearly(setup, capsys, flags, message
     except SystemExit as e:  # refused by the parser itself
         code, err = e.code, capsys.readouterr().err
     assert code == 2 and message in err, err
+
+
+def test_a_model_of_noisy_images_denoises_by_tweedie_and_refuses_other_tasks(setup, capsys):
+    from glowflow import Glow
+    g = torch.Generator().manual_seed(1)
+    model = Glow(image_shape=SHAPE, levels=2, steps=2, hidden_channels=8, noise_std=0.1)
+    model.initialize(0.25 + 0.5 * torch.rand(16, *SHAPE, generator=g))
+    model.save_pretrained(setup / "noisy-model")
+
+    def run(*argv):
+        code = main(["restore", str(setup / "noisy-model"), str(setup / "face0.png"), "--no-progress", "--json",
+                     "--out", str(setup / "tweedie"), *argv])
+        captured = capsys.readouterr()
+        return code, (json.loads(captured.out.strip().splitlines()[-1]) if code == 0 else captured.err)
+
+    code, result = run("--task", "denoise", "--degrade")
+    assert code == 0, result
+    assert result["method"] == "posterior mean (Tweedie)" and result["noise"] == 0.1 and result["views"] == 8
+    assert result["columns"] == ["observation", "restored", "original"] and "gamma" not in result
+    assert 5 < result["images"][0]["psnr_db"] < 60
+    code, err = run("--task", "inpaint", "--region", "eyes", "--degrade")
+    assert code != 0 and "denoises only" in err
+    code, err = run("--task", "denoise", "--degrade", "--samples", "4")
+    assert code != 0 and "posterior samples need a model of clean images" in err
+    code, err = run("--task", "denoise", "--degrade", "--noise", "0.2")
+    assert code != 0 and "cannot denoise noisier" in err

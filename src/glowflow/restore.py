@@ -12,6 +12,10 @@ flow maps standardised latents ``z`` to images ``x = G(z)`` one to one, so
   under the flow's unit Gaussian prior; a smaller ``gamma`` trusts the observation more.
   ``prior="likelihood"`` puts the image's exact negative log-density ``-log p(x)`` in place of the
   norm (the paper found the norm better: the density also rewards smooth, low-detail images).
+* :func:`denoise` gives the posterior mean ``E[x | y]`` of a denoising in one backward pass, by
+  Tweedie's formula, from a flow trained on noisy images (``noise_std`` in its config): no
+  optimisation, and the estimate that minimises the mean squared error where :func:`restore`'s
+  gives the mode.
 * :func:`posterior_samples` draws from ``p(z | y)`` itself with the Metropolis-adjusted Langevin
   algorithm, started at the MAP estimate: the samples' per-pixel standard deviation says where
   the restoration is unsure (inside a mask, at edges the noise hides). The posterior over latents
@@ -40,8 +44,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import numerics
+
 __all__ = ["Operator", "Denoise", "Inpaint", "Downsample", "Blur", "CompressedSensing", "OPERATORS",
-           "make_operator", "degrade", "restore", "posterior_steps", "posterior_samples", "RestoreResult", "PosteriorResult", "psnr", "ssim",
+           "make_operator", "degrade", "restore", "denoise", "posterior_steps", "posterior_samples", "RestoreResult", "PosteriorResult", "psnr", "ssim",
            "REGIONS", "View", "VIEWS",
            "PRIORS", "OPTIMIZERS", "INITS"]
 
@@ -412,6 +418,10 @@ def _problem(model, y, operator, noise_std):
     if tuple(operator.image_shape) != tuple(model.config.image_shape):
         raise ValueError(f"the operator is for images {operator.image_shape}, the model takes "
                          f"{tuple(model.config.image_shape)}")
+    if model.config.noise_std:
+        raise ValueError(f"this model is of noisy images (noise_std {model.config.noise_std}): as a prior it would "
+                         "put the noise back; denoise with glowflow.restore.denoise, restore with a model of "
+                         "clean images")
     operator.check_observation(y)
     _check_noise_std(noise_std)
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
@@ -537,6 +547,60 @@ def restore(model, y: torch.Tensor, operator: Operator, noise_std: float = 0.05,
         with torch.no_grad():
             misfit = (operator.forward(x) - y).flatten(1).pow(2).sum(1)
         return RestoreResult(x, first, misfit, first.pow(2).sum(1), history, stack)
+
+
+# ----------------------------------------------------------------------------------- Tweedie
+def denoise(model, y: torch.Tensor, noise_std: float | None = None, views: int = len(VIEWS), mirror: bool = True,
+            labels: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+    """The posterior mean ``E[x | y]`` of the images behind ``y = x + noise_std * n`` (``n``
+    standard Gaussian), from a model of noisy images (``model.config.noise_std`` = ``s`` > 0, trained
+    so: ``presets/orl-faces-64-denoise.json``), by Tweedie's formula (Robbins 1956; Efron 2011,
+    "Tweedie's formula and selection bias")::
+
+        E[x | y] = y + s^2 * grad_y log p_s(y)
+
+    where ``p_s`` is the density of noisy images, which the flow gives exactly and whose gradient
+    is one backward pass: no optimisation, and no choice of prior weight. It is the estimate with
+    the least mean squared error under the model (:func:`restore` gives the mode); its errors are
+    the model's, so the score is averaged over ``views`` (:class:`View`) as :func:`restore` averages
+    its estimates. ``noise_std`` (default: the model's ``s``) below ``s``: the observation's
+    noise is first topped up to ``s`` with ``sqrt(s^2 - noise_std^2)`` times Gaussian draws from
+    ``seed`` (a fresh draw per view), which gives up some of the observation's detail; above:
+    refused. Returns ``[B, C, H, W]`` clamped to [0, 1].
+    """
+    s = model.config.noise_std
+    if not s:
+        raise ValueError("denoise needs a model of noisy images (noise_std > 0 in its config, e.g. "
+                         "orl-faces-denoise); with a model of clean images use restore(..., Denoise(...))")
+    noise_std = s if noise_std is None else noise_std
+    _check_noise_std(noise_std)
+    if noise_std > s + 1e-12:
+        raise ValueError(f"this model is of images with noise {s}; it cannot denoise noisier observations "
+                         f"(noise_std {noise_std}): train one at that level (model.noise_std={noise_std})")
+    if not (isinstance(views, int) and 1 <= views <= len(VIEWS)):
+        raise ValueError(f"views must be an integer 1..{len(VIEWS)}, got {views!r}")
+    chosen = [v for v in VIEWS if mirror or not v.mirror][:views]
+    if len(chosen) < views:
+        raise ValueError(f"views must be at most {len(chosen)} without mirroring, got {views}")
+    Denoise(model.config.image_shape).check_observation(y)
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+    y = y.to(device=device, dtype=dtype)
+    condition = model._onehot(labels, y.shape[0])
+    top_up = math.sqrt(max(s * s - noise_std * noise_std, 0.0))
+    gen = torch.Generator().manual_seed(seed)
+    total = torch.zeros_like(y)
+    with _frozen(model):
+        for view in chosen:
+            seen = y
+            if top_up:
+                draw = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+                seen = y + top_up * draw.to(device=device, dtype=dtype)
+            u = view.inverse(seen).detach().requires_grad_(True)
+            eps, logdet, _ = model._encode(u, condition)
+            log_p = numerics.gaussian_log_prob(model._flatten(eps)) + logdet
+            grad, = torch.autograd.grad(log_p.sum(), u)
+            total += seen + s * s * view(grad)  # this view's E[x | seen]
+    return (total / len(chosen)).clamp(0, 1).detach()
 
 
 # ----------------------------------------------------------------------------------- posterior

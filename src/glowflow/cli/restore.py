@@ -1,7 +1,9 @@
 """``glowflow restore``: denoise, inpaint, super-resolve, deblur or compressed-sense images with the
-flow as the prior (:mod:`glowflow.restore`).
+flow as the prior (:mod:`glowflow.restore`); with a model of noisy images (orl-faces-denoise), the
+posterior mean of a denoising by Tweedie's formula (:func:`glowflow.restore.denoise`).
 
   glowflow restore orl-faces noisy.png --task denoise --noise 0.1 --out restored/
+  glowflow restore orl-faces-denoise noisy.png --task denoise --out restored/
   glowflow restore orl-faces face.png --task inpaint --mask hole.png --out restored/
   glowflow restore orl-faces small.png --task superres --factor 2 --out restored/
   glowflow restore orl-faces face.png --task inpaint --region eyes --degrade --out restored/
@@ -24,6 +26,7 @@ from .common import (add_batch_size, add_checkpoint, add_json, add_no_progress, 
                      float_between, int_between, load_model, positive_int, resolve_positionals)
 
 SCALE_DEFAULT = 4
+DEFAULT_VIEWS, DEFAULT_SAMPLES = 2, 16  # the MAP's (a model of noisy images: every view, no samples)
 
 
 def _operator(args, shape) -> rs.Operator:
@@ -67,14 +70,26 @@ def _observations(args, model, op):
 
 def cmd_restore(args) -> int:
     resolve_positionals(args)
-    if args.noise is None:
-        args.noise = rs.DEFAULT_NOISE["denoise" if args.task == "denoise" else "other"]
     model = load_model(args)
+    tweedie = bool(model.config.noise_std)  # a model of noisy images: the posterior mean by Tweedie's formula
+    if args.noise is None:
+        args.noise = model.config.noise_std if tweedie else rs.DEFAULT_NOISE["denoise" if args.task == "denoise"
+                                                                              else "other"]
+    if tweedie and args.task != "denoise":
+        raise ValueError(f"this model is of noisy images (noise_std {model.config.noise_std}): it denoises only; "
+                         f"for --task {args.task} use a model of clean images")
+    if tweedie and args.samples:
+        raise ValueError("--samples: posterior samples need a model of clean images; this one gives the "
+                         "posterior mean directly")
+    if args.views is None:
+        args.views = len(rs.VIEWS) if tweedie else DEFAULT_VIEWS
+    if args.samples is None:
+        args.samples = 0 if tweedie else DEFAULT_SAMPLES
     op = _operator(args, model.config.image_shape)
     y, originals, pictures = _observations(args, model, op)
     n = y.shape[0]
     batches = [slice(i, min(i + args.batch_size, n)) for i in range(0, n, args.batch_size)]
-    work = args.views * args.steps + (rs.posterior_steps(args.samples) if args.samples else 0)
+    work = 1 if tweedie else args.views * args.steps + (rs.posterior_steps(args.samples) if args.samples else 0)
     bar = Progress(len(batches) * work, "restore", enabled=not args.no_progress, unit="step")
     restored, spread = [], []
     with bar:
@@ -84,6 +99,11 @@ def cmd_restore(args) -> int:
             def progress(step, total, *_):
                 bar.update(done + step - bar.n)
 
+            if tweedie:
+                restored.append(rs.denoise(model, y[part], args.noise, views=args.views, mirror=not args.no_mirror,
+                                           seed=args.seed).cpu())
+                progress(1, 1)
+                continue
             result = rs.restore(model, y[part], op, args.noise, gamma=args.gamma, prior=args.prior, steps=args.steps,
                                 optimizer=args.optimizer, init=args.init, views=args.views,
                                 mirror=not args.no_mirror, progress=progress)
@@ -121,7 +141,10 @@ def cmd_restore(args) -> int:
     save_grid(strip, args.out / "strip.png", nrow=len(columns), scale=args.scale)
     heads = ["observation", "restored"] + (["uncertainty"] if spread else []) + (["original"] if originals is not None else [])
     result = {"task": args.task, "out": str(args.out), "strip": str(args.out / "strip.png"), "columns": heads,
-              "noise": args.noise, "gamma": args.gamma, "steps": args.steps, "views": args.views, "images": rows}
+              "noise": args.noise, "method": "posterior mean (Tweedie)" if tweedie else "MAP",
+              "views": args.views, "images": rows}
+    if not tweedie:
+        result.update(gamma=args.gamma, steps=args.steps)
     if std_max is not None:
         result["uncertainty_white_is_std"] = round(std_max, 5)
     if originals is not None:
@@ -155,7 +178,8 @@ def register(sub) -> None:
                         "of --noise drawn from --seed), restore, and report PSNR and SSIM against it")
     p.add_argument("--noise", type=float_between(0, 1, "a noise level in [0, 1]"),
                    help="standard deviation of the observation's Gaussian noise, for images in [0, 1] (default: "
-                        f"{rs.DEFAULT_NOISE['denoise']} for denoise, {rs.DEFAULT_NOISE['other']} for the other tasks)")
+                        f"{rs.DEFAULT_NOISE['denoise']} for denoise, {rs.DEFAULT_NOISE['other']} for the other tasks; a model "
+                        "of noisy images: its own noise_std)")
     p.add_argument("--mask", type=Path, help="inpaint: a picture of the model's size, white where pixels are missing")
     p.add_argument("--region", choices=rs.REGIONS,
                    help="inpaint: the missing pixels by name (eyes and mouth for centred upright faces)")
@@ -173,16 +197,17 @@ def register(sub) -> None:
                    help="norm: gamma ||z||^2/2; likelihood: gamma times the image's exact -log p(x)")
     p.add_argument("--iterations", dest="steps", type=positive_int, default=rs.DEFAULT_STEPS,
                    help="optimiser steps (per view)")
-    p.add_argument("--views", type=int_between(1, len(rs.VIEWS), f"an integer 1..{len(rs.VIEWS)}"), default=2,
+    p.add_argument("--views", type=int_between(1, len(rs.VIEWS), f"an integer 1..{len(rs.VIEWS)}"),
                    help="restore the image as it is and mirrored / shifted, and average (each view costs --iterations; "
-                        "docs/restore.md)")
+                        f"docs/restore.md; default {DEFAULT_VIEWS}, with a model of noisy images {len(rs.VIEWS)})")
     p.add_argument("--no-mirror", action="store_true",
                    help="views are shifts only: for images that are not left-right symmetric (shoes pointing one way)")
     p.add_argument("--optimizer", choices=rs.OPTIMIZERS, default="lbfgs", help="the MAP solver")
     p.add_argument("--init", choices=rs.INITS, default=rs.DEFAULT_INIT,
                    help="start from the latent of the naive estimate, or from the mean latent")
-    p.add_argument("--samples", type=int_between(0, 1000, "an integer 0..1000"), default=16,
-                   help="posterior samples (Langevin) for the uncertainty column; 0 leaves it out")
+    p.add_argument("--samples", type=int_between(0, 1000, "an integer 0..1000"), 
+                   help=f"posterior samples (Langevin) for the uncertainty column; 0 leaves it out (default {DEFAULT_SAMPLES}; "
+                        "none with a model of noisy images)")
     add_seed(p, "the noise --degrade adds, the random mask or measurements, and the posterior samples")
     add_batch_size(p, 16, "images restored together (bounds memory)")
     p.add_argument("--scale", type=int_between(1, 16, "an integer 1..16"), default=SCALE_DEFAULT,
