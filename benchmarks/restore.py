@@ -10,6 +10,9 @@ restored by
   ``--views`` views (mirrored and shifted, :class:`glowflow.restore.View`; Fashion-MNIST, whose
   shoes all point one way, is not mirrored), its prior weight ``gamma`` chosen per task and
   severity on ``--tune-images`` training images;
+* denoising, with ``--faces-denoiser``: the posterior mean by Tweedie's formula
+  (:func:`glowflow.restore.denoise`, every view) from that model of noisy faces, at the noise
+  levels up to its own;
 * denoising: scikit-image's ``denoise_nl_means``, ``denoise_wavelet`` and ``denoise_tv_chambolle``
   and BM3D (the ``bm3d`` wheel, where it installs), each with its parameters chosen on
   ``--tune-images`` training images (never the test ones);
@@ -23,6 +26,7 @@ clean image, per image, their means and standard errors; per task, the best clas
 the flow's margin over it.
 
     .venv/bin/python benchmarks/restore.py --faces orl-faces --faces-data data/orl-faces \\
+        --faces-denoiser orl-faces-denoise \\
         --fashion fashion-mnist --fashion-data /usr/share/datasets/fashion-mnist \\
         --out benchmarks/results/restore.json
     .venv/bin/python benchmarks/restore.py --faces orl-faces --faces-data data/orl-faces --quick
@@ -68,6 +72,8 @@ FACE_TASKS = [
 ]
 FASHION_TASKS = [t for t in FACE_TASKS if (t[0], t[1]) in {("denoise", "sigma 0.1"), ("inpaint", "centre 30%"),
                                                            ("superres", "x2")}]
+TWEEDIE = "flow (posterior mean)"  # a model of noisy images, Tweedie's formula
+FLOW_METHODS = ("flow", TWEEDIE)
 GAMMAS = {"denoise": (1.0, 1.5, 2.5), "inpaint": (0.1, 0.3, 1.0), "superres": (0.1, 0.3, 1.0),
           "cs": (0.1, 0.3, 1.0)}
 
@@ -163,7 +169,10 @@ def flow_restore(model, y, op, sigma, gamma, views, mirror, batch):
     return torch.cat(out)
 
 
-def run_dataset(name, model, test, tune, tasks, args, mirror, log):
+def run_dataset(name, model, test, tune, tasks, args, mirror, log, denoiser=None):
+    """Each task's row: every method's scores on ``test``, the settings each was tuned to, the best
+    of the flow's estimates against the best classical one. ``denoiser``: a model of noisy images
+    for the denoising rows (Tweedie's posterior mean)."""
     results = []
     shape = tuple(model.config.image_shape)
     for k, (task, severity, make, sigma) in enumerate(tasks):
@@ -184,18 +193,28 @@ def run_dataset(name, model, test, tune, tasks, args, mirror, log):
         restored = flow_restore(model, y_test, op, sigma, gamma, args.views, mirror, args.batch_size)
         row["methods"]["flow"] = scores(restored, test)
         row["settings"]["flow"] = {"gamma": gamma, "views": args.views, "mirror": mirror, "steps": rs.DEFAULT_STEPS}
-        classical_names = [m for m in row["methods"] if m != "flow"]
+        if task == "denoise" and denoiser is not None and sigma <= denoiser.config.noise_std:
+            tweedie = torch.cat([rs.denoise(denoiser, y_test[i:i + args.batch_size], sigma, mirror=mirror, seed=k)
+                                 for i in range(0, len(y_test), args.batch_size)])
+            row["methods"][TWEEDIE] = scores(tweedie, test)
+            row["settings"][TWEEDIE] = {"model": args.faces_denoiser, "model_noise_std": denoiser.config.noise_std,
+                                        "views": len(rs.VIEWS) if mirror else len(rs.VIEWS) // 2}
+            if row["methods"][TWEEDIE]["psnr_db"] > row["methods"]["flow"]["psnr_db"]:
+                restored = tweedie
+        flows = [m for m in row["methods"] if m in FLOW_METHODS]
+        classical_names = [m for m in row["methods"] if m not in FLOW_METHODS]
+        best_flow = max(flows, key=lambda m: row["methods"][m]["psnr_db"])
         best_classical = max(classical_names, key=lambda m: row["methods"][m]["psnr_db"])
-        row["best_classical"] = best_classical
-        row["flow_margin_db"] = round(row["methods"]["flow"]["psnr_db"] - row["methods"][best_classical]["psnr_db"], 3)
-        row["flow_margin_ssim"] = round(row["methods"]["flow"]["ssim"] - row["methods"][best_classical]["ssim"], 4)
+        row["best_flow"], row["best_classical"] = best_flow, best_classical
+        row["flow_margin_db"] = round(row["methods"][best_flow]["psnr_db"] - row["methods"][best_classical]["psnr_db"], 3)
+        row["flow_margin_ssim"] = round(row["methods"][best_flow]["ssim"] - row["methods"][best_classical]["ssim"], 4)
         row["seconds"] = round(time.perf_counter() - t0, 1)
         results.append(row)
         if args.pictures:
             _picture(args.pictures / f"{name}-{task}-{_slug(severity)}.png", op, y_test,
                      restored, row, test, fn_best=classical(task, op, sigma)[best_classical],
                      best_kw=row["settings"][best_classical])
-        log(f"{name} {task} {severity}: flow {row['methods']['flow']['psnr_db']:.2f} dB (gamma {gamma}), "
+        log(f"{name} {task} {severity}: {best_flow} {row['methods'][best_flow]['psnr_db']:.2f} dB (gamma {gamma}), "
             f"{best_classical} {row['methods'][best_classical]['psnr_db']:.2f} dB, {row['seconds']} s")
     return results
 
@@ -220,6 +239,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--faces", help="an orl-faces model (a name or a run)")
     p.add_argument("--faces-data", default="data/orl-faces")
+    p.add_argument("--faces-denoiser", help="a model of noisy faces (orl-faces-denoise): the denoising rows also "
+                                            "get its posterior mean")
     p.add_argument("--fashion", help="a Fashion-MNIST model (a name or a run)")
     p.add_argument("--fashion-data", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--limit", type=int, default=40, help="test images per dataset")
@@ -260,8 +281,12 @@ def main(argv=None):
         if args.quick:
             seen = set()
             tasks = [t for t in tasks if not (t[0] in seen or seen.add(t[0]))]
+        denoiser = (Glow.from_pretrained(args.faces_denoiser).eval()
+                    if name == "orl-faces" and args.faces_denoiser else None)
         report["datasets"][name] = {"model": model_id, "test_images": len(test), "tune_images": len(tune),
-                                    "tasks": run_dataset(name, model, test, tune, tasks, args, mirror, log)}
+                                    "tasks": run_dataset(name, model, test, tune, tasks, args, mirror, log, denoiser)}
+        if denoiser is not None:
+            report["datasets"][name]["denoiser"] = args.faces_denoiser
     report["seconds"] = round(time.perf_counter() - t0, 1)
     text = json.dumps(report, indent=1)
     if args.out:
