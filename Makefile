@@ -196,6 +196,13 @@ pretrained: setup data faces
 	  --train-command "make pretrained" \
 	  --data-licence "The Database of Faces, AT&T Laboratories Cambridge: free for research, with acknowledgement" \
 	  --acknowledgement "AT&T Laboratories Cambridge; Samaria & Harter 1994"
+	$(GLOWFLOW) train --preset orl-faces-64-denoise --data $(FACES_DATA) --out $(PRETRAINED)/orl-faces-denoise \
+	  --set max_minutes=null --resume --json
+	$(PACKAGE) orl-faces-denoise $(PRETRAINED)/orl-faces-denoise --dataset orl-faces --data $(FACES_DATA) \
+	  --description "a model of noisy faces for denoising (glowflow restore orl-faces-denoise, glowflow.restore.denoise): the orl-faces-64-denoise preset (L=4, K=16, width 64, 8-bit 64x64, Gaussian noise 0.1 added to every training image), 1,500 steps; its bits/dim are those of the noisy faces" \
+	  --train-command "make pretrained" \
+	  --data-licence "The Database of Faces, AT&T Laboratories Cambridge: free for research, with acknowledgement" \
+	  --acknowledgement "AT&T Laboratories Cambridge; Samaria & Harter 1994"
 	$(GLOWFLOW) train --preset fashion-mnist-cpu-background --data $(FMNIST) \
 	  --out $(PRETRAINED)/fashion-mnist-background --resume --json
 	$(PACKAGE) fashion-mnist-background $(PRETRAINED)/fashion-mnist-background --dataset fashion-mnist \

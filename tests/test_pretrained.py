@@ -21,7 +21,7 @@ DATA = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist"), "orl-faces":
 def test_at_least_one_model_ships_and_the_package_stays_small():
     assert MODELS, "no trained model in src/glowflow/weights (make pretrained)"
     size = sum(f.stat().st_size for f in pretrained.WEIGHTS_DIR.rglob("*") if f.is_file())
-    assert size < 9e6  # the wheel stays under 10 MB
+    assert size < 14e6  # the wheel stays under 15 MB
 
 
 @pytest.mark.parametrize("name", MODELS)
