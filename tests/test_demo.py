@@ -494,6 +494,36 @@ def test_restore_api_damages_restores_and_refuses_bad_requests(demo):
         assert res.status_code == status and message in res.json()["error"], (payload, res.text)
 
 
+def test_restore_api_denoises_with_a_model_of_noisy_images_up_to_its_level(demo):
+    """With a denoiser, noise up to its level is its posterior mean (exactly restore.denoise's),
+    noisier observations and occlusions stay the MAP under the model; a denoiser of clean images
+    or of other images is refused when the app is made."""
+    from glowflow import GlowConfig
+    from glowflow import restore as rs
+    from glowflow.demo.server import data_url
+    _, model, _, x = demo
+    denoiser = Glow(GlowConfig(**{**model.config.to_dict(), "noise_std": 0.1}))
+    denoiser.load_state_dict(model.state_dict())
+    app = create_app(model, denoiser=denoiser, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS)
+    image = "data:image/png;base64," + base64.b64encode(png_bytes(x[7])).decode()
+    with running(app) as url:
+        post = lambda **kw: httpx.post(url + "/api/restore", json={"image": image, **kw}, timeout=60).json()  # noqa: E731
+        body = post(damage="noise", noise=0.05, seed=3)
+        assert body["method"] == "posterior mean" and body["uncertainty_max"] == 0, body
+        original = _image(image)
+        y = rs.degrade(original[None], rs.Denoise(SHAPE), 0.05, seed=3)
+        with torch.enable_grad():
+            expected = rs.denoise(denoiser, y, 0.05, seed=3)[0]
+        assert body["restored"] == data_url(expected)
+        assert post(damage="noise", noise=0.2)["method"] == "map"
+        assert post(damage="eyes")["method"] == "map"
+    with pytest.raises(ValueError, match="model of noisy images"):
+        create_app(model, denoiser=model)
+    other = Glow(GlowConfig(**{**model.config.to_dict(), "noise_std": 0.1, "image_shape": (1, 16, 16)}))
+    with pytest.raises(ValueError, match="of the model's images"):
+        create_app(model, denoiser=other)
+
+
 # --------------------------------------------------------------------------------------- hardening
 
 def test_host_header_must_name_the_served_address(demo):

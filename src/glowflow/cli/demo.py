@@ -10,6 +10,7 @@ import torch
 
 from .. import data
 from ..checkpoint import CheckpointError
+from ..model import Glow
 from ..demo import MAX_UPLOAD_MB
 from ..images import ImageError, load_image
 from .common import (add_checkpoint, add_dataset, add_deprecated, add_json, dataset_of, float_between, load_model, port,
@@ -32,9 +33,11 @@ def cmd_demo(args) -> int:
         print(f"note: {e}; the page will have no attribute sliders", file=sys.stderr)
         directions = None
     test_images, test_names, class_names = demo_test_images(model, args)
+    denoiser = (Glow.from_pretrained(args.denoiser, map_location=next(model.parameters()).device)
+                if args.denoiser is not None else None)
     app = create_app(model, directions, test_images, test_names, class_names,
                      max_upload_bytes=int(args.max_upload_mb * 2**20), alpha_max=args.alpha_max,
-                     host=args.host, port=args.port)  # the app answers only requests for this address
+                     host=args.host, port=args.port, denoiser=denoiser)  # the app answers only requests for this address
     if not is_loopback(args.host):
         print(f"warning: serving on {args.host}, reachable from other machines; the demo has no "
               "authentication", file=sys.stderr)
@@ -117,5 +120,7 @@ def register(sub) -> None:
                         "of the test images stay valid; the server refuses more")
     p.add_argument("--max-upload-mb", type=upload_mb, default=4.0,
                    help=f"largest image a request may upload, in MB, at most {MAX_UPLOAD_MB} (default 4)")
+    p.add_argument("--denoiser", type=Path, help="a model of noisy images (the shipped orl-faces-denoise): the "
+                   "restore panel denoises noise up to its level with it (its posterior mean, in seconds)")
     add_json(p)
     p.set_defaults(func=cmd_demo)

@@ -18,8 +18,9 @@ API (all responses JSON):
   POST /api/edit         {image, alphas: {name: a}, mix, blend, method, label, mix_label} -> {image}
   POST /api/sample       {n, temperature, seed, label} -> {images, seed, temperature, failed, warning}
   POST /api/restore      {image, damage, mask, noise, seed} -> {observation, restored, uncertainty, psnr_db,
-                         observed_psnr_db, ssim, uncertainty_max, seconds}: damage the image (a named
-                         occlusion, a drawn mask, or noise), then restore it with the flow as the prior
+                         observed_psnr_db, ssim, uncertainty_max, method, seconds}: damage the image (a
+                         named occlusion, a drawn mask, or noise), then restore it with the flow as the
+                         prior (method "map"), or denoise it with a model of noisy images ("posterior mean")
 """
 from __future__ import annotations
 
@@ -251,7 +252,7 @@ def create_app(model, directions: Directions | None = None, test_images: torch.T
                test_names: list[str] | None = None, class_names: list[str] | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                alpha_max: float = 1.0, host: str | None = "127.0.0.1", port: int | None = None,
-               restore_settings: dict | None = None) -> FastAPI:
+               restore_settings: dict | None = None, denoiser=None) -> FastAPI:
     """The demo app for ``model`` (a trained, initialised Glow).
 
     ``directions``: the sliders. ``test_images`` ``[N, C, H, W]`` (uint8 or float in [0, 1]) with
@@ -260,10 +261,25 @@ def create_app(model, directions: Directions | None = None, test_images: torch.T
     the server refuses more. ``host``/``port``: where it is served; requests whose ``Host`` header
     names anything else are refused (:func:`host_check`); ``host=None`` answers any.
     ``restore_settings``: the restore panel's ``views``, ``steps`` and ``samples``
-    (:data:`RESTORE_SETTINGS` by default).
+    (:data:`RESTORE_SETTINGS` by default). ``denoiser``: a model of noisy images of the same shape
+    (``noise_std`` > 0 in its config, e.g. ``orl-faces-denoise``); the restore panel then denoises
+    noise up to its level with it (:func:`glowflow.restore.denoise`: the posterior mean, in a
+    second or two) instead of the MAP estimate under ``model``.
     """
     settings = {**RESTORE_SETTINGS, **(restore_settings or {})}
     model.require_initialized()
+    if denoiser is not None:
+        if not denoiser.config.noise_std:
+            raise ValueError("the denoiser must be a model of noisy images (noise_std > 0 in its config, "
+                             "e.g. orl-faces-denoise)")
+        if tuple(denoiser.config.image_shape) != tuple(model.config.image_shape) or denoiser.config.num_classes:
+            raise ValueError(f"the denoiser must be an unconditional model of the model's images "
+                             f"{list(model.config.image_shape)}, got {list(denoiser.config.image_shape)}"
+                             + (" (class-conditional)" if denoiser.config.num_classes else ""))
+        denoiser.require_initialized()
+        denoiser.eval()
+        for p in denoiser.parameters():
+            p.requires_grad_(False)
     if directions is not None and directions.num_dims != model.num_dims:
         raise ValueError(f"directions have dimension {directions.num_dims}, the model's latents "
                          f"{model.num_dims}")
@@ -412,15 +428,16 @@ def create_app(model, directions: Directions | None = None, test_images: torch.T
         elif req.mask is not None:
             raise DemoError(400, "mask goes with damage \"drawn\" only")
         return await run_in_threadpool(state.run, restore_image, model, x, req.damage, mask, req.noise, req.seed,
-                                       settings)
+                                       settings, denoiser)
 
     return app
 
 
 def restore_image(model, x: torch.Tensor, damage: str, mask: torch.Tensor | None, noise: float, seed: int,
-                  settings: dict) -> dict:
+                  settings: dict, denoiser=None) -> dict:
     """Damage one image ``[C, H, W]`` as asked, restore it (MAP over ``settings["views"]``, then
-    posterior samples for the uncertainty) and return the pictures and the scores."""
+    posterior samples for the uncertainty; noise up to the ``denoiser``'s level: its posterior mean,
+    which has no uncertainty map) and return the pictures and the scores."""
     start = time.perf_counter()
     shape = tuple(model.config.image_shape)
     if damage == "noise":
@@ -429,11 +446,15 @@ def restore_image(model, x: torch.Tensor, damage: str, mask: torch.Tensor | None
         op = rs.Inpaint(shape, mask) if damage == "drawn" else rs.Inpaint.region(shape, damage, 0.3, seed)
         sigma = rs.DEFAULT_NOISE["other"]
     y = rs.degrade(x[None], op, sigma, seed)
+    tweedie = damage == "noise" and denoiser is not None and sigma <= denoiser.config.noise_std
     with torch.enable_grad():
-        result = rs.restore(model, y, op, sigma, steps=settings["steps"], views=settings["views"], init="zero")
-        post = rs.posterior_samples(model, y, op, sigma, result.latents, num_samples=max(2, settings["samples"]),
-                                    seed=seed) if settings["samples"] else None
-    restored = result.images[0]
+        if tweedie:
+            restored, post = rs.denoise(denoiser, y, sigma, seed=seed)[0], None
+        else:
+            result = rs.restore(model, y, op, sigma, steps=settings["steps"], views=settings["views"], init="zero")
+            post = rs.posterior_samples(model, y, op, sigma, result.latents, num_samples=max(2, settings["samples"]),
+                                        seed=seed) if settings["samples"] else None
+            restored = result.images[0]
     std = post.std[0] if post is not None else torch.zeros_like(restored)
     top = float(std.max())
     seen = op.picture(y)
@@ -441,7 +462,8 @@ def restore_image(model, x: torch.Tensor, damage: str, mask: torch.Tensor | None
            "uncertainty": data_url(std / max(top, 1e-8)), "uncertainty_max": top,
            "psnr_db": float(rs.psnr(restored[None], x[None])),
            "observed_psnr_db": float(rs.psnr(seen, x[None])),
-           "ssim": float(rs.ssim(restored[None], x[None])) if min(shape[1:]) >= rs.SSIM_WINDOW else None}
+           "ssim": float(rs.ssim(restored[None], x[None])) if min(shape[1:]) >= rs.SSIM_WINDOW else None,
+           "method": "posterior mean" if tweedie else "map"}
     out["seconds"] = round(time.perf_counter() - start, 2)
     return out
 
