@@ -308,6 +308,11 @@ def test_denoise_and_restore_refuse_the_wrong_model_or_noise():
         rs.denoise(noisy, y, 0.2)
     with pytest.raises(ValueError, match="views must be"):
         rs.denoise(noisy, y, views=0)
+    with pytest.raises(ValueError, match="without mirroring"):
+        rs.denoise(noisy, y, views=5, mirror=False)
+    # by default every view allowed: all 8, or the 4 unmirrored ones
+    assert torch.equal(rs.denoise(noisy, y), rs.denoise(noisy, y, views=len(rs.VIEWS)))
+    assert torch.equal(rs.denoise(noisy, y, mirror=False), rs.denoise(noisy, y, views=4, mirror=False))
     with pytest.raises(ValueError, match="expected observations"):
         rs.denoise(noisy, torch.rand(1, 1, 4, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="of noisy images"):

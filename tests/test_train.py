@@ -695,3 +695,11 @@ def test_a_model_of_noisy_images_trains_on_seeded_noise_and_its_density_is_of_th
     eps, logdet, _ = model._encode(noisy, None)
     assert torch.allclose(out.log_prob, numerics.gaussian_log_prob(model._flatten(eps)) + logdet)
     assert not torch.allclose(out.log_prob, model(x, noise=u, gaussian=torch.zeros_like(x)).log_prob)
+    # log_prob is that density at any noisy image, inside [0, 1] or not; a model of clean images refuses
+    assert noisy.min() < 0 or noisy.max() > 1
+    assert torch.allclose(model.log_prob(noisy), out.log_prob)
+    from glowflow import GlowConfig
+    clean = Glow(GlowConfig(**{**model.config.to_dict(), "noise_std": 0.0})).double()
+    clean.load_state_dict(model.state_dict())
+    with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
+        clean.log_prob(noisy)

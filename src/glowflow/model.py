@@ -108,7 +108,9 @@ class Glow(nn.Module):
         p = next(self.parameters())
         return p.dtype, p.device
 
-    def _check_images(self, x: torch.Tensor, name: str = "x") -> torch.Tensor:
+    def _check_images(self, x: torch.Tensor, name: str = "x", any_values: bool = False) -> torch.Tensor:
+        """``x`` checked (shape, float, finite, values in [0, 1] unless ``any_values``) and moved to
+        the model's dtype and device."""
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor [B, C, H, W], got {type(x).__name__}")
         expected = tuple(self.config.image_shape)
@@ -123,7 +125,7 @@ class Glow(nn.Module):
         if not torch.isfinite(x).all():
             raise ValueError(f"{name} contains NaN or inf")
         lo, hi = float(x.detach().min()), float(x.detach().max())
-        if lo < 0.0 or hi > 1.0:
+        if not any_values and (lo < 0.0 or hi > 1.0):
             raise ValueError(f"{name} must have values in [0, 1], got min {lo:.4g}, max {hi:.4g}")
         dtype, device = self._dtype_device()
         return x.to(device=device, dtype=dtype)
@@ -221,8 +223,10 @@ class Glow(nn.Module):
         return GlowOutput(bpd, log_prob, logits, log_q)
 
     def log_prob(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Log-density in nats of continuous images x in [0,1]^D: [B, C, H, W] -> [B]."""
-        x = self._check_images(x)
+        """Log-density in nats of continuous images x in [0,1]^D: [B, C, H, W] -> [B]. A model of
+        noisy images (``config.noise_std`` > 0) is a density of noisy images, which leave [0, 1]: it
+        takes any finite values."""
+        x = self._check_images(x, any_values=bool(self.config.noise_std))
         eps_list, logdet, _ = self._encode(x, self._onehot(y, x.shape[0]))
         return numerics.gaussian_log_prob(self._flatten(eps_list)) + logdet
 

@@ -44,10 +44,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import numerics
-
 __all__ = ["Operator", "Denoise", "Inpaint", "Downsample", "Blur", "CompressedSensing", "OPERATORS",
-           "make_operator", "degrade", "restore", "denoise", "posterior_steps", "posterior_samples", "RestoreResult", "PosteriorResult", "psnr", "ssim",
+           "make_operator", "degrade", "restore", "denoise", "view_list", "posterior_steps", "posterior_samples", "RestoreResult", "PosteriorResult", "psnr", "ssim",
            "REGIONS", "View", "VIEWS",
            "PRIORS", "OPTIMIZERS", "INITS"]
 
@@ -445,7 +443,7 @@ def _frozen(model):
         model.train(was_training)
 
 
-def _check_solver(gamma, prior, optimizer, init, steps, views):
+def _check_solver(gamma, prior, optimizer, init, steps):
     if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 0):
         raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
     if prior not in PRIORS:
@@ -456,8 +454,19 @@ def _check_solver(gamma, prior, optimizer, init, steps, views):
         raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
     if not (isinstance(steps, int) and steps >= 1):
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
+
+
+def view_list(views: int | None = None, mirror: bool = True) -> list:
+    """The first ``views`` of :data:`VIEWS` (every one allowed when None), the mirrored ones only
+    with ``mirror``: the views :func:`restore` and :func:`denoise` average over."""
+    if views is None:
+        return [v for v in VIEWS if mirror or not v.mirror]
     if not (isinstance(views, int) and 1 <= views <= len(VIEWS)):
         raise ValueError(f"views must be an integer 1..{len(VIEWS)}, got {views!r}")
+    chosen = [v for v in VIEWS if mirror or not v.mirror][:views]
+    if len(chosen) < views:
+        raise ValueError(f"views must be at most {len(chosen)} without mirroring, got {views}")
+    return chosen
 
 
 def _solve(model, y, operator, sigma, gamma, prior, steps, optimizer, lr, z0, labels, view, progress):
@@ -521,13 +530,11 @@ def restore(model, y: torch.Tensor, operator: Operator, noise_std: float = 0.05,
     ``progress``, a callable ``(step, total, objective)``, is told after each step of each view.
     """
     y, operator, sigma = _problem(model, y, operator, noise_std)
-    _check_solver(gamma, prior, optimizer, init, steps, views)
+    _check_solver(gamma, prior, optimizer, init, steps)
+    chosen = view_list(views, mirror)
     dtype, device = y.dtype, y.device
     with _frozen(model):
         images, first, history = [], None, []
-        chosen = [v for v in VIEWS if mirror or not v.mirror][:views]
-        if len(chosen) < views:
-            raise ValueError(f"views must be at most {len(chosen)} without mirroring, got {views}")
         for k, view in enumerate(chosen):
             with torch.no_grad():
                 z0 = (model.encode(view.inverse(operator.naive(y)), labels) if init == "naive"
@@ -550,7 +557,7 @@ def restore(model, y: torch.Tensor, operator: Operator, noise_std: float = 0.05,
 
 
 # ----------------------------------------------------------------------------------- Tweedie
-def denoise(model, y: torch.Tensor, noise_std: float | None = None, views: int = len(VIEWS), mirror: bool = True,
+def denoise(model, y: torch.Tensor, noise_std: float | None = None, views: int | None = None, mirror: bool = True,
             labels: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
     """The posterior mean ``E[x | y]`` of the images behind ``y = x + noise_std * n`` (``n``
     standard Gaussian), from a model of noisy images (``model.config.noise_std`` = ``s`` > 0, trained
@@ -562,8 +569,8 @@ def denoise(model, y: torch.Tensor, noise_std: float | None = None, views: int =
     where ``p_s`` is the density of noisy images, which the flow gives exactly and whose gradient
     is one backward pass: no optimisation, and no choice of prior weight. It is the estimate with
     the least mean squared error under the model (:func:`restore` gives the mode); its errors are
-    the model's, so the score is averaged over ``views`` (:class:`View`) as :func:`restore` averages
-    its estimates. ``noise_std`` (default: the model's ``s``) below ``s``: the observation's
+    the model's, so the score is averaged over ``views`` (:func:`view_list`; default: every view
+    ``mirror`` allows) as :func:`restore` averages its estimates. ``noise_std`` (default: the model's ``s``) below ``s``: the observation's
     noise is first topped up to ``s`` with ``sqrt(s^2 - noise_std^2)`` times Gaussian draws from
     ``seed`` (a fresh draw per view), which gives up some of the observation's detail; above:
     refused. Returns ``[B, C, H, W]`` clamped to [0, 1].
@@ -577,15 +584,10 @@ def denoise(model, y: torch.Tensor, noise_std: float | None = None, views: int =
     if noise_std > s + 1e-12:
         raise ValueError(f"this model is of images with noise {s}; it cannot denoise noisier observations "
                          f"(noise_std {noise_std}): train one at that level (model.noise_std={noise_std})")
-    if not (isinstance(views, int) and 1 <= views <= len(VIEWS)):
-        raise ValueError(f"views must be an integer 1..{len(VIEWS)}, got {views!r}")
-    chosen = [v for v in VIEWS if mirror or not v.mirror][:views]
-    if len(chosen) < views:
-        raise ValueError(f"views must be at most {len(chosen)} without mirroring, got {views}")
+    chosen = view_list(views, mirror)
     Denoise(model.config.image_shape).check_observation(y)
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     y = y.to(device=device, dtype=dtype)
-    condition = model._onehot(labels, y.shape[0])
     top_up = math.sqrt(max(s * s - noise_std * noise_std, 0.0))
     gen = torch.Generator().manual_seed(seed)
     total = torch.zeros_like(y)
@@ -596,9 +598,7 @@ def denoise(model, y: torch.Tensor, noise_std: float | None = None, views: int =
                 draw = torch.randn(y.shape, generator=gen, dtype=torch.float64)
                 seen = y + top_up * draw.to(device=device, dtype=dtype)
             u = view.inverse(seen).detach().requires_grad_(True)
-            eps, logdet, _ = model._encode(u, condition)
-            log_p = numerics.gaussian_log_prob(model._flatten(eps)) + logdet
-            grad, = torch.autograd.grad(log_p.sum(), u)
+            grad, = torch.autograd.grad(model.log_prob(u, labels).sum(), u)
             total += seen + s * s * view(grad)  # this view's E[x | seen]
     return (total / len(chosen)).clamp(0, 1).detach()
 

@@ -82,7 +82,7 @@ def cmd_restore(args) -> int:
         raise ValueError("--samples: posterior samples need a model of clean images; this one gives the "
                          "posterior mean directly")
     if args.views is None:
-        args.views = len(rs.VIEWS) if tweedie else DEFAULT_VIEWS
+        args.views = len(rs.view_list(mirror=not args.no_mirror)) if tweedie else DEFAULT_VIEWS
     if args.samples is None:
         args.samples = 0 if tweedie else DEFAULT_SAMPLES
     op = _operator(args, model.config.image_shape)
@@ -199,13 +199,13 @@ def register(sub) -> None:
                    help="optimiser steps (per view)")
     p.add_argument("--views", type=int_between(1, len(rs.VIEWS), f"an integer 1..{len(rs.VIEWS)}"),
                    help="restore the image as it is and mirrored / shifted, and average (each view costs --iterations; "
-                        f"docs/restore.md; default {DEFAULT_VIEWS}, with a model of noisy images {len(rs.VIEWS)})")
+                        f"docs/restore.md; default {DEFAULT_VIEWS}, with a model of noisy images all of them)")
     p.add_argument("--no-mirror", action="store_true",
                    help="views are shifts only: for images that are not left-right symmetric (shoes pointing one way)")
     p.add_argument("--optimizer", choices=rs.OPTIMIZERS, default="lbfgs", help="the MAP solver")
     p.add_argument("--init", choices=rs.INITS, default=rs.DEFAULT_INIT,
                    help="start from the latent of the naive estimate, or from the mean latent")
-    p.add_argument("--samples", type=int_between(0, 1000, "an integer 0..1000"), 
+    p.add_argument("--samples", type=int_between(0, 1000, "an integer 0..1000"),
                    help=f"posterior samples (Langevin) for the uncertainty column; 0 leaves it out (default {DEFAULT_SAMPLES}; "
                         "none with a model of noisy images)")
     add_seed(p, "the noise --degrade adds, the random mask or measurements, and the posterior samples")
