@@ -277,9 +277,6 @@ def create_app(model, directions: Directions | None = None, test_images: torch.T
                              f"{list(model.config.image_shape)}, got {list(denoiser.config.image_shape)}"
                              + (" (class-conditional)" if denoiser.config.num_classes else ""))
         denoiser.require_initialized()
-        denoiser.eval()
-        for p in denoiser.parameters():
-            p.requires_grad_(False)
     if directions is not None and directions.num_dims != model.num_dims:
         raise ValueError(f"directions have dimension {directions.num_dims}, the model's latents "
                          f"{model.num_dims}")
@@ -288,9 +285,10 @@ def create_app(model, directions: Directions | None = None, test_images: torch.T
     if not 1 <= max_upload_bytes <= MAX_UPLOAD_MB * 2**20:
         raise ValueError(f"max_upload_bytes must lie in [1, {MAX_UPLOAD_MB * 2**20}] ({MAX_UPLOAD_MB} MB), "
                          f"got {max_upload_bytes}")
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    for served in (model,) if denoiser is None else (model, denoiser):
+        served.eval()
+        for p in served.parameters():
+            p.requires_grad_(False)
     if test_images is not None:
         test_images = test_images.detach().cpu()
         if tuple(test_images.shape[1:]) != tuple(model.config.image_shape):
