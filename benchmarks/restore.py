@@ -198,7 +198,7 @@ def run_dataset(name, model, test, tune, tasks, args, mirror, log, denoiser=None
                                  for i in range(0, len(y_test), args.batch_size)])
             row["methods"][TWEEDIE] = scores(tweedie, test)
             row["settings"][TWEEDIE] = {"model": args.faces_denoiser, "model_noise_std": denoiser.config.noise_std,
-                                        "views": len(rs.view_list(mirror=mirror))}
+                                        "shift": rs.DEFAULT_DENOISE_SHIFT, "mirror": mirror}
             if row["methods"][TWEEDIE]["psnr_db"] > row["methods"]["flow"]["psnr_db"]:
                 restored = tweedie
         flows = [m for m in row["methods"] if m in FLOW_METHODS]

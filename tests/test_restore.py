@@ -283,20 +283,43 @@ def test_denoise_is_tweedies_formula_with_the_score_by_finite_differences():
             e = e.view(1, *SHAPE)
             score.view(2, -1)[:, i] = (_log_density(model, y + e) - _log_density(model, y - e)) / (2 * h)
     expected = (y + s * s * score).clamp(0, 1)
-    assert torch.allclose(rs.denoise(model, y, views=1), expected, atol=1e-7)
-    # the views' average: each view's estimate in the image's own frame
-    mirrored = rs.denoise(model, y.flip(3), views=1).flip(3)
-    assert torch.allclose(rs.denoise(model, y, views=2), (expected + mirrored) / 2, atol=1e-7)
+    assert torch.allclose(rs.denoise(model, y, shift=0, mirror=False), expected, atol=1e-7)
+    # mirrored: each view's estimate in the image's own frame
+    mirrored = rs.denoise(model, y.flip(3), shift=0, mirror=False).flip(3)
+    assert torch.allclose(rs.denoise(model, y, shift=0), (expected + mirrored) / 2, atol=1e-7)
+
+
+def _tweedie(model, u, s):
+    u = u.detach().requires_grad_(True)
+    grad, = torch.autograd.grad(_log_density(model, u).sum(), u)
+    return (u + s * s * grad).detach()
+
+
+def test_denoise_averages_each_pixel_over_the_moves_that_keep_it_in_the_frame():
+    model, s = _noisy_model(0.1), 0.1
+    y = _images(2) + s * torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    padded = torch.nn.functional.pad(y, (1, 1, 1, 1), mode="replicate")
+    # moved[(dy, dx)][i + dy, j + dx] == y[i, j]; the border filled with the edge pixels
+    moved = {(dy, dx): padded[..., 1 - dy:9 - dy, 1 - dx:9 - dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+    assert torch.equal(moved[(1, 0)][..., 1:, :], y[..., :-1, :]) and torch.equal(moved[(1, 0)][..., 0, :], y[..., 0, :])
+    est = {k: _tweedie(model, u, s) for k, u in moved.items()}
+    got = rs.denoise(model, y, shift=1, mirror=False)
+    # a corner pixel is in the frame in 4 of the 9 moves, an edge pixel in 6, an inner one in all 9
+    corner = sum(est[(dy, dx)][..., dy, dx] for dy in (0, 1) for dx in (0, 1)) / 4
+    edge = sum(est[(dy, dx)][..., dy, 3 + dx] for dy in (0, 1) for dx in (-1, 0, 1)) / 6
+    inner = sum(est[(dy, dx)][..., 4 + dy, 3 + dx] for dy in (-1, 0, 1) for dx in (-1, 0, 1)) / 9
+    for value, (i, j) in ((corner, (0, 0)), (edge, (0, 3)), (inner, (4, 3))):
+        assert torch.allclose(got[..., i, j], value.clamp(0, 1), atol=1e-7)
 
 
 def test_denoise_tops_up_quieter_observations_and_is_deterministic():
     model = _noisy_model(0.2)
     y = _images(2)
-    a, b = rs.denoise(model, y, noise_std=0.1, views=2, seed=3), rs.denoise(model, y, noise_std=0.1, views=2, seed=3)
+    a, b = rs.denoise(model, y, noise_std=0.1, shift=0, seed=3), rs.denoise(model, y, noise_std=0.1, shift=0, seed=3)
     assert torch.equal(a, b)
-    assert not torch.equal(a, rs.denoise(model, y, noise_std=0.1, views=2, seed=4))  # the top-up is drawn
-    assert not torch.equal(a, rs.denoise(model, y, views=2))
-    assert torch.equal(rs.denoise(model, y, views=2, seed=1), rs.denoise(model, y, views=2, seed=2))  # none drawn
+    assert not torch.equal(a, rs.denoise(model, y, noise_std=0.1, shift=0, seed=4))  # the top-up is drawn
+    assert not torch.equal(a, rs.denoise(model, y, shift=0))
+    assert torch.equal(rs.denoise(model, y, shift=0, seed=1), rs.denoise(model, y, shift=0, seed=2))  # none drawn
 
 
 def test_denoise_and_restore_refuse_the_wrong_model_or_noise():
@@ -306,13 +329,10 @@ def test_denoise_and_restore_refuse_the_wrong_model_or_noise():
         rs.denoise(clean, y, 0.1)
     with pytest.raises(ValueError, match="cannot denoise noisier"):
         rs.denoise(noisy, y, 0.2)
-    with pytest.raises(ValueError, match="views must be"):
-        rs.denoise(noisy, y, views=0)
-    with pytest.raises(ValueError, match="without mirroring"):
-        rs.denoise(noisy, y, views=5, mirror=False)
-    # by default every view allowed: all 8, or the 4 unmirrored ones
-    assert torch.equal(rs.denoise(noisy, y), rs.denoise(noisy, y, views=len(rs.VIEWS)))
-    assert torch.equal(rs.denoise(noisy, y, mirror=False), rs.denoise(noisy, y, views=4, mirror=False))
+    for bad in (-1, 8, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="shift must be an integer 0..7"):
+            rs.denoise(noisy, y, shift=bad)
+    assert torch.equal(rs.denoise(noisy, y), rs.denoise(noisy, y, shift=rs.DEFAULT_DENOISE_SHIFT))
     with pytest.raises(ValueError, match="expected observations"):
         rs.denoise(noisy, torch.rand(1, 1, 4, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match="of noisy images"):

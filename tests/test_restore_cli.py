@@ -72,6 +72,7 @@ def test_observations_are_read_at_the_operators_size(setup, capsys):
     (["--task", "superres", "--factor", "3"], "must divide"),
     (["--task", "deblur", "--blur", "0"], "blur"),
     (["--task", "denoise", "--noise", "2"], "noise level"),
+    (["--task", "denoise", "--degrade", "--shift", "1"], "the MAP estimate takes --views"),
     (["--task", "inpaint", "--region", "centre", "--fraction", "1.5"], "fraction"),
 ])
 def test_flags_that_do_not_fit_are_refused_clearly(setup, capsys, flags, message):
@@ -97,7 +98,8 @@ def test_a_model_of_noisy_images_denoises_by_tweedie_and_refuses_other_tasks(set
 
     code, result = run("--task", "denoise", "--degrade")
     assert code == 0, result
-    assert result["method"] == "posterior mean (Tweedie)" and result["noise"] == 0.1 and result["views"] == 8
+    assert result["method"] == "posterior mean (Tweedie)" and result["noise"] == 0.1
+    assert result["shift"] == 1 and result["mirror"] and "views" not in result
     assert result["columns"] == ["observation", "restored", "original"] and "gamma" not in result
     assert 5 < result["images"][0]["psnr_db"] < 60
     code, err = run("--task", "inpaint", "--region", "eyes", "--degrade")
@@ -106,3 +108,7 @@ def test_a_model_of_noisy_images_denoises_by_tweedie_and_refuses_other_tasks(set
     assert code != 0 and "posterior samples need a model of clean images" in err
     code, err = run("--task", "denoise", "--degrade", "--noise", "0.2")
     assert code != 0 and "cannot denoise noisier" in err
+    code, err = run("--task", "denoise", "--degrade", "--views", "2")
+    assert code != 0 and "--shift" in err
+    code, result = run("--task", "denoise", "--degrade", "--shift", "0", "--no-mirror")
+    assert code == 0 and result["shift"] == 0 and not result["mirror"]

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .data.transforms import translate
+
 __all__ = ["Operator", "Denoise", "Inpaint", "Downsample", "Blur", "CompressedSensing", "OPERATORS",
            "make_operator", "degrade", "restore", "denoise", "view_list", "posterior_steps", "posterior_samples", "RestoreResult", "PosteriorResult", "psnr", "ssim",
            "REGIONS", "View", "VIEWS",
@@ -58,6 +60,7 @@ DEFAULT_NOISE = {"denoise": 0.1, "other": 0.01}
 DEFAULT_GAMMA = 1.5
 DEFAULT_STEPS = 12
 DEFAULT_INIT = "zero"
+DEFAULT_DENOISE_SHIFT = 1  # denoise: moves of up to 1 pixel each way (docs/restore.md)
 DEFAULT_THIN, DEFAULT_BURN_IN = 5, 50  # the Langevin sampler's: steps between kept samples, steps before
 SSIM_WINDOW = 11  # the side of SSIM's Gaussian window: smaller images have no SSIM
 
@@ -557,8 +560,18 @@ def restore(model, y: torch.Tensor, operator: Operator, noise_std: float = 0.05,
 
 
 # ----------------------------------------------------------------------------------- Tweedie
-def denoise(model, y: torch.Tensor, noise_std: float | None = None, views: int | None = None, mirror: bool = True,
-            labels: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+def _moved(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``x`` ``[B, C, H, W]`` moved ``dy`` pixels down and ``dx`` right (negative: up, left), the
+    uncovered border filled with copies of the edge pixels, as the training translations fill it."""
+    p = max(abs(dy), abs(dx))
+    if not p:
+        return x
+    offsets = torch.tensor([[p - dy], [p - dx]]).expand(2, x.shape[0])
+    return translate(x, offsets, p)
+
+
+def denoise(model, y: torch.Tensor, noise_std: float | None = None, shift: int = DEFAULT_DENOISE_SHIFT,
+            mirror: bool = True, labels: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
     """The posterior mean ``E[x | y]`` of the images behind ``y = x + noise_std * n`` (``n``
     standard Gaussian), from a model of noisy images (``model.config.noise_std`` = ``s`` > 0, trained
     so: ``presets/orl-faces-64-denoise.json``), by Tweedie's formula (Robbins 1956; Efron 2011,
@@ -569,11 +582,15 @@ def denoise(model, y: torch.Tensor, noise_std: float | None = None, views: int |
     where ``p_s`` is the density of noisy images, which the flow gives exactly and whose gradient
     is one backward pass: no optimisation, and no choice of prior weight. It is the estimate with
     the least mean squared error under the model (:func:`restore` gives the mode); its errors are
-    the model's, so the score is averaged over ``views`` (:func:`view_list`; default: every view
-    ``mirror`` allows) as :func:`restore` averages its estimates. ``noise_std`` (default: the model's ``s``) below ``s``: the observation's
-    noise is first topped up to ``s`` with ``sqrt(s^2 - noise_std^2)`` times Gaussian draws from
-    ``seed`` (a fresh draw per view), which gives up some of the observation's detail; above:
-    refused. Returns ``[B, C, H, W]`` clamped to [0, 1].
+    the model's, and they differ when the image is moved, so the estimate is averaged over the
+    image moved by every ``(dy, dx)`` with ``|dy|, |dx| <= shift`` pixels (the border filled with
+    copies of the edge pixels, as the training translations fill it; each pixel averaged over the moves that keep it in the frame) and,
+    with ``mirror``, mirrored too: ``(2 shift + 1)^2`` gradients, twice that mirrored.
+
+    ``noise_std`` (default: the model's ``s``) below ``s``: the observation's noise is first topped
+    up to ``s`` with ``sqrt(s^2 - noise_std^2)`` times Gaussian draws from ``seed`` (a fresh draw
+    per move), which gives up some of the observation's detail; above: refused. Returns
+    ``[B, C, H, W]`` clamped to [0, 1].
     """
     s = model.config.noise_std
     if not s:
@@ -584,23 +601,35 @@ def denoise(model, y: torch.Tensor, noise_std: float | None = None, views: int |
     if noise_std > s + 1e-12:
         raise ValueError(f"this model is of images with noise {s}; it cannot denoise noisier observations "
                          f"(noise_std {noise_std}): train one at that level (model.noise_std={noise_std})")
-    chosen = view_list(views, mirror)
+    h, w = model.config.image_shape[1:]
+    if not (isinstance(shift, int) and not isinstance(shift, bool) and 0 <= shift < min(h, w)):
+        raise ValueError(f"shift must be an integer 0..{min(h, w) - 1} (pixels), got {shift!r}")
     Denoise(model.config.image_shape).check_observation(y)
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     y = y.to(device=device, dtype=dtype)
     top_up = math.sqrt(max(s * s - noise_std * noise_std, 0.0))
     gen = torch.Generator().manual_seed(seed)
-    total = torch.zeros_like(y)
+    total, count = torch.zeros_like(y), torch.zeros_like(y)
+    moves = [(dy, dx) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)]
     with _frozen(model):
-        for view in chosen:
-            seen = y
-            if top_up:
-                draw = torch.randn(y.shape, generator=gen, dtype=torch.float64)
-                seen = y + top_up * draw.to(device=device, dtype=dtype)
-            u = view.inverse(seen).detach().requires_grad_(True)
-            grad, = torch.autograd.grad(model.log_prob(u, labels).sum(), u)
-            total += seen + s * s * view(grad)  # this view's E[x | seen]
-    return (total / len(chosen)).clamp(0, 1).detach()
+        for flip in ((False, True) if mirror else (False,)):
+            for dy, dx in moves:
+                seen = y
+                if top_up:
+                    draw = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+                    seen = y + top_up * draw.to(device=device, dtype=dtype)
+                seen = seen.flip(3) if flip else seen
+                u = _moved(seen, dy, dx).detach().requires_grad_(True)
+                grad, = torch.autograd.grad(model.log_prob(u, labels).sum(), u)
+                # pixel (i, j) of seen sits at (i + dy, j + dx) of u, when that is inside the frame
+                rows, cols = slice(max(0, -dy), min(h, h - dy)), slice(max(0, -dx), min(w, w - dx))
+                moved = (slice(rows.start + dy, rows.stop + dy), slice(cols.start + dx, cols.stop + dx))
+                estimate, covered = torch.zeros_like(seen), torch.zeros_like(seen)
+                estimate[..., rows, cols] = seen[..., rows, cols] + s * s * grad[..., moved[0], moved[1]]
+                covered[..., rows, cols] = 1
+                total += estimate.flip(3) if flip else estimate
+                count += covered.flip(3) if flip else covered
+    return (total / count).clamp(0, 1).detach()
 
 
 # ----------------------------------------------------------------------------------- posterior

@@ -81,8 +81,16 @@ def cmd_restore(args) -> int:
     if tweedie and args.samples:
         raise ValueError("--samples: posterior samples need a model of clean images; this one gives the "
                          "posterior mean directly")
+    if tweedie and args.views is not None:
+        raise ValueError("--views: a model of noisy images averages over the image moved by up to --shift pixels "
+                         "instead")
+    if not tweedie and args.shift is not None:
+        raise ValueError("--shift: only the posterior mean of a model of noisy images averages over moves; "
+                         "the MAP estimate takes --views")
     if args.views is None:
-        args.views = len(rs.view_list(mirror=not args.no_mirror)) if tweedie else DEFAULT_VIEWS
+        args.views = DEFAULT_VIEWS
+    if args.shift is None:
+        args.shift = rs.DEFAULT_DENOISE_SHIFT
     if args.samples is None:
         args.samples = 0 if tweedie else DEFAULT_SAMPLES
     op = _operator(args, model.config.image_shape)
@@ -100,7 +108,7 @@ def cmd_restore(args) -> int:
                 bar.update(done + step - bar.n)
 
             if tweedie:
-                restored.append(rs.denoise(model, y[part], args.noise, views=args.views, mirror=not args.no_mirror,
+                restored.append(rs.denoise(model, y[part], args.noise, shift=args.shift, mirror=not args.no_mirror,
                                            seed=args.seed).cpu())
                 progress(1, 1)
                 continue
@@ -142,9 +150,11 @@ def cmd_restore(args) -> int:
     heads = ["observation", "restored"] + (["uncertainty"] if spread else []) + (["original"] if originals is not None else [])
     result = {"task": args.task, "out": str(args.out), "strip": str(args.out / "strip.png"), "columns": heads,
               "noise": args.noise, "method": "posterior mean (Tweedie)" if tweedie else "MAP",
-              "views": args.views, "images": rows}
-    if not tweedie:
-        result.update(gamma=args.gamma, steps=args.steps)
+              "images": rows}
+    if tweedie:
+        result.update(shift=args.shift, mirror=not args.no_mirror)
+    else:
+        result.update(views=args.views, gamma=args.gamma, steps=args.steps)
     if std_max is not None:
         result["uncertainty_white_is_std"] = round(std_max, 5)
     if originals is not None:
@@ -199,7 +209,10 @@ def register(sub) -> None:
                    help="optimiser steps (per view)")
     p.add_argument("--views", type=int_between(1, len(rs.VIEWS), f"an integer 1..{len(rs.VIEWS)}"),
                    help="restore the image as it is and mirrored / shifted, and average (each view costs --iterations; "
-                        f"docs/restore.md; default {DEFAULT_VIEWS}, with a model of noisy images all of them)")
+                        f"docs/restore.md; default {DEFAULT_VIEWS}; not with a model of noisy images: --shift)")
+    p.add_argument("--shift", type=int_between(0, 16, "an integer 0..16"),
+                   help="with a model of noisy images: average the posterior mean over the image moved by up to "
+                        f"this many pixels each way, and mirrored (default {rs.DEFAULT_DENOISE_SHIFT})")
     p.add_argument("--no-mirror", action="store_true",
                    help="views are shifts only: for images that are not left-right symmetric (shoes pointing one way)")
     p.add_argument("--optimizer", choices=rs.OPTIMIZERS, default="lbfgs", help="the MAP solver")
