@@ -176,6 +176,8 @@ def run_dataset(name, model, test, tune, tasks, args, mirror, log, denoiser=None
     results = []
     shape = tuple(model.config.image_shape)
     for k, (task, severity, make, sigma) in enumerate(tasks):
+        if args.tasks and task not in args.tasks and f"{task}:{severity}" not in args.tasks:
+            continue  # skipped rows keep their place: each row's noise and mask come from its index
         t0 = time.perf_counter()
         op = make(shape)
         y_test, y_tune = rs.degrade(test, op, sigma, seed=100 + k), rs.degrade(tune, op, sigma, seed=200 + k)
@@ -219,6 +221,25 @@ def run_dataset(name, model, test, tune, tasks, args, mirror, log, denoiser=None
     return results
 
 
+def _merged(old: dict, new: dict) -> dict:
+    """``old`` (a whole run's report) with the rows ``new`` (a --tasks run) measured again replaced,
+    each replaced row marked with the command that measured it; the rest as they were."""
+    for name, part in new["datasets"].items():
+        if name not in old["datasets"]:
+            old["datasets"][name] = part
+            continue
+        rows = old["datasets"][name]["tasks"]
+        for row in part["tasks"]:
+            row["command"] = new["command"]
+            where = [i for i, r in enumerate(rows) if (r["task"], r["severity"]) == (row["task"], row["severity"])]
+            if where:
+                rows[where[0]] = row
+            else:
+                rows.append(row)
+        old["datasets"][name].update({k: v for k, v in part.items() if k != "tasks"})
+    return old
+
+
 def _slug(severity: str) -> str:
     """A severity's part of a picture's name: its first number ("40% of the pixels" -> "40"), or the
     name itself ("eyes")."""
@@ -250,9 +271,15 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="a smoke test: 4 test images, one severity per task")
+    p.add_argument("--tasks", nargs="+", metavar="TASK[:SEVERITY]",
+                   help="only these rows, e.g. denoise or 'denoise:sigma 0.1' (default: all); with an --out "
+                        "that exists, its other rows are kept and these replaced")
     p.add_argument("--pictures", type=Path, help="write a picture per task into this folder")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     args = p.parse_args(argv)
+    known = {name for t in FACE_TASKS for name in (t[0], f"{t[0]}:{t[1]}")}
+    if args.tasks and not set(args.tasks) <= known:
+        p.error(f"--tasks: unknown {sorted(set(args.tasks) - known)}; known: {sorted(known)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -288,6 +315,8 @@ def main(argv=None):
         if denoiser is not None:
             report["datasets"][name]["denoiser"] = args.faces_denoiser
     report["seconds"] = round(time.perf_counter() - t0, 1)
+    if args.tasks and args.out and args.out.exists():
+        report = _merged(json.loads(args.out.read_text()), report)
     text = json.dumps(report, indent=1)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
