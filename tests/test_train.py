@@ -352,6 +352,22 @@ def fake_fashion(tmp_path):
     return root
 
 
+def test_cli_resume_without_a_preset_continues_with_the_runs_own_settings(tmp_path, fake_fashion, capsys):
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text("dataset: fashion-mnist\nmodel: {image_shape: [1, 28, 28], levels: 2, steps: 1, "
+                      "hidden_channels: 8}\nbatch_size: 16\ninit_batch_size: 32\nmax_steps: 2\nlog_every: 1\n"
+                      "eval_every: 100\ncheckpoint_every: 2\nsample_every: 100\ndevice: cpu\nseed: 5\n")
+    run_dir = tmp_path / "run"
+    assert cli_main(["train", "--preset", str(preset), "--data", str(fake_fashion), "--out", str(run_dir),
+                     "--no-progress"]) == 0
+    # no --preset, no --dataset: the run's own (not the default preset's 2-level K=12 model)
+    assert cli_main(["train", "--out", str(run_dir), "--resume", "--max-steps", "3", "--no-progress", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 3
+    saved = json.loads((run_dir / ckpt.CHECKPOINT_DIR / "train_config.json").read_text())
+    assert saved["seed"] == 5 and saved["max_steps"] == 3 and saved["model"]["hidden_channels"] == 8
+
+
 def test_cli_train_eval_sample_encode_decode(tmp_path, fake_fashion, capsys):
     preset = tmp_path / "tiny.yaml"
     preset.write_text("dataset: fashion-mnist\nmodel: {image_shape: [1, 28, 28], levels: 2, steps: 1, "

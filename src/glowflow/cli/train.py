@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from ..config import COUPLINGS, LR_DECAYS, MEMORY_MODES, OPTIMIZERS, PRECISIONS, build_train_config
+from ..checkpoint import CHECKPOINT_DIR
 from ..presets import list_presets
+from ..rundir import TRAIN_CONFIG
 from ..train import dataset_bits_per_dim, load_split, train
 from .common import (add_batch_size, add_checkpoint, add_dataset, add_device, add_json, add_limit, add_no_progress,
                      add_out, add_seed, dataset_of, emit, load_model, positive_int)
@@ -14,6 +17,18 @@ _FLAG_SETTINGS = (("dataset", "dataset"), ("data", "data"), ("max_steps", "max_s
                   ("max_minutes", "max_minutes"), ("batch_size", "batch_size"), ("lr", "lr"),
                   ("seed", "seed"), ("device", "device"), ("precision", "precision"),
                   ("memory", "memory"), ("optimizer", "optimizer"))
+
+
+DEFAULT_PRESET = "fashion-mnist-cpu"
+
+
+def _preset_of(args) -> str:
+    """--preset; when it is not given, a resumed run's own settings (its checkpoint's
+    train_config.json), else the default preset."""
+    if args.preset is not None:
+        return args.preset
+    saved = Path(args.out) / CHECKPOINT_DIR / TRAIN_CONFIG
+    return str(saved) if args.resume and saved.is_file() else DEFAULT_PRESET
 
 
 def cmd_train(args) -> int:
@@ -26,7 +41,7 @@ def cmd_train(args) -> int:
         overrides.append("compile=true")
     if args.no_progress:
         overrides.append("progress=false")
-    cfg = build_train_config(args.preset, overrides)
+    cfg = build_train_config(_preset_of(args), overrides)
     summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary
         emit(args, summary)
@@ -56,7 +71,8 @@ def cmd_presets(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a model from a preset (resumable)")
-    p.add_argument("--preset", default="fashion-mnist-cpu", help="preset name (`glowflow presets`) or a JSON/YAML file")
+    p.add_argument("--preset", help="preset name (`glowflow presets`) or a JSON/YAML file (default: with --resume, "
+                                    f"the run's own settings, else {DEFAULT_PRESET})")
     add_out(p, "the run (checkpoint, metrics, pictures) into this directory", required=True)
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out (its checkpoint, metrics "
