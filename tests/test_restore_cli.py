@@ -10,6 +10,7 @@ from PIL import Image
 
 from glowflow.cli import main
 from glowflow.images import save_grid
+from glowflow.restore import DEFAULT_DENOISE_SHIFT
 from conftest import awake_glow
 
 SHAPE = (1, 16, 16)
@@ -99,7 +100,7 @@ def test_a_model_of_noisy_images_denoises_by_tweedie_and_refuses_other_tasks(set
     code, result = run("--task", "denoise", "--degrade")
     assert code == 0, result
     assert result["method"] == "posterior mean (Tweedie)" and result["noise"] == 0.1
-    assert result["shift"] == 1 and result["mirror"] and "views" not in result
+    assert result["shift"] == DEFAULT_DENOISE_SHIFT == 2 and result["mirror"] and "views" not in result
     assert result["columns"] == ["observation", "restored", "original"] and "gamma" not in result
     assert 5 < result["images"][0]["psnr_db"] < 60
     code, err = run("--task", "inpaint", "--region", "eyes", "--degrade")
