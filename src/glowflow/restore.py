@@ -60,6 +60,7 @@ DEFAULT_NOISE = {"denoise": 0.1, "other": 0.01}
 DEFAULT_GAMMA = 1.5
 DEFAULT_STEPS = 12
 DEFAULT_INIT = "zero"
+DENOISE_BATCH = 32  # images in one pass of denoise (its views of a few images go together)
 DEFAULT_DENOISE_SHIFT = 2  # denoise: moves of up to 2 pixels each way, chosen on training faces (docs/restore.md)
 DEFAULT_THIN, DEFAULT_BURN_IN = 5, 50  # the Langevin sampler's: steps between kept samples, steps before
 SSIM_WINDOW = 11  # the side of SSIM's Gaussian window: smaller images have no SSIM
@@ -610,18 +611,24 @@ def denoise(model, y: torch.Tensor, noise_std: float | None = None, shift: int =
     top_up = math.sqrt(max(s * s - noise_std * noise_std, 0.0))
     gen = torch.Generator().manual_seed(seed)
     total, count = torch.zeros_like(y), torch.zeros_like(y)
-    moves = [(dy, dx) for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)]
+    views = [(flip, dy, dx) for flip in ((False, True) if mirror else (False,))
+             for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)]
+    together = max(1, DENOISE_BATCH // y.shape[0])  # views whose gradients one pass takes
     with _frozen(model):
-        for flip in ((False, True) if mirror else (False,)):
-            for dy, dx in moves:
+        for start in range(0, len(views), together):
+            chunk, seens = views[start:start + together], []
+            for flip, _, _ in chunk:
                 seen = y
                 if top_up:
                     draw = torch.randn(y.shape, generator=gen, dtype=torch.float64)
                     seen = y + top_up * draw.to(device=device, dtype=dtype)
-                seen = seen.flip(3) if flip else seen
-                u = _moved(seen, dy, dx).detach().requires_grad_(True)
-                grad, = torch.autograd.grad(model.log_prob(u, labels).sum(), u)
-                # pixel (i, j) of seen sits at (i + dy, j + dx) of u, when that is inside the frame
+                seens.append(seen.flip(3) if flip else seen)
+            u = torch.cat([_moved(seen, dy, dx) for seen, (_, dy, dx) in zip(seens, chunk)])
+            u = u.detach().requires_grad_(True)
+            grads = torch.autograd.grad(model.log_prob(u, None if labels is None else labels.repeat(len(chunk))).sum(),
+                                        u)[0].split(y.shape[0])
+            for (flip, dy, dx), seen, grad in zip(chunk, seens, grads):
+                # pixel (i, j) of seen sits at (i + dy, j + dx) of the moved image, when inside the frame
                 rows, cols = slice(max(0, -dy), min(h, h - dy)), slice(max(0, -dx), min(w, w - dx))
                 moved = (slice(rows.start + dy, rows.stop + dy), slice(cols.start + dx, cols.stop + dx))
                 estimate, covered = torch.zeros_like(seen), torch.zeros_like(seen)
