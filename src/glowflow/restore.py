@@ -584,9 +584,11 @@ def denoise(model, y: torch.Tensor, noise_std: float | None = None, shift: int =
     is one backward pass: no optimisation, and no choice of prior weight. It is the estimate with
     the least mean squared error under the model (:func:`restore` gives the mode); its errors are
     the model's, and they differ when the image is moved, so the estimate is averaged over the
-    image moved by every ``(dy, dx)`` with ``|dy|, |dx| <= shift`` pixels (the border filled with
-    copies of the edge pixels, as the training translations fill it; each pixel averaged over the moves that keep it in the frame) and,
-    with ``mirror``, mirrored too: ``(2 shift + 1)^2`` gradients, twice that mirrored.
+    image moved by every ``(dy, dx)`` with ``|dy|, |dx| <= shift`` pixels (default 2, chosen on
+    training faces; the border filled with copies of the edge pixels, as the training translations
+    fill it; each pixel averaged over the moves that keep it in the frame) and, with ``mirror``,
+    mirrored too: ``(2 shift + 1)^2`` gradients, twice that mirrored, :data:`DENOISE_BATCH` images
+    to a pass.
 
     ``noise_std`` (default: the model's ``s``) below ``s``: the observation's noise is first topped
     up to ``s`` with ``sqrt(s^2 - noise_std^2)`` times Gaussian draws from ``seed`` (a fresh draw
