@@ -352,11 +352,18 @@ def fake_fashion(tmp_path):
     return root
 
 
+def _tiny_preset(tmp_path, **settings) -> Path:
+    """A preset file of a tiny Fashion-MNIST model on the CPU, with ``settings`` added."""
+    preset = tmp_path / "tiny.json"
+    preset.write_text(json.dumps({"dataset": "fashion-mnist", "batch_size": 16, "init_batch_size": 32, "device": "cpu",
+                                  "model": {"image_shape": [1, 28, 28], "levels": 2, "steps": 1,
+                                            "hidden_channels": 8}, **settings}))
+    return preset
+
+
 def test_cli_resume_without_a_preset_continues_with_the_runs_own_settings(tmp_path, fake_fashion, capsys):
-    preset = tmp_path / "tiny.yaml"
-    preset.write_text("dataset: fashion-mnist\nmodel: {image_shape: [1, 28, 28], levels: 2, steps: 1, "
-                      "hidden_channels: 8}\nbatch_size: 16\ninit_batch_size: 32\nmax_steps: 2\nlog_every: 1\n"
-                      "eval_every: 100\ncheckpoint_every: 2\nsample_every: 100\ndevice: cpu\nseed: 5\n")
+    preset = _tiny_preset(tmp_path, max_steps=2, log_every=1, eval_every=100, checkpoint_every=2,
+                          sample_every=100, seed=5)
     run_dir = tmp_path / "run"
     assert cli_main(["train", "--preset", str(preset), "--data", str(fake_fashion), "--out", str(run_dir),
                      "--no-progress"]) == 0
@@ -369,10 +376,7 @@ def test_cli_resume_without_a_preset_continues_with_the_runs_own_settings(tmp_pa
 
 
 def test_cli_train_eval_sample_encode_decode(tmp_path, fake_fashion, capsys):
-    preset = tmp_path / "tiny.yaml"
-    preset.write_text("dataset: fashion-mnist\nmodel: {image_shape: [1, 28, 28], levels: 2, steps: 1, "
-                      "hidden_channels: 8}\nbatch_size: 16\ninit_batch_size: 32\nmax_steps: 4\nlog_every: 1\n"
-                      "eval_every: 4\ncheckpoint_every: 4\nsample_every: 4\ndevice: cpu\n")
+    preset = _tiny_preset(tmp_path, max_steps=4, log_every=1, eval_every=4, checkpoint_every=4, sample_every=4)
     run_dir = tmp_path / "run"
     assert cli_main(["train", "--preset", str(preset), "--data", str(fake_fashion), "--out", str(run_dir),
                      "--no-progress", "--json"]) == 0
@@ -572,9 +576,7 @@ def test_divergence_before_the_first_checkpoint_ends_in_an_error_with_the_initia
 
 
 def test_cli_divergence_exits_non_zero_with_one_message(tmp_path, capsys, fake_fashion):
-    preset = tmp_path / "tiny.yaml"
-    preset.write_text("dataset: fashion-mnist\nmodel: {image_shape: [1, 28, 28], levels: 2, steps: 1, "
-                      "hidden_channels: 8}\nbatch_size: 16\ninit_batch_size: 32\ndevice: cpu\n")
+    preset = _tiny_preset(tmp_path)
     code = cli_main(["train", "--preset", str(preset), "--data", str(fake_fashion), "--out", str(tmp_path / "r"),
                      "--lr", "1e9", "--max-steps", "200", "--no-progress", "--set", "warmup_steps=1",
                      "--set", "max_recoveries=2", "--set", "max_bad_steps=2"])
