@@ -462,7 +462,7 @@ def _check_solver(gamma, prior, optimizer, init, steps):
 
 def view_list(views: int | None = None, mirror: bool = True) -> list:
     """The first ``views`` of :data:`VIEWS` (every one allowed when None), the mirrored ones only
-    with ``mirror``: the views :func:`restore` and :func:`denoise` average over."""
+    with ``mirror``: the views :func:`restore` averages over (:func:`denoise` averages over moves)."""
     if views is None:
         return [v for v in VIEWS if mirror or not v.mirror]
     if not (isinstance(views, int) and 1 <= views <= len(VIEWS)):
