@@ -56,8 +56,9 @@ def test_the_quickstart_notebook_runs_and_draws(tmp_path, monkeypatch):
     client.execute()  # a cell that raises fails here, naming the cell and its traceback
 
     code = [c for c in nb.cells if c.cell_type == "code"]
-    kernel_line = [o.text for o in code[-1].outputs if o.output_type == "stream"]
-    assert kernel_line == [f"KERNEL {sys.executable} {glowflow.__file__}\n"]
+    # the kernel may send one print as several stream messages ('KERNEL', ' /path ...'): join them
+    kernel_line = "".join(o.text for o in code[-1].outputs if o.output_type == "stream")
+    assert kernel_line == f"KERNEL {sys.executable} {glowflow.__file__}\n"
     outputs = [o for c in code[:-1] for o in c.outputs]
     pictures = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(pictures) >= 3  # temperatures, the scored images, the edits
